@@ -1,0 +1,1 @@
+"""Benchmarks run by `cortex bench NAME`; each module defines `register(subparsers)`."""

@@ -1,0 +1,1 @@
+"""Subcommands of `cortex`: each module defines `register(subparsers)`."""
