@@ -1,0 +1,70 @@
+"""Event core: identity, event types, wire codec, acceptance path, log store and views.
+
+Importing `events` registers the membership and shard event types. See docs/events.md for
+the public API and the wire and log formats.
+"""
+
+from events.acceptance import AcceptResult, Acceptor
+from events.codec import MAX_PAYLOAD_BYTES, Event, decode_event, event_id, parse_event, sign_event, verify_event
+from events.errors import (
+    EventError,
+    EventRejected,
+    IdentityError,
+    InvalidPeerId,
+    KeyFilePermissionError,
+    LogStoreError,
+    ReducerError,
+    RejectReason,
+    SchemaError,
+)
+from events.identity import Identity, curve_public_key_from_peer_id, peer_id_from_public_key, public_key_from_peer_id
+from events.membership import PeerHeartbeat, PeerJoined, PeerLeft
+from events.model import SCHEMA_MAJOR, UnknownBody, event_type, registered_types
+from events.shards import Fragment, ShardClaimed, ShardLoaded, ShardReleased, parse_fragment
+from events.store import Equivocation, LogStore
+from events.views import Dispatcher, Projection, Reducer
+from events.writer import EventWriter, wall_clock_ms
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "SCHEMA_MAJOR",
+    "AcceptResult",
+    "Acceptor",
+    "Dispatcher",
+    "Equivocation",
+    "Event",
+    "EventError",
+    "EventRejected",
+    "EventWriter",
+    "Fragment",
+    "Identity",
+    "IdentityError",
+    "InvalidPeerId",
+    "KeyFilePermissionError",
+    "LogStore",
+    "LogStoreError",
+    "PeerHeartbeat",
+    "PeerJoined",
+    "PeerLeft",
+    "Projection",
+    "Reducer",
+    "ReducerError",
+    "RejectReason",
+    "SchemaError",
+    "ShardClaimed",
+    "ShardLoaded",
+    "ShardReleased",
+    "UnknownBody",
+    "curve_public_key_from_peer_id",
+    "decode_event",
+    "event_id",
+    "event_type",
+    "parse_event",
+    "parse_fragment",
+    "peer_id_from_public_key",
+    "public_key_from_peer_id",
+    "registered_types",
+    "sign_event",
+    "verify_event",
+    "wall_clock_ms",
+]

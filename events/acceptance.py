@@ -1,0 +1,196 @@
+"""Acceptance path: check wire bytes, append them to the log, fold them into the views.
+
+For each incoming event, in this order (cheap checks before the signature):
+
+1. size, JSON, canonical form, envelope, version, author and body checks (`parse_event`);
+2. duplicate: an id already stored with the same bytes is dropped silently and counted;
+3. Ed25519 signature over the received payload;
+4. an event signed with this node's own key that this node did not write is rejected
+   (`own_identity_conflict`): another process is running with a copy of the key;
+5. append to the log, in one transaction per batch (`accept_many`);
+6. equivocation: a second, different event with an author and seq already stored is kept
+   as evidence and recorded, and from then on the views ignore that author's events from
+   the disputed seq on (they are refolded from the log once, when it is detected);
+7. after the commit, fold each new event into every view. Events of unknown types (a newer
+   minor version) are stored and passed to the views, whose dispatch skips them.
+
+A rejected event raises EventRejected, changes neither the log nor the views, and counts
+under its reason in `counters`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from events.codec import Event, parse_event, verify_event
+from events.errors import EventRejected, RejectReason
+from events.store import Equivocation, LogStore
+from events.views import Projection
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AcceptResult:
+    """Outcome of `accept_many`: new events in input order, duplicates, rejections by input index."""
+
+    accepted: list[Event] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[tuple[int, EventRejected]] = field(default_factory=list)
+    equivocations: list[Equivocation] = field(default_factory=list)
+
+
+class Acceptor:
+    """Owns a node's log store and views; every event, received or own, enters through it."""
+
+    def __init__(
+        self, store: LogStore, projections: Sequence[Projection[Any]] = (), own_peer_id: str | None = None
+    ) -> None:
+        self.store = store
+        self.projections = list(projections)
+        self.own_peer_id = own_peer_id
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.lamport = store.max_lamport()
+        self._excluded: dict[str, int] = {}
+        for equivocation in store.equivocations():
+            self._exclude(equivocation.author, equivocation.seq)
+        if self.projections:
+            self.rebuild_views()
+
+    @property
+    def excluded_authors(self) -> dict[str, int]:
+        """Authors caught equivocating, with the lowest disputed seq (views ignore from there on)."""
+        return dict(self._excluded)
+
+    def accept(self, wire: bytes) -> Event | None:
+        """Accept one event; return it if it is new, None for a duplicate; raise EventRejected."""
+        result = self.accept_many((wire,))
+        if result.rejected:
+            raise result.rejected[0][1]
+        return result.accepted[0] if result.accepted else None
+
+    def accept_many(self, wires: Iterable[bytes]) -> AcceptResult:
+        """Accept a batch in one log transaction; rejections are returned, not raised."""
+        result = AcceptResult()
+        store = self.store
+        with store.transaction():
+            for index, wire in enumerate(wires):
+                try:
+                    checked = self._check(wire)
+                except EventRejected as rejection:
+                    self._count_rejection(rejection)
+                    result.rejected.append((index, rejection))
+                    continue
+                if checked is None:
+                    result.duplicates += 1
+                    continue
+                self._insert(checked[0], checked[1], result)
+        self.counters["accepted"] += len(result.accepted)
+        self.counters["duplicates"] += result.duplicates
+        self._apply_all(result)
+        return result
+
+    def accept_own(self, event: Event) -> None:
+        """Append an event this node signed, durably (fsync), and fold it into the views.
+
+        Only `EventWriter` calls this, before it publishes the event.
+        """
+        if event.author != self.own_peer_id:
+            raise ValueError(f"accept_own got an event by {event.author}, but this node is {self.own_peer_id}")
+        result = AcceptResult()
+        with self.store.transaction(durable=True):
+            earlier = [stored_id for stored_id, _wire in self.store.stored_at(event.author, event.seq)]
+            self._insert(event, earlier, result)
+        self.counters["own"] += 1
+        self._apply_all(result)
+
+    def rebuild_views(self) -> None:
+        """Refold every view from the log, skipping what equivocating authors wrote since."""
+        events = [event for event in self.store.events() if not self._is_excluded(event)]
+        for projection in self.projections:
+            projection.rebuild(events, self._excluded)
+
+    def _check(self, wire: bytes) -> tuple[Event, list[str]] | None:
+        """Return the checked event and the ids stored at its (author, seq), or None for a duplicate."""
+        event = parse_event(wire)
+        earlier: list[str] = []
+        if event.seq <= self.store.max_seq(event.author):
+            for stored_id, stored_wire in self.store.stored_at(event.author, event.seq):
+                if stored_id != event.id:
+                    earlier.append(stored_id)
+                    continue
+                if stored_wire != wire:
+                    # Same payload, other signature bytes: a duplicate if the signature is valid.
+                    verify_event(event)
+                return None
+        verify_event(event)
+        if event.author == self.own_peer_id:
+            logger.error(
+                "rejected %s seq %d signed with this node's key but not written by it: "
+                "another node is running with a copy of this key",
+                event.type,
+                event.seq,
+            )
+            raise EventRejected(
+                RejectReason.OWN_IDENTITY_CONFLICT,
+                f"{event.type} seq {event.seq} is signed with this node's key ({event.author}) but this node "
+                "did not write it; stop the other node that uses a copy of this key directory",
+            )
+        return event, earlier
+
+    def _insert(self, event: Event, earlier: list[str], result: AcceptResult) -> None:
+        if not self.store.insert(event):
+            result.duplicates += 1
+            return
+        result.accepted.append(event)
+        if not event.is_known_type:
+            self.counters["stored_unknown_type"] += 1
+        for stored_id in earlier:
+            equivocation = self.store.record_equivocation(event.author, event.seq, stored_id, event.id)
+            result.equivocations.append(equivocation)
+            self.counters["equivocations"] += 1
+            logger.warning(
+                "equivocation: %s signed two events with seq %d (%s and %s); both kept as evidence",
+                event.author,
+                event.seq,
+                stored_id,
+                event.id,
+            )
+
+    def _apply_all(self, result: AcceptResult) -> None:
+        for event in result.accepted:
+            if event.lamport > self.lamport:
+                self.lamport = event.lamport
+        newly_excluded = False
+        for equivocation in result.equivocations:
+            newly_excluded |= self._exclude(equivocation.author, equivocation.seq)
+        if newly_excluded:
+            self.rebuild_views()
+            return
+        for event in result.accepted:
+            if self._excluded and self._is_excluded(event):
+                continue
+            for projection in self.projections:
+                projection.apply(event)
+
+    def _exclude(self, author: str, seq: int) -> bool:
+        current = self._excluded.get(author)
+        if current is not None and current <= seq:
+            return False
+        self._excluded[author] = seq
+        return True
+
+    def _is_excluded(self, event: Event) -> bool:
+        disputed = self._excluded.get(event.author)
+        return disputed is not None and event.seq >= disputed
+
+    def _count_rejection(self, rejection: EventRejected) -> None:
+        count = self.counters[rejection.reason.value] + 1
+        self.counters[rejection.reason.value] = count
+        # Log the 1st, 2nd, 4th, 8th, ... rejection per reason, so a flood cannot fill the log.
+        level = logging.WARNING if count & (count - 1) == 0 else logging.DEBUG
+        logger.log(level, "rejected event (%d so far for %s): %s", count, rejection.reason.value, rejection)
