@@ -17,9 +17,9 @@ MEMBERSHIP = "membership"
 class PeerJoined:
     """A peer announced itself: where to reach it and what it runs on.
 
-    `curve_public_key` (Z85, 40 characters) is derivable from the author's peer id with
-    `events.identity.curve_public_key_from_peer_id`; it is carried so that readers of the
-    log need no key conversion, and the Registry view ignores a value that does not match.
+    `curve_public_key` (Z85, 40 characters) is what the author announces. It must equal
+    `events.identity.curve_public_key_from_peer_id(author)`, and consumers use that derived
+    key (`PeerRecord.curve_public_key` in the Registry), never the announced one.
     `protocol_version` is the schema version the node speaks, such as "1.0".
     """
 
