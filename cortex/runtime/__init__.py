@@ -1,0 +1,1 @@
+"""The model runtime: checkpoints, fragments and local generation (see docs/runtime.md)."""
