@@ -1,0 +1,30 @@
+"""Child process for the SIGKILL test: writes heartbeats and prints each acknowledged seq.
+
+Usage: python writer_child.py DATA_DIR COUNT
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cortex.registry import RegistryReducer
+from events import Acceptor, EventWriter, Identity, LogStore, PeerHeartbeat, Projection
+
+
+def main() -> None:
+    data_dir = Path(sys.argv[1])
+    count = int(sys.argv[2])
+    identity = Identity.load_or_create(data_dir / "node.key")
+    store = LogStore(data_dir / "events.db")
+    acceptor = Acceptor(store, [Projection(RegistryReducer())], own_peer_id=identity.peer_id)
+    writer = EventWriter(identity, acceptor)
+    print("ready", flush=True)
+    for _ in range(count):
+        event = writer.write(PeerHeartbeat(writer.last_seq))
+        # A line on stdout is the acknowledgement: the event may be published from here on.
+        print(event.seq, event.id, flush=True)
+
+
+if __name__ == "__main__":
+    main()
