@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from .bus_helpers import libp2p_config
+from bus_helpers import libp2p_config
 
 from cortex.bus.libp2p_transport import Libp2pTransport
 from cortex.bus.nats_server import LocalNatsServer

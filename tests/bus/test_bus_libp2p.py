@@ -15,7 +15,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 
 from cortex.bus.libp2p_transport import Libp2pTransport
 from events.identity import Identity
-from .bus_helpers import libp2p_config, thread_names
+from bus_helpers import libp2p_config, thread_names
 
 pytestmark = pytest.mark.timeout(120)
 
