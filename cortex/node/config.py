@@ -1,0 +1,298 @@
+"""Node configuration: one YAML file per node, validated before anything starts.
+
+Every key, its default and its meaning (paths are relative to the config file's folder):
+
+    data_dir: ./node-data            # log store, pid file, bus state; created if missing
+    identity: null                   # Ed25519 key file; null means <data_dir>/node.key
+    bus:
+      backend: libp2p                # libp2p | nats | memory (memory: tests in one process only)
+      listen: [/ip4/127.0.0.1/tcp/0] # libp2p listen multiaddrs
+      bootstrap: []                  # libp2p multiaddrs with /p2p/<peer id> to dial at start
+      nats_url: null                 # NATS server URL; null starts a local nats-server
+      join_wait_s: 2.0               # how long the join sync waits for a first peer
+    data_plane:
+      listen: tcp://127.0.0.1:0      # ZeroMQ ROUTER endpoint; port 0 picks a free port
+      call_timeout_s: 10.0           # one block or expert call, before it is retried elsewhere
+    models:                          # models this node serves
+      - path: ./demo_model           # checkpoint folder
+        name: null                   # human name announced with the model; null: folder name
+        fragments: auto              # auto, or a list such as [head, "block[0:3]", "expert[1][0]"]
+        memory_budget_mb: 1024       # for auto: the bytes of fragments this node may claim
+    kv_cache_budget_mb: 256          # KV cache bytes a block holder admits across sessions
+    torch_threads: 1                 # torch.set_num_threads for this node process
+    device: auto                     # auto | cpu | cuda
+    dtype: float32                   # float32 | bfloat16 | float16
+    fallback_model: null             # checkpoint folder of a light local model for degraded mode
+    log_level: INFO                  # DEBUG | INFO | WARNING | ERROR
+
+`load_config(path)` returns a `NodeConfig`; any wrong key or value raises
+`ConfigError` with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUS_BACKENDS = ("libp2p", "nats", "memory")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+AUTO = "auto"
+DEFAULT_MEMORY_BUDGET_MB = 1024
+DEFAULT_KV_CACHE_BUDGET_MB = 256
+_FRAGMENT = re.compile(r"^(head|block\[\d+:\d+\]|expert\[\d+\]\[\d+\])$")
+
+
+class ConfigError(ValueError):
+    """A node config file that is missing, unreadable, or has a wrong key or value."""
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    backend: str = "libp2p"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    nats_url: str | None = None
+    join_wait_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class DataPlaneSettings:
+    listen: str = "tcp://127.0.0.1:0"
+    call_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One model to serve: explicit fragments, or `auto` within a memory budget."""
+
+    path: Path
+    name: str | None = None
+    fragments: tuple[str, ...] | None = None  # None means auto
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.path.name
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path
+    identity: Path | None = None
+    bus: BusSettings = field(default_factory=BusSettings)
+    data_plane: DataPlaneSettings = field(default_factory=DataPlaneSettings)
+    models: tuple[ModelSettings, ...] = ()
+    kv_cache_budget_mb: int = DEFAULT_KV_CACHE_BUDGET_MB
+    torch_threads: int = 1
+    device: str = "auto"
+    dtype: str = "float32"
+    fallback_model: Path | None = None
+    log_level: str = "INFO"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.identity if self.identity is not None else self.data_dir / "node.key"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "node.pid"
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate the YAML node config at `path`."""
+    config_path = Path(path)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} not found; write one (see docs/node.md)") from None
+    except OSError as error:
+        raise ConfigError(f"config file {config_path} could not be read: {error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from None
+    return parse_config(raw if raw is not None else {}, base_dir=config_path.parent, source=str(config_path))
+
+
+def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig:
+    """Validate a parsed YAML mapping; relative paths are resolved against `base_dir`."""
+    reader = _Reader(raw, "", source)
+    data_dir = _path(reader.string("data_dir", "./node-data"), base_dir)
+    identity = reader.optional_string("identity")
+    fallback = reader.optional_string("fallback_model")
+    config = NodeConfig(
+        data_dir=data_dir,
+        identity=_path(identity, base_dir) if identity else None,
+        bus=_bus(reader.section("bus")),
+        data_plane=_data_plane(reader.section("data_plane")),
+        models=tuple(_model(item, base_dir) for item in reader.list_of_sections("models")),
+        kv_cache_budget_mb=reader.integer("kv_cache_budget_mb", DEFAULT_KV_CACHE_BUDGET_MB, minimum=1),
+        torch_threads=reader.integer("torch_threads", 1, minimum=1),
+        device=reader.choice("device", "auto", DEVICES),
+        dtype=reader.choice("dtype", "float32", DTYPES),
+        fallback_model=_path(fallback, base_dir) if fallback else None,
+        log_level=reader.choice("log_level", "INFO", LOG_LEVELS, upper=True),
+    )
+    reader.reject_unknown()
+    return config
+
+
+def _path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _bus(reader: _Reader) -> BusSettings:
+    settings = BusSettings(
+        backend=reader.choice("backend", "libp2p", BUS_BACKENDS),
+        listen=reader.strings("listen", BusSettings.listen),
+        bootstrap=reader.strings("bootstrap", ()),
+        nats_url=reader.optional_string("nats_url"),
+        join_wait_s=reader.number("join_wait_s", 2.0, minimum=0.0),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _data_plane(reader: _Reader) -> DataPlaneSettings:
+    listen = reader.string("listen", DataPlaneSettings.listen)
+    if not re.match(r"^(tcp|ipc|inproc)://", listen):
+        reader.fail("listen", listen, "a ZeroMQ endpoint such as tcp://127.0.0.1:0")
+    settings = DataPlaneSettings(listen=listen, call_timeout_s=reader.number("call_timeout_s", 10.0, minimum=0.001))
+    reader.reject_unknown()
+    return settings
+
+
+def _model(reader: _Reader, base_dir: Path) -> ModelSettings:
+    path = _path(reader.string("path", None), base_dir)
+    raw_fragments = reader.raw("fragments", AUTO)
+    fragments: tuple[str, ...] | None = None
+    if raw_fragments != AUTO:
+        fragments = reader.strings("fragments", ())
+        for fragment in fragments:
+            if not _FRAGMENT.match(fragment):
+                reader.fail("fragments", fragment, "head, block[a:b] or expert[l][e], or the word auto")
+    settings = ModelSettings(
+        path=path,
+        name=reader.optional_string("name"),
+        fragments=fragments,
+        memory_budget_mb=reader.integer("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, minimum=1),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+class _Reader:
+    """Typed access to one YAML mapping that remembers which keys were read."""
+
+    def __init__(self, raw: Any, prefix: str, source: str) -> None:
+        if not isinstance(raw, dict):
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {type(raw).__name__}")
+        self.raw_mapping: dict[str, Any] = raw
+        self.prefix = prefix
+        self.source = source
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, value: Any, allowed: str) -> None:
+        raise ConfigError(f"{self.source}: {self.prefix}{key} = {value!r} is invalid; expected {allowed}")
+
+    def raw(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        value = self.raw_mapping.get(key, default)
+        return default if value is None and default is not None else value
+
+    def string(self, key: str, default: str | None) -> str:
+        value = self.raw(key, default)
+        if value is None:
+            raise ConfigError(f"{self.source}: {self.prefix}{key} is missing; it is required")
+        if not isinstance(value, str) or not value:
+            self.fail(key, value, "a non-empty string")
+        return str(value)
+
+    def optional_string(self, key: str) -> str | None:
+        value = self.raw(key, None)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.fail(key, value, "a non-empty string or null")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.raw(key, list(default))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            self.fail(key, value, "a list of non-empty strings")
+        return tuple(value)
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, value, f"an integer >= {minimum}")
+        return int(value)
+
+    def number(self, key: str, default: float, minimum: float) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            self.fail(key, value, f"a number >= {minimum}")
+        return float(value)
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
+        value = self.raw(key, default)
+        normalized = value.upper() if upper and isinstance(value, str) else value
+        if normalized not in allowed:
+            self.fail(key, value, f"one of {', '.join(allowed)}")
+        return str(normalized)
+
+    def section(self, key: str) -> _Reader:
+        return _Reader(self.raw(key, {}), f"{self.prefix}{key}.", self.source)
+
+    def list_of_sections(self, key: str) -> list[_Reader]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            self.fail(key, value, "a list of mappings")
+        return [_Reader(item, f"{self.prefix}{key}[{index}].", self.source) for index, item in enumerate(value)]
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.raw_mapping) - self.seen)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: unknown key {self.prefix}{unknown[0]}; allowed keys here: {', '.join(sorted(self.seen))}"
+            )
+
+
+def config_to_yaml(config: NodeConfig) -> str:
+    """Write `config` as YAML that `load_config` reads back to an equal config (absolute paths)."""
+    data: dict[str, Any] = {
+        "data_dir": str(config.data_dir),
+        "identity": str(config.identity) if config.identity else None,
+        "bus": {
+            "backend": config.bus.backend,
+            "listen": list(config.bus.listen),
+            "bootstrap": list(config.bus.bootstrap),
+            "nats_url": config.bus.nats_url,
+            "join_wait_s": config.bus.join_wait_s,
+        },
+        "data_plane": {"listen": config.data_plane.listen, "call_timeout_s": config.data_plane.call_timeout_s},
+        "models": [
+            {
+                "path": str(model.path),
+                "name": model.name,
+                "fragments": list(model.fragments) if model.fragments is not None else AUTO,
+                "memory_budget_mb": model.memory_budget_mb,
+            }
+            for model in config.models
+        ],
+        "kv_cache_budget_mb": config.kv_cache_budget_mb,
+        "torch_threads": config.torch_threads,
+        "device": config.device,
+        "dtype": config.dtype,
+        "fallback_model": str(config.fallback_model) if config.fallback_model else None,
+        "log_level": config.log_level,
+    }
+    return yaml.safe_dump(data, sort_keys=False)
