@@ -9,8 +9,8 @@ For each incoming event, in this order (cheap checks before the signature):
    (`own_identity_conflict`): another process is running with a copy of the key;
 5. append to the log, in one transaction per batch (`accept_many`);
 6. equivocation: a second, different event with an author and seq already stored is kept
-   as evidence and recorded, and from then on the views ignore that author's events from
-   the disputed seq on (they are refolded from the log once, when it is detected);
+   as evidence and recorded. From then on the views ignore that author's events from the
+   disputed seq on, so they are refolded from the log once, when it is detected;
 7. after the commit, fold each new event into every view. Events of unknown types (a newer
    minor version) are stored and passed to the views, whose dispatch skips them.
 

@@ -87,7 +87,7 @@ class Event:
 
     @property
     def is_known_type(self) -> bool:
-        """Whether this node knows the event's type (False for a newer node's new type)."""
+        """Whether the event's type is registered here (False for a newer node's new type)."""
         return not isinstance(self.body, UnknownBody)
 
 

@@ -40,7 +40,7 @@ class PeerJoined:
 class PeerHeartbeat:
     """A peer is alive. `latest_seq` is the seq of the author's previous event (0 if none).
 
-    A reader that holds fewer of the author's events than `latest_seq` has missed some and
+    A reader that stored fewer of the author's events than `latest_seq` has missed some and
     fetches them (see `LogStore.missing_ranges`).
     """
 

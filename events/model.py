@@ -17,8 +17,8 @@ ValueError for semantic checks (a bad fragment spec), which rejects the event as
 
 Versions are `MAJOR.MINOR` per type. Every type's major is `SCHEMA_MAJOR`: a change that an
 older node cannot read is a new major for the whole swarm. A newer minor of a type may add
-optional fields, which an older node ignores. Within a version a node knows, unknown fields
-are rejected. The family groups types for views (`membership`, `shards`, ...): a view
+optional fields, which an older node ignores. At a version the node has registered, unknown
+fields are rejected. The family groups types for views (`membership`, `shards`, ...): a view
 handles every type of the families it projects and passes over the rest.
 """
 

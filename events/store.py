@@ -20,9 +20,9 @@ Durability settings, chosen for crash safety at the lowest cost:
   survives a process crash but may be lost on power failure or a kernel crash. A lost
   peer event shows up as a gap (`missing_ranges`) and is fetched again from peers.
 - `synchronous=FULL` for transactions opened with `durable=True`, which `EventWriter` uses
-  for the node's own events: the WAL is fsynced before the commit returns, so a sequence
-  number that was signed and published is on disk even after power loss and is never
-  reused. The fsync also covers the NORMAL commits before it.
+  for the node's own events. The WAL is fsynced before the commit returns. So a sequence
+  number that was signed and published is on disk even after power loss, and the writer
+  never reuses it. The fsync also covers the NORMAL commits before it.
 
 One LogStore is one connection. It is not thread-safe: use it from one thread at a time.
 """

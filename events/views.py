@@ -11,9 +11,9 @@ A reducer may update its view in place and return it. Reducers must give the sam
 every order of one set of events (per-key last-writer-wins by (lamport, author), set and
 counter merges), because events arrive in any order.
 
-`Dispatcher` builds `apply` from one handler per event type and makes dispatch exhaustive:
-a view projects whole families (`membership`, `shards`, ...), every registered type of those
-families must have a handler, and a type of a projected family without a handler raises
+`Dispatcher` builds `apply` from one handler per event type and makes dispatch exhaustive.
+A view projects whole families (`membership`, `shards`, ...), and every registered type of
+those families must have a handler. A type of a projected family without a handler raises
 ReducerError. The decisions for events that change nothing are fixed here: a type of
 another family leaves the view unchanged, and so does an event of a type this node does not
 know (a newer minor version, body `UnknownBody`).

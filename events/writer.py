@@ -2,9 +2,9 @@
 
 The writer picks the next sequence number and Lamport clock, signs, and appends the event to
 the log in a durable transaction (WAL fsynced) before it returns the event for publishing. So
-every event that left the node is in its log, and after any crash, SIGKILL or power loss
-included, the writer resumes from the highest stored seq and never signs two events with one
-seq (which peers would record as equivocation).
+every event that left the node is in its log. After any crash, SIGKILL or power loss
+included, the writer resumes from the highest stored seq, so it never signs two events with
+one seq, which peers would record as equivocation.
 """
 
 from __future__ import annotations

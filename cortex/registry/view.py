@@ -5,8 +5,9 @@ last-writer-wins by the stamp (lamport, author, seq) of the event that set it, a
 counter is a max, so the view is the same for every delivery order of one set of events.
 Released shards stay as tombstones for the same reason.
 
-An author caught equivocating is marked (`PeerRecord.equivocated_from_seq`), is never live
-and holds no fragments; the Acceptor also stops applying its events from the disputed seq on.
+An author caught equivocating is marked (`PeerRecord.equivocated_from_seq`). It is never
+live, so it serves no fragments, and the Acceptor stops applying its events from the
+disputed seq on.
 
 Liveness is a query against a `now_ms` that the caller passes, never stored state.
 """
@@ -41,7 +42,7 @@ def _stamp(event: Event) -> Stamp:
 
 @dataclass
 class PeerRecord:
-    """What the swarm knows about one peer. `announcement` is None until its PeerJoined arrives."""
+    """The state of one peer. `announcement` is None until its PeerJoined arrives."""
 
     peer_id: str
     announcement: PeerJoined | None = None
