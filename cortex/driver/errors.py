@@ -1,0 +1,25 @@
+"""Errors of the driver, the TokenRouter and the node's serving side."""
+
+from __future__ import annotations
+
+
+class DriverError(Exception):
+    """Base class of every error raised by `cortex.driver`."""
+
+
+class CallFailed(DriverError):
+    """A call to one peer failed or timed out; the caller may retry it on another holder."""
+
+    def __init__(self, peer: str, what: str, reason: str) -> None:
+        super().__init__(f"{what} on peer {peer} failed: {reason}")
+        self.peer = peer
+        self.what = what
+        self.reason = reason
+
+
+class NoLiveHolder(DriverError):
+    """Every holder of a fragment failed or none is live, so the request cannot go on."""
+
+
+class RequestRejected(DriverError):
+    """A request that a node refuses to run, with the reason (admission, unknown model, ...)."""
