@@ -49,6 +49,7 @@ from events.model import (
     UnknownFieldError,
     is_valid_type_name,
     parse_version,
+    registered_type_of_class,
     reject_floats,
     type_by_name,
     type_of,
@@ -116,6 +117,11 @@ def sign_event(
     for name, value in (("seq", seq), ("lamport", lamport), ("time_ms", time_ms)):
         if type(value) is not int or not 0 <= value <= MAX_INT:
             raise SchemaViolation(f"{name} must be an int in [0, 2**63), got {value!r}")
+    if registered.check_envelope is not None:
+        try:
+            registered.check_envelope(body, identity.peer_id, seq)
+        except ValueError as error:
+            raise SchemaViolation(f"invalid {registered.name}: {error}") from None
     refs = tuple(refs)
     for ref in refs:
         if not isinstance(ref, str) or not _EVENT_ID_PATTERN.fullmatch(ref):
@@ -216,6 +222,7 @@ def _build_event(envelope: dict[str, Any], payload: bytes, wire: bytes) -> Event
         raise EventRejected(RejectReason.INVALID_AUTHOR, str(error)) from None
     refs = _parse_refs(envelope["refs"])
     body = _parse_body(type_name, version, minor, envelope["body"])
+    _check_envelope(body, author, seq)
     return Event(event_id(payload), type_name, version, author, seq, lamport, time_ms, refs, body, wire)
 
 
@@ -242,6 +249,16 @@ def _parse_body(type_name: str, version: str, minor: int, fields: Any) -> Any:
         raise EventRejected(RejectReason.UNKNOWN_FIELD, str(error)) from None
     except SchemaViolation as error:
         raise EventRejected(RejectReason.MALFORMED, str(error)) from None
+
+
+def _check_envelope(body: Any, author: str, seq: int) -> None:
+    registered = registered_type_of_class(type(body))
+    if registered is None or registered.check_envelope is None:
+        return
+    try:
+        registered.check_envelope(body, author, seq)
+    except ValueError as error:
+        raise EventRejected(RejectReason.MALFORMED, f"invalid {registered.name}: {error}") from None
 
 
 def _reject_envelope_keys(envelope: dict[str, Any]) -> None:

@@ -103,6 +103,7 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return public_key
 
 
+@functools.lru_cache(maxsize=4096)
 def curve_public_key_from_peer_id(peer_id: str) -> bytes:
     """Return a peer's CurveZMQ public key (40 bytes of Z85) derived from its peer id."""
     curve_key = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(public_key_from_peer_id(peer_id))

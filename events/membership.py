@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from events.identity import curve_public_key_from_peer_id
 from events.model import event_type
 
 MEMBERSHIP = "membership"
@@ -17,9 +18,9 @@ MEMBERSHIP = "membership"
 class PeerJoined:
     """A peer announced itself: where to reach it and what it runs on.
 
-    `curve_public_key` (Z85, 40 characters) is what the author announces. It must equal
-    `events.identity.curve_public_key_from_peer_id(author)`, and consumers use that derived
-    key (`PeerRecord.curve_public_key` in the Registry), never the announced one.
+    `curve_public_key` (Z85, 40 characters) must equal
+    `events.identity.curve_public_key_from_peer_id(author)`; an event where it does not is
+    rejected as malformed. It is carried so that readers of the log need no conversion.
     `protocol_version` is the schema version the node speaks, such as "1.0".
     """
 
@@ -34,11 +35,18 @@ class PeerJoined:
         if len(self.curve_public_key) != 40:
             raise ValueError(f"curve_public_key must be 40 Z85 characters, got {len(self.curve_public_key)}")
 
+    def check_envelope(self, author: str, seq: int) -> None:
+        expected = curve_public_key_from_peer_id(author).decode()
+        if self.curve_public_key != expected:
+            raise ValueError(
+                f"curve_public_key {self.curve_public_key!r} is not the CurveZMQ key of {author} ({expected!r})"
+            )
+
 
 @event_type(version="1.0", family=MEMBERSHIP)
 @dataclass(frozen=True, slots=True)
 class PeerHeartbeat:
-    """A peer is alive. `latest_seq` is the seq of the author's previous event (0 if none).
+    """A peer is alive. `latest_seq` is the seq of the author's previous event: seq - 1.
 
     A reader that stored fewer of the author's events than `latest_seq` has missed some and
     fetches them (see `LogStore.missing_ranges`).
@@ -49,6 +57,10 @@ class PeerHeartbeat:
     def __post_init__(self) -> None:
         if self.latest_seq < 0:
             raise ValueError(f"latest_seq must be >= 0, got {self.latest_seq}")
+
+    def check_envelope(self, author: str, seq: int) -> None:
+        if self.latest_seq != seq - 1:
+            raise ValueError(f"latest_seq is {self.latest_seq}, but a heartbeat with seq {seq} must carry {seq - 1}")
 
 
 @event_type(version="1.0", family=MEMBERSHIP)

@@ -14,6 +14,8 @@ annotations are limited to what JSON carries without floats: `int`, `str`, `bool
 `tuple[T, ...]` (a JSON array), `dict[str, T]` (a JSON object), unions of these, and
 `T | None`. A field with a default is optional on the wire. `__post_init__` may raise
 ValueError for semantic checks (a bad fragment spec), which rejects the event as malformed.
+A check that needs the envelope goes in a method `check_envelope(self, author, seq)`, which
+raises ValueError too; the codec calls it when signing and when decoding.
 
 Versions are `MAJOR.MINOR` per type. Every type's major is `SCHEMA_MAJOR`: a change that an
 older node cannot read is a new major for the whole swarm. A newer minor of a type may add
@@ -70,7 +72,7 @@ class _Field:
 class EventType:
     """A registered event type: its class, name, version, family and field converters."""
 
-    __slots__ = ("cls", "name", "major", "minor", "version", "family", "_fields", "_names")
+    __slots__ = ("cls", "name", "major", "minor", "version", "family", "check_envelope", "_fields", "_names")
 
     def __init__(self, cls: type, name: str, version: str, family: str) -> None:
         self.cls = cls
@@ -78,6 +80,7 @@ class EventType:
         self.major, self.minor = parse_version(version)
         self.version = version
         self.family = family
+        self.check_envelope: Callable[[Any, str, int], None] | None = getattr(cls, "check_envelope", None)
         hints = typing.get_type_hints(cls)
         self._fields = tuple(
             _Field(

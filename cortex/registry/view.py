@@ -55,7 +55,7 @@ class PeerRecord:
 
     @property
     def curve_public_key(self) -> bytes:
-        """The CurveZMQ key derived from the peer id; an announced key is never trusted over it."""
+        """The peer's CurveZMQ public key (Z85), derived from its peer id."""
         return curve_public_key_from_peer_id(self.peer_id)
 
     def to_json(self) -> dict[str, Any]:

@@ -29,28 +29,29 @@ def fragments() -> st.SearchStrategy[str]:
     return st.one_of(st.just("head"), blocks, experts)
 
 
-def curve_keys() -> st.SearchStrategy[str]:
-    return st.builds(lambda: Identity.generate().curve_public_key.decode())
-
-
 HARDWARE = st.dictionaries(TEXT, st.one_of(INT64, TEXT, st.booleans()), max_size=5)
 MODEL_IDS = st.text(min_size=1, max_size=64)
 
-BODY_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
-    PeerJoined: st.builds(
-        PeerJoined,
-        bus_addresses=st.lists(TEXT, max_size=3).map(tuple),
-        data_endpoint=TEXT,
-        curve_public_key=curve_keys(),
-        hardware=HARDWARE,
-        protocol_version=TEXT,
-        software_version=TEXT,
-    ),
-    PeerHeartbeat: st.builds(PeerHeartbeat, latest_seq=NON_NEGATIVE),
-    PeerLeft: st.builds(PeerLeft, reason=TEXT),
-    ShardClaimed: st.builds(ShardClaimed, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
-    ShardLoaded: st.builds(ShardLoaded, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
-    ShardReleased: st.builds(ShardReleased, model_id=MODEL_IDS, fragment=fragments(), reason=TEXT),
-}
+def body_strategies(identity: Identity, seq: int) -> dict[type, st.SearchStrategy[Any]]:
+    """Return a strategy per event type for bodies that `identity` may sign at `seq`."""
+    return {
+        PeerJoined: st.builds(
+            PeerJoined,
+            bus_addresses=st.lists(TEXT, max_size=3).map(tuple),
+            data_endpoint=TEXT,
+            curve_public_key=st.just(identity.curve_public_key.decode()),
+            hardware=HARDWARE,
+            protocol_version=TEXT,
+            software_version=TEXT,
+        ),
+        PeerHeartbeat: st.just(PeerHeartbeat(seq - 1)),
+        PeerLeft: st.builds(PeerLeft, reason=TEXT),
+        ShardClaimed: st.builds(ShardClaimed, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
+        ShardLoaded: st.builds(ShardLoaded, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
+        ShardReleased: st.builds(ShardReleased, model_id=MODEL_IDS, fragment=fragments(), reason=TEXT),
+    }
 
-BODIES = st.one_of(*BODY_STRATEGIES.values())
+
+def bodies(identity: Identity, seq: int) -> st.SearchStrategy[Any]:
+    """Return a strategy for a body of any membership or shard type."""
+    return st.one_of(*body_strategies(identity, seq).values())

@@ -34,7 +34,7 @@ def _joined(identity: Identity, port: int) -> PeerJoined:
 
 
 @st.composite
-def bodies(draw: st.DrawFn, identity: Identity) -> object:
+def bodies(draw: st.DrawFn, identity: Identity, seq: int) -> object:
     model = draw(st.sampled_from(MODELS))
     fragment = draw(st.sampled_from(FRAGMENTS))
     size = draw(st.integers(min_value=0, max_value=3))
@@ -42,7 +42,7 @@ def bodies(draw: st.DrawFn, identity: Identity) -> object:
         st.sampled_from(
             [
                 _joined(identity, 4000 + size),
-                PeerHeartbeat(size),
+                PeerHeartbeat(seq - 1),
                 PeerLeft(),
                 ShardClaimed(model, fragment, size),
                 ShardLoaded(model, fragment, size),
@@ -60,7 +60,7 @@ def event_sets(draw: st.DrawFn) -> list[Event]:
     for _ in range(draw(st.integers(min_value=1, max_value=14))):
         index = draw(st.integers(min_value=0, max_value=2))
         identity = AUTHORS[index]
-        body = draw(bodies(identity))
+        body = draw(bodies(identity, next_seq[index]))
         lamport = draw(st.integers(min_value=1, max_value=6))
         time_ms = draw(st.integers(min_value=0, max_value=30_000))
         events.append(sign_event(identity, body, seq=next_seq[index], lamport=lamport, time_ms=time_ms))
