@@ -56,6 +56,8 @@ class EventWriter:
         """
         seq = self._last_seq + 1
         lamport = self.acceptor.lamport + 1
+        # NOTE: a valid peer can sign an event with a Lamport clock near 2**63 and so exhaust
+        # every node's clock. Bounding the jump a peer may make is left to the admission policy.
         if lamport > MAX_INT:
             raise EventError(f"the Lamport clock reached the limit of {MAX_INT}; this log cannot grow further")
         event = sign_event(self.identity, body, seq=seq, lamport=lamport, time_ms=self._clock_ms(), refs=refs)
