@@ -113,7 +113,7 @@ class Acceptor:
         # NOTE: the whole log is read into memory once per rebuild (at start and on each new
         # equivocation). That is fine for logs of up to a few million events; beyond that, this
         # needs view snapshots.
-        events = [event for event in self.store.events() if not self._is_excluded(event)]
+        events = list(self.store.events())
         for projection in self.projections:
             projection.rebuild(events, self._excluded)
 

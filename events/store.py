@@ -196,6 +196,11 @@ class LogStore:
         )
         return [Equivocation(author, seq, first.hex(), second.hex()) for author, seq, first, second in rows]
 
+    def disputed_seqs(self) -> dict[str, int]:
+        """Map each equivocating author to its lowest disputed seq (what views skip from)."""
+        rows = self._connection.execute("SELECT author, MIN(seq) FROM equivocations GROUP BY author")
+        return {author: seq for author, seq in rows}
+
     def max_seq(self, author: str) -> int:
         """Return the highest seq stored for `author`, 0 if none."""
         return self._max_seq.get(author, 0)

@@ -101,10 +101,17 @@ class Projection(Generic[V]):
         self.view = self.reducer.apply(self.view, event)
 
     def rebuild(self, events: Iterable[Event], equivocations: Mapping[str, int]) -> None:
-        """Refold the view from scratch: equivocations first, then events in canonical order."""
+        """Refold the view from scratch: equivocations first, then events in canonical order.
+
+        `equivocations` maps each equivocating author to its lowest disputed seq
+        (`LogStore.disputed_seqs()`). That author's events from that seq on are skipped.
+        """
         view = self.reducer.empty()
         for author, seq in sorted(equivocations.items()):
             view = self.reducer.apply_equivocation(view, author, seq)
         for event in events:
+            disputed = equivocations.get(event.author)
+            if disputed is not None and event.seq >= disputed:
+                continue
             view = self.reducer.apply(view, event)
         self.view = view

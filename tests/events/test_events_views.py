@@ -104,7 +104,7 @@ class CountingReducer:
 
 def test_projection_rebuild_applies_equivocations_first() -> None:
     projection = Projection(CountingReducer())
-    events = [sign_event(IDENTITY, PeerHeartbeat(0), seq=1, lamport=1, time_ms=0)]
-    projection.rebuild(events, {IDENTITY.peer_id: 4})
+    events = [sign_event(IDENTITY, PeerHeartbeat(seq - 1), seq=seq, lamport=seq, time_ms=0) for seq in (1, 2, 3)]
+    projection.rebuild(events, {IDENTITY.peer_id: 2})
 
-    assert projection.view == ["equivocation 4", "PeerHeartbeat"]
+    assert projection.view == ["equivocation 2", "PeerHeartbeat"]
