@@ -98,9 +98,16 @@ class LogStore:
         self.path = os.fspath(path)
         try:
             self._connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._open()
         except sqlite3.DatabaseError as error:
             raise LogStoreError(f"cannot open log store {self.path}: {error}") from error
+        try:
+            self._open()
+        except sqlite3.DatabaseError as error:
+            self._connection.close()
+            raise LogStoreError(f"cannot open log store {self.path}: {error}") from error
+        except LogStoreError:
+            self._connection.close()
+            raise
         self._in_transaction = False
         self._max_seq: dict[str, int] = dict(self._connection.execute("SELECT author, MAX(seq) FROM events GROUP BY author"))
 

@@ -125,3 +125,11 @@ def test_newer_format_version_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(LogStoreError, match="format version 7"):
         LogStore(path)
+
+
+def test_file_that_is_not_sqlite_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    path.write_bytes(b"this is not a database" * 100)
+
+    with pytest.raises(LogStoreError, match="cannot open log store"):
+        LogStore(path)
