@@ -214,14 +214,15 @@ def test_registration_rejects_other_major() -> None:
             count: int
 
 
-def test_registered_type_round_trip() -> None:
-    @event_type(version="1.2", family="testing")
-    @dataclass(frozen=True, slots=True)
-    class WidgetCounted:
-        counts: dict[str, int]
-        tags: tuple[str, ...] = ()
-        note: str | None = None
+@event_type(version="1.2", family="testing")
+@dataclass(frozen=True, slots=True)
+class WidgetCounted:
+    counts: dict[str, int]
+    tags: tuple[str, ...] = ()
+    note: str | None = None
 
+
+def test_registered_type_round_trip() -> None:
     body = WidgetCounted({"a": 1}, ("x", "y"))
     event = sign_event(IDENTITY, body, seq=1, lamport=1, time_ms=0)
     decoded = decode_event(event.wire)
