@@ -12,6 +12,18 @@ from cortex.scheduler.errors import (
     PlanError,
     SchedulerError,
 )
+from cortex.scheduler.lifecycle import (
+    ACCEPTED,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    IN_FLIGHT_STATES,
+    RUNNING,
+    SUBMITTED,
+    TERMINAL_STATES,
+    UNKNOWN,
+    RequestRecord,
+)
 from cortex.scheduler.request_events import (
     REQUESTS,
     RequestAccepted,
@@ -24,9 +36,19 @@ from cortex.scheduler.request_events import (
     plan_digest,
     records_digest,
 )
+from cortex.scheduler.view import SchedulerReducer, SchedulerView
 
 __all__ = [
+    "ACCEPTED",
+    "CANCELLED",
+    "COMPLETED",
+    "FAILED",
+    "IN_FLIGHT_STATES",
     "REQUESTS",
+    "RUNNING",
+    "SUBMITTED",
+    "TERMINAL_STATES",
+    "UNKNOWN",
     "BlockRangeUncovered",
     "InvalidRoute",
     "KvBudgetExceeded",
@@ -36,9 +58,12 @@ __all__ = [
     "RequestCancelled",
     "RequestCompleted",
     "RequestFailed",
+    "RequestRecord",
     "RequestSubmitted",
     "RouteReplanned",
     "SchedulerError",
+    "SchedulerReducer",
+    "SchedulerView",
     "TokenGenerated",
     "plan_digest",
     "records_digest",
