@@ -1,0 +1,80 @@
+"""`cortex node start|stop`: run one swarm node, or stop the node of a data directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "node",
+        help="start or stop a swarm node",
+        description="Start a Cortex node from a YAML config (see docs/node.md), or stop the node of a data directory.",
+    )
+    commands = parser.add_subparsers(dest="node_command", metavar="COMMAND")
+    start = commands.add_parser(
+        "start",
+        help="run a node in the foreground until SIGTERM or Ctrl-C",
+        description=(
+            "Join the swarm, load the fragments the config names (or pick them automatically), serve them and "
+            "drive requests. SIGTERM drains running requests, publishes PeerLeft and exits."
+        ),
+    )
+    start.add_argument("--config", required=True, type=Path, help="node config file (YAML)")
+    start.set_defaults(func=_run_start)
+
+    stop = commands.add_parser(
+        "stop",
+        help="send SIGTERM to the node started from a data directory",
+        description="Find the node's pid file in its data directory and send it SIGTERM, so it drains and leaves.",
+    )
+    where = stop.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path, help="the node's data directory")
+    where.add_argument("--config", type=Path, help="the node's config file (its data_dir is used)")
+    stop.set_defaults(func=_run_stop)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from cortex.node.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    from cortex.node.lifecycle import NodeRefused
+    from cortex.node.node import Node
+
+    try:
+        asyncio.run(Node(config).run())
+    except NodeRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    from cortex.node.config import ConfigError, load_config
+    from cortex.node.lifecycle import NodeRefused, signal_node
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        try:
+            data_dir = load_config(args.config).data_dir
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    try:
+        pid = signal_node(data_dir)
+    except NodeRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"sent SIGTERM to node pid {pid} ({data_dir})")
+    return 0

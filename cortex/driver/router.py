@@ -1,0 +1,194 @@
+"""TokenRouter: runs one MoE layer's routed experts on remote replicas.
+
+Shape legend: T = tokens of the call, K = experts per token, D = hidden size,
+N = token rows sent to one replica.
+
+For each paused MoE layer (`MoeCall`), the router:
+
+1. groups the T x K (token, expert) slots by expert, using the routing decision the
+   block computed with the model's own rule;
+2. picks one live replica per expert from the `ReplicaDirectory` ranking, skipping peers
+   that failed during this call;
+3. sends one batch per replica: the rows of every expert it serves, concatenated [N, D],
+   with a segment list `[layer, expert, rows]`;
+4. gathers the replies with the directory's timeout; a failed or timed-out batch is
+   marked and its experts go to the next replica, until every expert has an output or an
+   expert has no replica left (`NoLiveHolder`);
+5. scatters the outputs back into [T, K, D] in the order of `expert_ids`.
+
+Batching across requests: batches for one replica that are queued in the same event loop
+iteration (from concurrent sessions or layers) leave as one message, and the reply is split
+back per caller. `RouterStats` records which peer served which expert, for the plan and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from cortex.driver.errors import CallFailed, NoLiveHolder
+from cortex.runtime.fragments import MoeCall
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS_PER_EXPERT = 4
+
+
+class ReplicaDirectory(Protocol):
+    call_timeout_s: float
+
+    def replicas(self, layer: int, expert: int) -> list[str]:
+        """Return the live peers holding expert[layer][expert], best first."""
+        ...
+
+    async def call_experts(
+        self, peer: str, segments: list[list[int]], rows: torch.Tensor, meta: dict[str, Any]
+    ) -> torch.Tensor:
+        """Send `rows` [N, D] split by `segments` ([layer, expert, count]) to `peer`; return outputs [N, D]."""
+        ...
+
+    def note_failure(self, peer: str) -> None:
+        """Record that a call to `peer` failed, so later rankings put it last."""
+        ...
+
+
+@dataclass
+class RouterStats:
+    """Counts of what the router did: expert rows per peer, batches, retries."""
+
+    rows_by_peer: collections.Counter[str] = field(default_factory=collections.Counter)
+    experts_by_peer: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
+    batches: int = 0
+    messages: int = 0
+    retries: int = 0
+
+
+@dataclass
+class _Queued:
+    segments: list[list[int]]
+    rows: torch.Tensor  # [N, D]
+    meta: dict[str, Any]
+    future: asyncio.Future[torch.Tensor]
+
+
+class TokenRouter:
+    """An `ExpertDispatcher` that runs experts on replicas named by a `ReplicaDirectory`."""
+
+    def __init__(self, directory: ReplicaDirectory) -> None:
+        self.directory = directory
+        self.stats = RouterStats()
+        self._queues: dict[str, list[_Queued]] = {}
+        self._in_flight: collections.Counter[str] = collections.Counter()
+
+    async def dispatch(self, session_id: str, call: MoeCall) -> torch.Tensor:
+        expert_ids = call.routing.expert_ids  # [T, K]
+        tokens, top_k = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # [T*K]
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert
+        present, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        grouped = call.hidden[order // top_k]  # [T*K, D], the token of each slot
+        starts = torch.cumsum(counts, 0) - counts
+        pending = {
+            int(expert): (int(start), int(count))
+            for expert, start, count in zip(present.tolist(), starts.tolist(), counts.tolist(), strict=True)
+        }
+        outputs = torch.empty_like(grouped)
+        failed: set[str] = set()
+        attempts: collections.Counter[int] = collections.Counter()
+        while pending:
+            plan = self._assign(call.layer, pending, failed, attempts)
+            results = await asyncio.gather(
+                *(self._send(peer, call.layer, experts, pending, grouped, session_id) for peer, experts in plan.items()),
+                return_exceptions=True,
+            )
+            for (peer, experts), result in zip(plan.items(), results, strict=True):
+                if isinstance(result, CallFailed):
+                    logger.warning("expert batch of layer %d on %s failed (%s); retrying on another replica", call.layer, peer, result.reason)
+                    failed.add(peer)
+                    self.directory.note_failure(peer)
+                    self.stats.retries += 1
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                offset = 0
+                for expert in experts:
+                    start, count = pending.pop(expert)
+                    outputs[start : start + count] = result[offset : offset + count]
+                    offset += count
+                    self.stats.rows_by_peer[peer] += count
+                    self.stats.experts_by_peer[peer].add(f"expert[{call.layer}][{expert}]")
+        unsorted = torch.empty_like(outputs)
+        unsorted[order] = outputs
+        return unsorted.view(tokens, top_k, -1)  # [T, K, D]
+
+    def _assign(
+        self, layer: int, pending: dict[int, tuple[int, int]], failed: set[str], attempts: collections.Counter[int]
+    ) -> dict[str, list[int]]:
+        """Pick one replica per pending expert: the directory's best that has not failed, least loaded."""
+        plan: dict[str, list[int]] = collections.defaultdict(list)
+        for expert in sorted(pending):
+            attempts[expert] += 1
+            candidates = [peer for peer in self.directory.replicas(layer, expert) if peer not in failed]
+            if not candidates or attempts[expert] > MAX_ATTEMPTS_PER_EXPERT:
+                raise NoLiveHolder(
+                    f"expert[{layer}][{expert}] has no live replica left after {attempts[expert] - 1} attempts "
+                    f"(failed: {', '.join(sorted(failed)) or 'none'}); start a node that holds it"
+                )
+            # Ranking first; among equally ranked replicas spread by load already planned or in flight.
+            best = min(candidates[:2], key=lambda peer: (len(plan.get(peer, ())) + self._in_flight[peer], candidates.index(peer)))
+            plan[best].append(expert)
+        return dict(plan)
+
+    async def _send(
+        self,
+        peer: str,
+        layer: int,
+        experts: list[int],
+        pending: dict[int, tuple[int, int]],
+        grouped: torch.Tensor,
+        session_id: str,
+    ) -> torch.Tensor:
+        segments = [[layer, expert, pending[expert][1]] for expert in experts]
+        rows = torch.cat([grouped[pending[e][0] : pending[e][0] + pending[e][1]] for e in experts])  # [N, D]
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        queue = self._queues.setdefault(peer, [])
+        queue.append(_Queued(segments, rows, {"session": session_id}, future))
+        self.stats.batches += 1
+        if len(queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush, peer)
+        return await future
+
+    def _flush(self, peer: str) -> None:
+        queued = self._queues.pop(peer, [])
+        if queued:
+            task = asyncio.get_running_loop().create_task(self._send_merged(peer, queued))
+            task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
+
+    async def _send_merged(self, peer: str, queued: list[_Queued]) -> None:
+        segments = [segment for item in queued for segment in item.segments]
+        rows = torch.cat([item.rows for item in queued]) if len(queued) > 1 else queued[0].rows  # [N, D]
+        sessions = sorted({str(item.meta["session"]) for item in queued})
+        self.stats.messages += 1
+        self._in_flight[peer] += 1
+        try:
+            outputs = await self.directory.call_experts(peer, segments, rows, {"sessions": sessions})
+        except BaseException as error:
+            for item in queued:
+                if not item.future.done():
+                    item.future.set_exception(error if isinstance(error, CallFailed) else CallFailed(peer, "experts", repr(error)))
+            if not isinstance(error, Exception):
+                raise
+            return
+        finally:
+            self._in_flight[peer] -= 1
+        offset = 0
+        for item in queued:
+            count = item.rows.shape[0]
+            if not item.future.done():
+                item.future.set_result(outputs[offset : offset + count])
+            offset += count

@@ -1,0 +1,188 @@
+"""SwarmClient: joins the bus without serving anything, submits requests and follows them.
+
+Used by `cortex submit` and `cortex demo`. The client has its own identity (the
+submitter), seals the prompt to every live head holder of the model (one of them will be
+the driver, chosen from the request id), and yields the request's events as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cortex.scheduler  # noqa: F401 - registers the request event types
+from cortex.bus.bus import BusConfig, GossipBus
+from cortex.bus.transport import Transport
+from cortex.privacy import open_json, seal
+from cortex.registry import RegistryReducer, RegistryView
+from cortex.scheduler.request_events import (
+    TOP_P_SCALE,
+    RequestAccepted,
+    RequestCompleted,
+    RequestFailed,
+    RequestSubmitted,
+    RouteReplanned,
+    TokenGenerated,
+)
+from events import Acceptor, Event, EventWriter, Identity, LogStore, Projection, wall_clock_ms
+
+logger = logging.getLogger(__name__)
+
+_MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ClientError(Exception):
+    """The swarm cannot take the request: unknown model, no head holder, a timeout."""
+
+
+@dataclass
+class RequestResult:
+    """What a client saw of one request."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    driver: str = ""
+    route: dict[str, str] = field(default_factory=dict)
+    completed: RequestCompleted | None = None
+    failed: RequestFailed | None = None
+    replans: list[RouteReplanned] = field(default_factory=list)
+    token_event_times_ms: list[int] = field(default_factory=list)
+
+
+class SwarmClient:
+    """A bus participant with a log and a Registry view that only submits requests."""
+
+    def __init__(self, data_dir: Path, transport_factory: Any) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(data_dir / "client.key")
+        self.store = LogStore(data_dir / "events.db")
+        self.registry: Projection[RegistryView] = Projection(RegistryReducer())
+        self.acceptor = Acceptor(self.store, [self.registry], own_peer_id=self.identity.peer_id)
+        self.writer = EventWriter(self.identity, self.acceptor)
+        transport: Transport = transport_factory(self.identity, data_dir)
+        self.bus = GossipBus(transport, self.acceptor, BusConfig(join_wait_s=5.0))
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self.bus.add_listener(self._on_events)
+
+    async def start(self) -> None:
+        await self.bus.start()
+
+    async def stop(self) -> None:
+        await self.bus.stop()
+        self.store.close()
+
+    def _on_events(self, events: list[Event]) -> None:
+        for event in events:
+            request_id = getattr(event.body, "request_id", None)
+            queue = self._queues.get(request_id) if request_id else None
+            if queue is not None:
+                queue.put_nowait(event)
+
+    def resolve_model(self, model: str) -> str:
+        """Return the model id of a checkpoint folder, a model id, or a name announced in the swarm."""
+        if _MODEL_ID.match(model):
+            return model
+        if Path(model).joinpath("config.json").exists():
+            from cortex.runtime.model_id import model_id
+
+            return model_id(Path(model))
+        for record in self.registry.view.peers.values():
+            announced = record.announcement
+            if announced is not None and isinstance(announced.hardware.get(f"model:{model}"), str):
+                return str(announced.hardware[f"model:{model}"])
+        known = sorted(
+            key.removeprefix("model:")
+            for record in self.registry.view.peers.values()
+            if record.announcement is not None
+            for key in record.announcement.hardware
+            if key.startswith("model:")
+        )
+        raise ClientError(f"model {model!r} is not a checkpoint folder, a model id or a name in the swarm (known: {known})")
+
+    async def wait_for_model(self, model_id: str, fragments: set[str], timeout_s: float) -> list[str]:
+        """Wait until every fragment in `fragments` has a live holder; return the head holders."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            coverage = self.registry.view.coverage(model_id, wall_clock_ms())
+            missing = {f for f in fragments if not coverage.get(f) or not coverage[f].loaded}
+            heads = list(coverage["head"].loaded) if "head" in coverage else []
+            if heads and not missing:
+                return heads
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"model {model_id[:16]} is not served within {timeout_s} s: "
+                    f"{'no live head holder' if not heads else f'{len(missing)} fragments have no live holder'}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def submit(
+        self, model_id: str, prompt: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+    ) -> str:
+        """Publish a RequestSubmitted sealed to the live head holders; return the request id."""
+        heads = self.registry.view.holders(model_id, "head", wall_clock_ms())
+        if not heads:
+            raise ClientError(f"no live peer holds the head of model {model_id[:16]}; start a node that serves it")
+        plaintext = prompt.encode("utf-8")
+        body = RequestSubmitted(
+            model_id=model_id,
+            max_tokens=max_tokens,
+            prompt_bytes=len(plaintext),
+            sealed_prompt=seal(plaintext, [self.identity.peer_id, *heads]),
+            temperature_milli=round(temperature * 1000),
+            top_p_micro=max(1, round(top_p * TOP_P_SCALE)),
+            seed=seed,
+        )
+        event = self.writer.write(body)
+        self._queues[event.id] = asyncio.Queue()
+        await self.bus.publish(event)
+        await self.bus.flush()
+        return event.id
+
+    async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, Any]]:
+        """Yield (event, opened tokens or None) for the request until it completes or fails."""
+        queue = self._queues[request_id]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+            except TimeoutError:
+                raise ClientError(f"request {request_id[:12]} got no answer within {timeout_s} s") from None
+            opened = open_json(event.body.sealed_tokens, self.identity) if isinstance(event.body, TokenGenerated) else None
+            yield event, opened
+            if isinstance(event.body, (RequestCompleted, RequestFailed)):
+                self._queues.pop(request_id, None)
+                return
+
+    async def run(self, request_id: str, timeout_s: float, on_text: Any = None) -> RequestResult:
+        """Follow a request to its end, ordering token batches by step, and return what arrived."""
+        result = RequestResult(request_id)
+        batches: dict[int, dict[str, Any]] = {}
+        async for event, opened in self.follow(request_id, timeout_s):
+            body = event.body
+            if isinstance(body, RequestAccepted):
+                result.driver, result.route = event.author, dict(body.route)
+            elif isinstance(body, RouteReplanned):
+                result.replans.append(body)
+                result.route = dict(body.route)
+            elif isinstance(body, TokenGenerated):
+                batches[body.step_start] = opened
+                result.token_event_times_ms.append(event.time_ms)
+                while len(result.token_ids) in batches:
+                    batch = batches.pop(len(result.token_ids))
+                    result.token_ids.extend(batch["token_ids"])
+                    result.text += batch["text"]
+                    if on_text is not None and batch["text"]:
+                        on_text(batch["text"])
+            elif isinstance(body, RequestCompleted):
+                result.completed = body
+            elif isinstance(body, RequestFailed):
+                result.failed = body
+        return result

@@ -1,0 +1,77 @@
+"""Process-level pieces of a node: pid files, refusal errors and the hardware summary."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+from pathlib import Path
+
+from cortex.node.config import NodeConfig
+
+
+class NodeRefused(Exception):
+    """The node may not start or join: a live twin, another protocol major, a bad setting."""
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid_file(path: Path) -> int | None:
+    """Return the pid in `path` if that process is alive, else None."""
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _is_running(pid) else None
+
+
+def check_pid_file(path: Path) -> None:
+    """Raise NodeRefused if a live process already runs a node from this data directory."""
+    pid = read_pid_file(path)
+    if pid is not None and pid != os.getpid():
+        raise NodeRefused(
+            f"a node (pid {pid}) already runs from {path.parent}; stop it with "
+            f"`cortex node stop --data-dir {path.parent}` or use another data_dir"
+        )
+
+
+def write_pid_file(path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(f"{os.getpid()}\n")
+    temporary.replace(path)
+
+
+def remove_pid_file(path: Path) -> None:
+    if read_pid_file(path) in (None, os.getpid()):
+        path.unlink(missing_ok=True)
+
+
+def signal_node(data_dir: Path, signum: int = signal.SIGTERM) -> int:
+    """Send `signum` to the node running from `data_dir` and return its pid; raise NodeRefused if none runs."""
+    pid = read_pid_file(data_dir / "node.pid")
+    if pid is None:
+        raise NodeRefused(f"no running node found for data directory {data_dir} (no live pid in {data_dir / 'node.pid'})")
+    os.kill(pid, signum)
+    return pid
+
+
+def hardware_summary(config: NodeConfig) -> dict[str, int | str | bool]:
+    """Return what peers may want to know about this machine, for PeerJoined."""
+    import torch
+
+    return {
+        "cpus": os.cpu_count() or 0,
+        "torch_threads": config.torch_threads,
+        "device": config.device,
+        "dtype": config.dtype,
+        "cuda": bool(torch.cuda.is_available()),
+        "machine": platform.machine(),
+    }

@@ -1,0 +1,361 @@
+"""The node process: one asyncio task group that joins the swarm, loads fragments and serves them.
+
+Lifecycle of `Node.run()`:
+
+1. Refuse to start if the pid file of the data directory names a live process.
+2. Open the log store, views and bus; join (the bus syncs history from a peer).
+3. Refuse to go on if a peer speaks another protocol major, or if another live node signs
+   with this node's key (the Acceptor reports `own_identity_conflict`).
+4. Publish `PeerJoined`, then claim (`ShardClaimed`) and load (`ShardLoaded`) fragments.
+5. Serve block and expert calls on the data plane, heartbeat every `HEARTBEAT_S`, and drive
+   the requests this node is the driver of.
+6. On SIGTERM or SIGINT: stop taking requests, let running ones finish (at most
+   `DRAIN_TIMEOUT_S`), publish `PeerLeft`, flush the bus and exit 0.
+
+The node writes `<data_dir>/node.status.json` once it serves, so launchers know it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+import cortex.scheduler  # noqa: F401 - registers the request event types
+from cortex import __version__
+from cortex.bus.bus import BusConfig, GossipBus
+from cortex.bus.transport import Transport
+from cortex.driver.errors import CallFailed
+from cortex.driver.executors import BlockExecutor, worker_compute
+from cortex.driver.records import ExpertBatchServed, tensor_digest
+from cortex.driver.remote import RemoteBlockExecutor
+from cortex.driver.requests import DriverContext, RequestDriver, rank_drivers
+from cortex.driver.router import TokenRouter
+from cortex.node.channel import Channel
+from cortex.node.claims import choose_fragments, fragment_sizes
+from cortex.node.config import ModelSettings, NodeConfig
+from cortex.node.directory import SwarmDirectory
+from cortex.node.lifecycle import NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
+from cortex.node.service import ModelService
+from cortex.registry import RegistryReducer, RegistryView
+from cortex.scheduler.request_events import RequestSubmitted
+from events import (
+    SCHEMA_MAJOR,
+    Acceptor,
+    Event,
+    EventWriter,
+    Identity,
+    LogStore,
+    PeerHeartbeat,
+    PeerJoined,
+    PeerLeft,
+    Projection,
+    ShardClaimed,
+    ShardLoaded,
+    wall_clock_ms,
+)
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = os.environ.get("CORTEX_PROTOCOL_VERSION", f"{SCHEMA_MAJOR}.0")
+HEARTBEAT_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
+IDENTITY_PROBE_S = 1.5
+MIB = 1024 * 1024
+
+
+class Node:
+    """One Cortex node: log, views, bus, data plane, loaded fragments and request drivers."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(config.identity_path)
+        self.peer_id = self.identity.peer_id
+        self.store = LogStore(config.data_dir / "events.db")
+        self.registry: Projection[RegistryView] = Projection(RegistryReducer())
+        self.acceptor = Acceptor(self.store, [self.registry], own_peer_id=self.peer_id)
+        self.writer = EventWriter(self.identity, self.acceptor)
+        self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
+        self.channel = Channel(self.identity, config.data_plane.listen)
+        self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-compute")
+        self.compute = worker_compute(self.workers)
+        self.services: dict[str, ModelService] = {}
+        self.directories: dict[str, SwarmDirectory] = {}
+        self.routers: dict[str, TokenRouter] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.stopping = asyncio.Event()
+        self.drivers: set[asyncio.Task[None]] = set()
+        self._task_group: asyncio.TaskGroup | None = None
+        self.joined = False
+
+    # --- construction -----------------------------------------------------------
+
+    def _bus_config(self) -> BusConfig:
+        return BusConfig(join_wait_s=self.config.bus.join_wait_s, state_path=self.config.data_dir / "bus-state.json")
+
+    def _transport(self) -> Transport:
+        settings = self.config.bus
+        if settings.backend == "libp2p":
+            from cortex.bus.libp2p_transport import Libp2pConfig, Libp2pTransport
+
+            return Libp2pTransport(
+                Libp2pConfig(key_pair=self.identity.to_libp2p_key_pair(), listen=list(settings.listen), bootstrap=list(settings.bootstrap))
+            )
+        if settings.backend == "nats":
+            from cortex.bus.nats_transport import NatsConfig, NatsTransport
+
+            return NatsTransport(self.peer_id, NatsConfig(url=settings.nats_url, data_dir=self.config.data_dir / "nats"))
+        raise NodeRefused(
+            "bus backend 'memory' only connects nodes inside one process; use libp2p or nats for `cortex node start`"
+        )
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or `stop()`; raise NodeRefused if the node may not join."""
+        check_pid_file(self.config.pid_path)
+        write_pid_file(self.config.pid_path)
+        torch.set_num_threads(self.config.torch_threads)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        try:
+            self.bus.add_listener(self._on_events)
+            await self.bus.start()
+            await self._check_join()
+            self.joined = True
+            self._open_models()
+            await self.emit(self._announcement())
+            async with asyncio.TaskGroup() as group:
+                self._task_group = group
+                serve = group.create_task(self.channel.serve())
+                heartbeat = group.create_task(self._heartbeat_loop())
+                await self._load_models()
+                self._write_status("serving")
+                await self.stopping.wait()
+                await self._drain()
+                serve.cancel()
+                heartbeat.cancel()
+        finally:
+            await self._shut_down()
+
+    async def _check_join(self) -> None:
+        """Refuse to join next to a peer of another protocol major or a live copy of this identity."""
+        await asyncio.sleep(IDENTITY_PROBE_S if self.bus.transport.peers() else 0)
+        conflicts = self.acceptor.counters.get("own_identity_conflict", 0)
+        if conflicts:
+            raise NodeRefused(
+                f"another live node signs with this node's key ({self.peer_id}); {conflicts} of its events arrived. "
+                f"Stop the other node or give this one a new key ({self.config.identity_path})"
+            )
+        mine = PROTOCOL_VERSION.split(".")[0]
+        now = wall_clock_ms()
+        for peer, record in self.registry.view.peers.items():
+            announced = record.announcement
+            if announced is None or peer == self.peer_id or not self.registry.view.is_live(peer, now):
+                continue
+            if announced.protocol_version.split(".")[0] != mine:
+                raise NodeRefused(
+                    f"peer {peer} speaks protocol {announced.protocol_version}, this node speaks {PROTOCOL_VERSION}; "
+                    "run the same major version of Cortex on every node"
+                )
+
+    def _announcement(self) -> PeerJoined:
+        names = {f"model:{service.name}": service_id for service_id, service in self.services.items()}
+        hardware: dict[str, int | str | bool] = {**hardware_summary(self.config), **names}
+        return PeerJoined(
+            bus_addresses=tuple(getattr(self.bus.transport, "listen_addresses", [])),
+            data_endpoint=self.channel.endpoint,
+            curve_public_key=self.identity.curve_public_key.decode(),
+            hardware=hardware,
+            protocol_version=PROTOCOL_VERSION,
+            software_version=__version__,
+        )
+
+    async def emit(self, body: Any, refs: tuple[str, ...] = ()) -> Event:
+        """Write one of this node's events to its log and publish it."""
+        event = self.writer.write(body, refs=refs)
+        await self.bus.publish(event)
+        return event
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self.emit(PeerHeartbeat(latest_seq=self.writer.last_seq))
+
+    async def _drain(self) -> None:
+        logger.info("draining %d running request(s)", len(self.drivers))
+        if self.drivers:
+            await asyncio.wait(set(self.drivers), timeout=DRAIN_TIMEOUT_S)
+
+    async def _shut_down(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.joined and self.bus.transport.running:
+                await self.emit(PeerLeft(reason="stopped"))
+                await self.bus.flush()
+        with contextlib.suppress(Exception):
+            await self.bus.stop()
+        self.channel.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+        self._write_status("stopped")
+        remove_pid_file(self.config.pid_path)
+        logger.info("node %s stopped", self.peer_id)
+
+    def _write_status(self, state: str) -> None:
+        status = {
+            "state": state,
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "data_endpoint": self.channel.endpoint,
+            "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
+            "models": {model: service.fragments() for model, service in self.services.items()},
+        }
+        path = self.config.data_dir / "node.status.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(orjson.dumps(status))
+        temporary.replace(path)
+
+    # --- fragments ----------------------------------------------------------------
+
+    def _open_models(self) -> None:
+        for settings in self.config.models:
+            service = ModelService(settings.path, settings.display_name, self.config.device, self.config.dtype)
+            self.services[service.model_id] = service
+            directory = SwarmDirectory(
+                service, lambda: self.registry.view, self.channel, self.acceptor, self.peer_id, self.config.data_plane.call_timeout_s
+            )
+            self.directories[service.model_id] = directory
+            self.routers[service.model_id] = TokenRouter(directory)
+        self.channel.register("block", self._serve_block)
+        self.channel.register("close", self._serve_close)
+        self.channel.register("experts", self._serve_experts)
+
+    async def _load_models(self) -> None:
+        for settings in self.config.models:
+            service = next(s for s in self.services.values() if s.path == settings.path)
+            fragments = self._fragments_to_claim(settings, service)
+            for fragment in fragments:
+                estimate = fragment_sizes(service.loader).get(fragment, 0)
+                await self.emit(ShardClaimed(model_id=service.model_id, fragment=fragment, memory_bytes=estimate))
+            loaded = 0
+            for fragment in fragments:
+                nbytes = await self.compute(service.load, fragment)
+                loaded += nbytes
+                await self.emit(ShardLoaded(model_id=service.model_id, fragment=fragment, memory_bytes=nbytes))
+            service.attach(self.routers[service.model_id], self.compute)
+            if service.head is not None:
+                self._open_tokenizer(service)
+            logger.info(
+                "serving %s (%s): %d fragments, %.2f MiB: %s",
+                service.name, service.model_id[:12], len(fragments), loaded / MIB, _summarize(fragments),
+            )
+
+    def _fragments_to_claim(self, settings: ModelSettings, service: ModelService) -> list[str]:
+        if settings.fragments is not None:
+            return list(settings.fragments)
+        now = wall_clock_ms()
+        coverage = self.registry.view.coverage(service.model_id, now)
+        holders = {fragment: len(set(c.loaded) | set(c.claimed)) for fragment, c in coverage.items()}
+        return choose_fragments(fragment_sizes(service.loader), holders, settings.memory_budget_mb * MIB)
+
+    def _open_tokenizer(self, service: ModelService) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizers[service.model_id] = AutoTokenizer.from_pretrained(str(service.path), local_files_only=True)
+
+    # --- serving ------------------------------------------------------------------
+
+    def _service(self, meta: dict[str, Any]) -> ModelService:
+        service = self.services.get(str(meta.get("model")))
+        if service is None:
+            raise CallFailed(self.peer_id, "lookup", f"model {str(meta.get('model'))[:16]} is not served here")
+        return service
+
+    async def _serve_block(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        executor = self._service(meta).executor(str(meta["spec"]))
+        hidden = await executor.run(str(meta["session"]), tensors[0], int(meta["position"]))
+        return {}, [hidden]
+
+    async def _serve_close(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        await self._service(meta).executor(str(meta["spec"])).close(str(meta["session"]))
+        return {}, []
+
+    async def _serve_experts(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        service = self._service(meta)
+        segments = [[int(value) for value in segment] for segment in meta["segments"]]
+        outputs: torch.Tensor = await self.compute(service.run_experts, segments, tensors[0])
+        record = ExpertBatchServed(
+            model_id=service.model_id,
+            sessions=tuple(str(session) for session in meta.get("sessions", ())),
+            segments=tuple(f"{layer}:{expert}:{rows}" for layer, expert, rows in segments),
+            output_digest=tensor_digest(outputs),
+            dtype=str(outputs.dtype).removeprefix("torch."),
+        )
+        event = self.writer.write(record)
+        return {"record": event.wire.hex()}, [outputs]
+
+    # --- requests -----------------------------------------------------------------
+
+    def _on_events(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event.body, RequestSubmitted):
+                self._consider(event)
+
+    def _consider(self, event: Event) -> None:
+        request: RequestSubmitted = event.body
+        service = self.services.get(request.model_id)
+        if service is None or service.head is None or self.stopping.is_set() or self._task_group is None:
+            return
+        heads = self.registry.view.holders(request.model_id, "head", wall_clock_ms())
+        if not heads or rank_drivers(event.id, heads)[0] != self.peer_id:
+            return
+        driver = RequestDriver(self._driver_context(service), event)
+        task = self._task_group.create_task(driver.run())
+        self.drivers.add(task)
+        task.add_done_callback(self.drivers.discard)
+
+    def _driver_context(self, service: ModelService) -> DriverContext:
+        directory = self.directories[service.model_id]
+        assert service.head is not None
+        tokenizer = self.tokenizers[service.model_id]
+        eos = {service.loader.config.eos_token_id, tokenizer.eos_token_id} - {None}
+
+        def block_holders() -> dict[str, list[str]]:
+            coverage = self.registry.view.coverage(service.model_id, wall_clock_ms())
+            return {spec: directory.holders(spec) for spec in coverage if spec.startswith("block")}
+
+        def executor_for(spec: str, holder: str) -> BlockExecutor:
+            if holder == self.peer_id:
+                return service.executor(spec)
+            return RemoteBlockExecutor(directory, holder, service.model_id, spec)
+
+        return DriverContext(
+            identity=self.identity,
+            emit=self.emit,
+            model_id=service.model_id,
+            head=service.head,
+            tokenizer=tokenizer,
+            eos_token_ids=sorted(int(e) for e in eos if isinstance(e, int)),
+            num_layers=service.loader.num_layers,
+            compute=self.compute,
+            block_holders=block_holders,
+            executor_for=executor_for,
+            records=directory.records,
+        )
+
+
+def _summarize(fragments: list[str]) -> str:
+    experts = [f for f in fragments if f.startswith("expert")]
+    others = [f for f in fragments if not f.startswith("expert")]
+    return ", ".join(others + ([f"{len(experts)} experts"] if experts else [])) or "nothing"
