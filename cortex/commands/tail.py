@@ -1,0 +1,99 @@
+"""`cortex tail`: show a node's event log as it grows, filtered, as lines or JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tail",
+        help="show a node's events as they arrive (filters, --follow, --json)",
+        description=(
+            "Print the last events of a node's log in arrival order: time (UTC), author short id, seq, type "
+            "and the key fields, coloured on a terminal, or one JSON object per line with --json. The log is "
+            "opened read-only, so tailing a running node is safe."
+        ),
+    )
+    from replay.arguments import add_log_arguments
+
+    add_log_arguments(parser)
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("-n", type=int, default=10, metavar="N", help="print the last N matching events (default: 10)")
+    count.add_argument("--all", action="store_true", help="print every matching event")
+    parser.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="with --follow: how often to check the log for new events (default: 0.2)",
+    )
+    parser.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="with --follow: stop after this many seconds (default: never)"
+    )
+    parser.add_argument(
+        "--type", action="append", default=[], metavar="TYPE", help="only events of this type (repeat or comma-separate)"
+    )
+    parser.add_argument("--author", metavar="PEER", help="only events by this peer: its id, or the id's start or end")
+    parser.add_argument(
+        "--request", metavar="ID", help="only the event with this id (or id prefix) and the events whose refs contain it"
+    )
+    parser.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only events at or after TIME: a duration before now (10m, 2h), an ISO 8601 UTC time, or @EPOCH_MS",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line (the signed envelope and id)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from events.codec import Event
+    from events.writer import wall_clock_ms
+    from replay.arguments import EXIT_OK, log_path, quiet_broken_pipe, report_error
+    from replay.errors import ReplayError
+    from replay.reader import EventFilter, LogReader
+    from replay.render import event_json, event_line, json_line, make_console
+    from replay.tail import TailOptions, follow, print_history
+    from replay.times import parse_time_ms
+
+    if args.n < 0:
+        return report_error(f"-n {args.n} is negative; give a count of 0 or more")
+    if args.interval <= 0:
+        return report_error(f"--interval {args.interval} must be a positive number of seconds")
+    try:
+        reader = LogReader(log_path(args))
+        types = tuple(name.strip() for value in args.type for name in value.split(",") if name.strip())
+        request = reader.resolve_id(args.request) if args.request else None
+        since_ms = parse_time_ms(args.since, wall_clock_ms()) if args.since else None
+    except ReplayError as error:
+        return report_error(error)
+    options = TailOptions(
+        EventFilter(types=types, author=args.author, request=request, since_ms=since_ms),
+        count=None if args.all else args.n,
+        follow=args.follow,
+        interval_s=args.interval,
+        duration_s=args.duration,
+    )
+    console = make_console()
+
+    def sink(event: Event) -> None:
+        if args.json:
+            sys.stdout.write(json_line(event_json(event)) + "\n")
+        else:
+            console.print(event_line(event))
+
+    try:
+        highest = print_history(reader, options, sink)
+        sys.stdout.flush()
+        if options.follow:
+            follow(reader, options, sink, highest, flush=sys.stdout.flush)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        quiet_broken_pipe()
+    finally:
+        reader.close()
+    return EXIT_OK

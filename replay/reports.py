@@ -1,0 +1,97 @@
+"""Human output of a request timeline, a verification report and a diff of two logs."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from replay.diff import DiffReport, MissingEvent
+from replay.render import format_value, key_fields, short_peer_id
+from replay.timeline import Timeline
+from replay.times import format_duration_ms, format_time_ms
+from replay.verify import VerifyReport
+
+MAX_ROWS = 50
+"""Rows of missing events and findings printed per section; --json lists more."""
+
+
+def print_timeline(console: Console, timeline: Timeline) -> None:
+    found = "" if timeline.request_found else " (the request event itself is not in this log)"
+    console.print(Text(f"request {timeline.request_id}{found}", style="bold"))
+    if not timeline.entries:
+        console.print("no events of this request in the log")
+        return
+    console.print(f"{len(timeline.entries)} events over {format_duration_ms(timeline.duration_ms)}"
+                  + (" (truncated)" if timeline.truncated else ""))
+    table = Table()
+    for column in ("#", "gap", "at", "time (UTC)", "author", "type", "served", "fields"):
+        table.add_column(column)
+    for position, entry in enumerate(timeline.entries):
+        event = entry.event
+        gap = "" if entry.gap_ms is None else "+" + format_duration_ms(entry.gap_ms)
+        table.add_row(
+            str(position), Text(gap, style="yellow" if (entry.gap_ms or 0) >= 1000 else ""),
+            format_duration_ms(entry.offset_ms), format_time_ms(event.time_ms), short_peer_id(event.author),
+            "  " * entry.depth + event.type, format_value(entry.served) if entry.served else "", key_fields(event),
+        )
+    console.print(table)
+    total = sum(timeline.time_by_type.values()) or 1
+    went = Table(title="where time went (each gap counts for the event that ends it)", title_justify="left")
+    for column in ("event type or author", "time", "share"):
+        went.add_column(column)
+    for name, spent in timeline.time_by_type.items():
+        went.add_row(name, format_duration_ms(spent), f"{100 * spent / total:.0f}%")
+    for author, spent in timeline.time_by_author.items():
+        went.add_row(f"author {short_peer_id(author)}", format_duration_ms(spent), f"{100 * spent / total:.0f}%")
+    console.print(went)
+    if timeline.served_by:
+        served = Table(title="who served what", title_justify="left")
+        served.add_column("author")
+        served.add_column("parts")
+        for author, parts in sorted(timeline.served_by.items()):
+            served.add_row(short_peer_id(author), "; ".join(format_value(part) for part in parts))
+        console.print(served)
+
+
+def print_verify(console: Console, report: VerifyReport) -> None:
+    verdict = Text("OK", style="green bold") if report.ok else Text("PROBLEMS FOUND", style="red bold")
+    console.print(Text(f"checked {report.events} events by {report.authors} authors, "
+                       f"{report.signatures_checked} signatures: "), verdict)
+    for kind, count in sorted(report.counts.items()):
+        console.print(f"  {kind}: {count}")
+    for title, findings, style in (("problems", report.problems, "red"), ("warnings", report.warnings, "yellow")):
+        if not findings:
+            continue
+        console.print(Text(title, style=f"bold {style}"))
+        for finding in findings[:MAX_ROWS]:
+            where = "" if finding.author is None else f"{short_peer_id(finding.author)} seq {finding.seq}: "
+            console.print(Text(f"  {finding.kind}: {where}{finding.message}", style=style))
+        if len(findings) > MAX_ROWS:
+            console.print(f"  ... {len(findings) - MAX_ROWS} more (--json lists up to 1000 per kind)")
+
+
+def print_diff(console: Console, report: DiffReport, name_a: str, name_b: str) -> None:
+    console.print(f"A: {name_a} ({report.events_a} events)   B: {name_b} ({report.events_b} events)")
+    _print_missing(console, f"only in A: {report.only_in_a_count}", report.only_in_a)
+    _print_missing(console, f"only in B: {report.only_in_b_count}", report.only_in_b)
+    if report.first_event_difference is not None:
+        console.print(f"event sequences first differ at index {report.first_event_difference}")
+    for name, view in report.views.items():
+        if view.first_index is None:
+            console.print(Text(f"view {name}: equal at every index, digest {view.final_digest_a}", style="green"))
+            continue
+        console.print(Text(f"view {name}: first differs after index {view.first_index} "
+                           f"(A event {(view.event_a or 'none')[:16]}, B event {(view.event_b or 'none')[:16]})",
+                           style="red"))
+        same_end = view.final_digest_a == view.final_digest_b
+        console.print(f"  final digests: A {view.final_digest_a}, B {view.final_digest_b}"
+                      + (" (equal at the end)" if same_end else " (different at the end)"))
+
+
+def _print_missing(console: Console, title: str, missing: list[MissingEvent]) -> None:
+    console.print(Text(title, style="bold"))
+    for item in missing[:MAX_ROWS]:
+        console.print(f"  index {item.index:>7}  {item.id[:16]}  {short_peer_id(item.author)} #{item.seq:<5} {item.type}")
+    if len(missing) > MAX_ROWS:
+        console.print(f"  ... {len(missing) - MAX_ROWS} more (--json lists up to 1000)")

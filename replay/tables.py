@@ -1,0 +1,118 @@
+"""Tables for a terminal: the swarm status and any view that replay rebuilt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import RenderableType
+from rich.json import JSON
+from rich.table import Table
+from rich.text import Text
+
+from cortex.registry import RegistryView
+from replay.render import format_value, json_line, short_hex, short_peer_id
+from replay.status import swarm_status
+from replay.times import format_time_ms
+
+
+def status_tables(status: dict[str, Any]) -> list[RenderableType]:
+    """Return the peers table, one coverage table per model, requests in flight and notes."""
+    renderables: list[RenderableType] = [
+        Text(f"swarm at {format_time_ms(status['now_ms'])} UTC: {status['live_peers']} of {len(status['peers'])} peers live")
+    ]
+    renderables.append(_peers_table(status["peers"]))
+    for model in status["models"]:
+        renderables.append(_coverage_table(model))
+    if status["requests_in_flight"] is not None:
+        renderables.append(_requests_table(status["requests_in_flight"]))
+    for note in status["notes"]:
+        renderables.append(Text(f"note: {note}", style="dim"))
+    return renderables
+
+
+def _peers_table(peers: list[dict[str, Any]]) -> Table:
+    table = Table(title="peers", title_justify="left")
+    for column in ("peer", "address", "hardware", "liveness", "trust", "load"):
+        table.add_column(column)
+    for peer in peers:
+        style = "green" if peer["live"] else "red"
+        load = peer["load"]
+        load_text = f"{load['fragments_loaded']} loaded, {load['memory_bytes'] / 2**20:,.1f} MiB"
+        if "requests_routed" in load:
+            load_text += (f"; requests: {load['requests_routed']} routed, {load['requests_driven']} driven, "
+                          f"KV {load['kv_reserved_bytes'] / 2**20:,.1f} MiB")
+        shown = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes")
+        extra = {key: value for key, value in load.items() if key not in shown}
+        if extra:
+            load_text += " " + format_value(extra)
+        table.add_row(
+            peer["short_id"],
+            peer["data_endpoint"] or "-",
+            format_value(peer["hardware"]) if peer["hardware"] else "-",
+            Text(peer["liveness"], style=style),
+            "n/a" if peer["trust"] is None else str(peer["trust"]),
+            load_text,
+        )
+    return table
+
+
+def _coverage_table(model: dict[str, Any]) -> RenderableType:
+    table = Table(title=f"model {short_hex(model['model_id'])}: coverage", title_justify="left")
+    for column in ("fragment", "live replicas", "claimed only", "holders"):
+        table.add_column(column)
+    for fragment in model["fragments"]:
+        style = "red bold" if fragment["loaded"] == 0 else ("yellow" if fragment["loaded"] == 1 else "green")
+        table.add_row(
+            fragment["fragment"],
+            Text(str(fragment["loaded"]), style=style),
+            str(fragment["claimed"]),
+            ", ".join(fragment["holders"]) or "-",
+        )
+    if not model["gaps"]:
+        return table
+    gaps = Text("gaps:\n", style="red bold")
+    for gap in model["gaps"]:
+        gaps.append(f"  {gap}\n", style="red")
+    return _group(table, gaps)
+
+
+def _requests_table(requests: list[dict[str, Any]]) -> Table:
+    table = Table(title="requests in flight", title_justify="left")
+    columns = sorted({key for request in requests for key in request})
+    for column in columns or ["(none)"]:
+        table.add_column(column)
+    for request in requests:
+        table.add_row(*(format_value(request.get(column, "")) for column in columns))
+    return table
+
+
+def _group(*renderables: RenderableType) -> RenderableType:
+    from rich.console import Group
+
+    return Group(*renderables)
+
+
+def view_tables(name: str, view: Any, now_ms: int, digest: str) -> list[RenderableType]:
+    """Return tables for a rebuilt view; views without their own layout print as JSON."""
+    header = Text(f"view {name}, digest {digest}")
+    if isinstance(view, RegistryView):
+        status = swarm_status({name: view}, {}, now_ms)
+        status["notes"] = []
+        return [header, *status_tables(status), _shards_table(view)]
+    from replay.views import view_json
+
+    return [header, JSON(json_line(view_json(view)))]
+
+
+def _shards_table(view: RegistryView) -> Table:
+    table = Table(title="shard records (released ones are kept as tombstones)", title_justify="left")
+    for column in ("peer", "model", "fragment", "state", "memory", "stamp (lamport, seq)"):
+        table.add_column(column)
+    for key in sorted(view.shards):
+        record = view.shards[key]
+        lamport, _author, seq = record.stamp
+        table.add_row(
+            short_peer_id(record.holder), short_hex(record.model_id), record.fragment, record.state,
+            f"{record.memory_bytes:,}", f"{lamport}, {seq}",
+        )
+    return table
