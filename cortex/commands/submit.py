@@ -1,0 +1,124 @@
+"""`cortex submit`: send a prompt to a running swarm and stream the answer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cortex.commands.demo import add_sampling_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="send a prompt to a running swarm and stream the answer",
+        description=(
+            "Join the swarm's bus as a client (a fresh identity), publish a RequestSubmitted with the prompt sealed "
+            "to the model's head holders, and stream the TokenGenerated text. Give the bus with --config (a node "
+            "config whose bus settings are used), --bootstrap or --nats-url."
+        ),
+    )
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--model", required=True, help="model name or id announced in the swarm, or a checkpoint folder")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="a node config file: its bus backend and addresses are used")
+    where.add_argument("--bootstrap", action="append", help="libp2p multiaddr with /p2p/<peer id> of a swarm node; repeatable")
+    where.add_argument("--nats-url", help="URL of the swarm's NATS server")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default: 300)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with token ids, text, route and timings")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import tempfile
+
+    from cortex.node.client import ClientError, SwarmClient
+    from cortex.node.config import ConfigError, load_config
+    from cortex.node.launcher import transport_factory
+
+    if args.config is not None:
+        try:
+            bus = load_config(args.config).bus
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        factory = transport_factory(bus.backend, list(bus.bootstrap), bus.nats_url)
+    elif args.nats_url:
+        factory = transport_factory("nats", [], args.nats_url)
+    else:
+        factory = transport_factory("libp2p", list(args.bootstrap), None)
+
+    async def submit() -> int:
+        with tempfile.TemporaryDirectory(prefix="cortex-submit-") as folder:
+            client = SwarmClient(Path(folder), factory)
+            await client.start()
+            try:
+                model_id = await _wait_for_model(client, args.model)
+                request_id = await client.submit(model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)
+                on_text = None if args.json else _write
+                result = await client.run(request_id, args.timeout, on_text)
+            finally:
+                await client.stop()
+        return _report(result, args.json)
+
+    try:
+        return asyncio.run(submit())
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+async def _wait_for_model(client: object, model: str) -> str:
+    import asyncio
+    import time
+
+    from cortex.node.client import ClientError, SwarmClient
+
+    assert isinstance(client, SwarmClient)
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            model_id = client.resolve_model(model)
+            await client.wait_for_model(model_id, {"head"}, max(deadline - time.monotonic(), 0.1))
+            return model_id
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def _report(result: object, as_json: bool) -> int:
+    import orjson
+
+    from cortex.node.client import RequestResult
+
+    assert isinstance(result, RequestResult)
+    if as_json:
+        record = {
+            "request_id": result.request_id,
+            "driver": result.driver,
+            "route": result.route,
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "completed": None if result.completed is None else {
+                "finish_reason": result.completed.finish_reason,
+                "timings_ms": result.completed.timings_ms,
+                "degraded": result.completed.degraded,
+            },
+            "failed": None if result.failed is None else {"reason": result.failed.reason_code, "message": result.failed.message},
+        }
+        sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    else:
+        sys.stdout.write("\n")
+    if result.failed is not None:
+        print(f"error: request failed ({result.failed.reason_code}): {result.failed.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
