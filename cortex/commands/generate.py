@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("prompt", help="the text to continue")
+
     parser.add_argument(
         "--model",
         type=Path,
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--top-p", type=float, default=1.0, help="sample only from the most likely tokens holding this much probability (default: 1.0)"
     )
+
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, so a run can be repeated")
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text; repeat for several"
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object with the prompt's and the generated token ids and text"
     )
+
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: float32)"

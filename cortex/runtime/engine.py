@@ -1,9 +1,9 @@
 """A whole model in one process, run fragment by fragment.
 
-`LocalModel` holds a head, blocks covering every layer, and every routed expert,
-and drives them exactly as a distributed driver would: embed, run each block
-until it pauses at an MoE layer, dispatch the routed experts, combine, continue,
-and finish with the head's logits. It is what `cortex generate` and degraded
+`LocalModel` keeps a head, blocks covering every layer, and every routed
+expert. It drives them exactly as a distributed driver would: embed, run each
+block until it pauses at an MoE layer, dispatch the routed experts, combine,
+continue, and finish with the head's logits. It is what `cortex generate` and degraded
 mode run.
 
 Shape legend: T = new tokens of the session, D = hidden size, V = vocabulary

@@ -23,7 +23,7 @@ Every call handles one session; hidden states carry no batch dimension.
       hidden = step.hidden
 
 - `Expert`: routed expert e of layer l, `expert(x [N, D]) -> [N, D]` for any
-  batch of N token vectors. It holds no state, so any replica gives the same answer.
+  batch of N token vectors. It keeps no state, so any replica gives the same answer.
 """
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ class Block:
     def forward_until_moe(self, session_id: str, hidden: torch.Tensor, position: int | None = None) -> BlockStep:
         """Run new tokens' hidden states [T, D] up to the first MoE layer or the block's end.
 
-        `position`, if given, is the session position of the first new token; it
+        `position`, if given, is the session position of the first new token. It
         must equal the number of tokens the block has already cached for the
-        session (0 opens a new session).
+        session, and 0 opens a new session.
         """
         session = self._sessions.get(session_id)
         if session is None:

@@ -1,16 +1,16 @@
 """Token generation on a `LocalModel`: sampling, stop conditions and streamed text.
 
 Sampling: temperature 0 is greedy (argmax). Otherwise the logits are divided
-by the temperature, softmaxed in float32, cut to the smallest set of tokens
-whose probability reaches `top_p` (the most likely token always stays), and
-one token is drawn with a `torch.Generator` seeded from `seed`, so a seed
-repeats a generation on the same machine and dtype.
+by the temperature and softmaxed in float32. They are then cut to the smallest
+set of tokens whose probability reaches `top_p`, and the most likely token
+always stays. One token is drawn with a `torch.Generator` seeded from `seed`,
+so a seed repeats a generation on the same machine and dtype.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ _session_counter = itertools.count()
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How the next token is chosen; temperature 0 means greedy."""
+    """Next-token sampling settings. Temperature 0 means greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -57,7 +57,7 @@ def generate_tokens(
     settings: SamplingSettings = SamplingSettings(),
     eos_token_ids: Sequence[int] = (),
     session_id: str | None = None,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Yield up to `max_tokens` new tokens after `prompt_ids`, stopping after an EOS token.
 
     The session's KV caches are dropped when the iterator finishes or is closed.

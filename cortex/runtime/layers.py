@@ -6,7 +6,7 @@ H = attention heads, Dh = per-head size of a cached tensor.
 
 Attention, rotary embeddings and RMSNorm are the transformers 5.25 modules of
 each architecture (MLA for DeepSeek, grouped-query attention with q/k norms for
-Qwen3-MoE and OLMoE, YaRN scaling where the config asks for it), built on the
+Qwen3-MoE and OLMoE, YaRN scaling where the config requests it), built on the
 meta device and filled with the checkpoint's tensors. MLPs are Cortex's own,
 because transformers 5.x fuses all experts of a layer into one tensor while a
 Cortex node holds any subset of them.
@@ -139,7 +139,7 @@ def attention_mask(past: int, new: int, window: int | None, device: torch.device
 class DecoderLayer:
     """One decoder layer: attention, then a dense MLP or the non-expert part of an MoE.
 
-    An MoE layer holds its router and shared expert; the routed experts live in
+    An MoE layer keeps its router and shared expert. Its routed experts live in
     `Expert` fragments that the caller runs.
     """
 

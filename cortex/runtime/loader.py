@@ -40,8 +40,8 @@ Fragment = Head | Block | Expert
 
 
 @dataclass(frozen=True)
-class _Wanted:
-    """One tensor a fragment needs: its name, the row of a fused tensor, its expected shape."""
+class _TensorRead:
+    """One tensor read for a fragment: its name, the row of a fused tensor, and its expected shape."""
 
     name: str
     shape: tuple[int, ...]
@@ -103,11 +103,11 @@ class Loader:
 
     # -- reading --------------------------------------------------------------
 
-    def _read(self, wanted: list[_Wanted], description: str) -> dict[str, torch.Tensor]:
-        total = sum(self._wanted_nbytes(w) for w in wanted)
+    def _read(self, reads: list[_TensorRead], description: str) -> dict[str, torch.Tensor]:
+        total = sum(self._read_nbytes(w) for w in reads)
         tensors: dict[str, torch.Tensor] = {}
         with LoadProgress(description, total, self.terminal) as progress:
-            for item in wanted:
+            for item in reads:
                 if item.row is None:
                     tensor = self.checkpoint.tensor(item.name, item.shape)
                 else:
@@ -115,10 +115,10 @@ class Loader:
                 dtype = torch.float32 if item.float32 else self.dtype
                 key = item.name if item.row is None else f"{item.name}[{item.row}]"
                 tensors[key] = tensor.to(device=self.device, dtype=dtype)
-                progress.advance(self._wanted_nbytes(item))
+                progress.advance(self._read_nbytes(item))
         return tensors
 
-    def _wanted_nbytes(self, item: _Wanted) -> int:
+    def _read_nbytes(self, item: _TensorRead) -> int:
         info = self.checkpoint.info(item.name)
         return info.nbytes if item.row is None else info.nbytes // max(info.shape[0], 1)
 
@@ -141,11 +141,11 @@ class Loader:
         """Load the token embeddings, the final norm and the LM head."""
         started = time.monotonic()
         vocab, hidden = int(self.config.vocab_size), self.hidden_size
-        wanted = [_Wanted("model.embed_tokens.weight", (vocab, hidden)), _Wanted("model.norm.weight", (hidden,))]
+        reads = [_TensorRead("model.embed_tokens.weight", (vocab, hidden)), _TensorRead("model.norm.weight", (hidden,))]
         tied = bool(getattr(self.config, "tie_word_embeddings", False)) and not self.checkpoint.has("lm_head.weight")
         if not tied:
-            wanted.append(_Wanted("lm_head.weight", (vocab, hidden)))
-        tensors = self._read(wanted, "head")
+            reads.append(_TensorRead("lm_head.weight", (vocab, hidden)))
+        tensors = self._read(reads, "head")
         norm = fill_module(
             build_module(self.arch, "RMSNorm", hidden, self.config.rms_norm_eps), {"weight": tensors["model.norm.weight"]}
         )
@@ -163,26 +163,26 @@ class Loader:
             return original
         return f"model.layers.{layer}.mlp"
 
-    def _expert_wanted(self, layer: int, index: int) -> tuple[list[_Wanted], bool]:
+    def _expert_reads(self, layer: int, index: int) -> tuple[list[_TensorRead], bool]:
         inter, hidden = self.arch.expert_intermediate_size(self.config), self.hidden_size
         fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
         if self.checkpoint.has(fused):
             down = f"model.layers.{layer}.mlp.experts.down_proj"
-            return [_Wanted(fused, (2 * inter, hidden), row=index), _Wanted(down, (hidden, inter), row=index)], True
+            return [_TensorRead(fused, (2 * inter, hidden), row=index), _TensorRead(down, (hidden, inter), row=index)], True
         prefix = f"{self._moe_prefix(layer)}.experts.{index}"
         gate, up, down = self.arch.expert_projections
         return [
-            _Wanted(f"{prefix}.{gate}.weight", (inter, hidden)),
-            _Wanted(f"{prefix}.{up}.weight", (inter, hidden)),
-            _Wanted(f"{prefix}.{down}.weight", (hidden, inter)),
+            _TensorRead(f"{prefix}.{gate}.weight", (inter, hidden)),
+            _TensorRead(f"{prefix}.{up}.weight", (inter, hidden)),
+            _TensorRead(f"{prefix}.{down}.weight", (hidden, inter)),
         ], False
 
     def load_expert(self, layer: int, index: int) -> Expert:
         """Load routed expert `index` of MoE layer `layer`, from either expert layout."""
         check_fragment_spec(ExpertSpec(layer, index), self.num_layers, self.is_moe_layer, self.num_experts)
         started = time.monotonic()
-        wanted, fused = self._expert_wanted(layer, index)
-        tensors = list(self._read(wanted, f"expert[{layer}][{index}]").values())
+        reads, fused = self._expert_reads(layer, index)
+        tensors = list(self._read(reads, f"expert[{layer}][{index}]").values())
         if fused:
             gate_up, down = tensors
         else:
@@ -211,14 +211,14 @@ class Loader:
         hidden = self.hidden_size
         attention = build_module(self.arch, "Attention", self.config, layer)
         attention_shapes = {key: tuple(value.shape) for key, value in attention.state_dict().items()}
-        wanted = [_Wanted(f"{prefix}.self_attn.{key}", shape) for key, shape in attention_shapes.items()]
-        wanted += [
-            _Wanted(f"{prefix}.input_layernorm.weight", (hidden,)),
-            _Wanted(f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+        reads = [_TensorRead(f"{prefix}.self_attn.{key}", shape) for key, shape in attention_shapes.items()]
+        reads += [
+            _TensorRead(f"{prefix}.input_layernorm.weight", (hidden,)),
+            _TensorRead(f"{prefix}.post_attention_layernorm.weight", (hidden,)),
         ]
         moe = self.is_moe_layer(layer)
-        wanted += self._moe_wanted(layer) if moe else self._dense_wanted(layer)
-        tensors = self._read(wanted, description)
+        reads += self._moe_reads(layer) if moe else self._dense_reads(layer)
+        tensors = self._read(reads, description)
 
         fill_module(attention, {key: tensors[f"{prefix}.self_attn.{key}"] for key in attention_shapes})
         norms = [
@@ -238,20 +238,20 @@ class Loader:
             decoder.mlp = self._mlp(f"{prefix}.mlp", tensors)
         return decoder
 
-    def _mlp_wanted(self, prefix: str, inter: int, bias: bool) -> list[_Wanted]:
+    def _mlp_reads(self, prefix: str, inter: int, bias: bool) -> list[_TensorRead]:
         hidden = self.hidden_size
-        wanted = [
-            _Wanted(f"{prefix}.gate_proj.weight", (inter, hidden)),
-            _Wanted(f"{prefix}.up_proj.weight", (inter, hidden)),
-            _Wanted(f"{prefix}.down_proj.weight", (hidden, inter)),
+        reads = [
+            _TensorRead(f"{prefix}.gate_proj.weight", (inter, hidden)),
+            _TensorRead(f"{prefix}.up_proj.weight", (inter, hidden)),
+            _TensorRead(f"{prefix}.down_proj.weight", (hidden, inter)),
         ]
         if bias:
-            wanted += [
-                _Wanted(f"{prefix}.gate_proj.bias", (inter,)),
-                _Wanted(f"{prefix}.up_proj.bias", (inter,)),
-                _Wanted(f"{prefix}.down_proj.bias", (hidden,)),
+            reads += [
+                _TensorRead(f"{prefix}.gate_proj.bias", (inter,)),
+                _TensorRead(f"{prefix}.up_proj.bias", (inter,)),
+                _TensorRead(f"{prefix}.down_proj.bias", (hidden,)),
             ]
-        return wanted
+        return reads
 
     def _mlp(self, prefix: str, tensors: dict[str, torch.Tensor]) -> GatedMLP:
         gate_up = torch.cat([tensors[f"{prefix}.gate_proj.weight"], tensors[f"{prefix}.up_proj.weight"]], dim=0)
@@ -261,23 +261,23 @@ class Loader:
             down_bias = tensors[f"{prefix}.down_proj.bias"]
         return GatedMLP(gate_up, tensors[f"{prefix}.down_proj.weight"], self.act, gate_up_bias, down_bias)
 
-    def _dense_wanted(self, layer: int) -> list[_Wanted]:
+    def _dense_reads(self, layer: int) -> list[_TensorRead]:
         bias = bool(getattr(self.config, "mlp_bias", False))
-        return self._mlp_wanted(f"model.layers.{layer}.mlp", int(self.config.intermediate_size), bias)
+        return self._mlp_reads(f"model.layers.{layer}.mlp", int(self.config.intermediate_size), bias)
 
-    def _moe_wanted(self, layer: int) -> list[_Wanted]:
+    def _moe_reads(self, layer: int) -> list[_TensorRead]:
         prefix = self._moe_prefix(layer)
         float32 = self.arch.router_in_float32
-        wanted = [_Wanted(f"{prefix}.gate.weight", (self.num_experts, self.hidden_size), float32=float32)]
+        reads = [_TensorRead(f"{prefix}.gate.weight", (self.num_experts, self.hidden_size), float32=float32)]
         if self.arch.router == "SigmoidGroupRouter":
-            wanted.append(_Wanted(f"{prefix}.gate.e_score_correction_bias", (self.num_experts,), float32=True))
+            reads.append(_TensorRead(f"{prefix}.gate.e_score_correction_bias", (self.num_experts,), float32=True))
         if self.arch.shared_expert and self.arch.shared_intermediate_size is not None:
             inter = self.arch.shared_intermediate_size(self.config)
             if inter > 0:
-                wanted += self._mlp_wanted(f"{prefix}.{self.arch.shared_expert}", inter, bias=False)
+                reads += self._mlp_reads(f"{prefix}.{self.arch.shared_expert}", inter, bias=False)
             if self.arch.shared_expert_gated:
-                wanted.append(_Wanted(f"{prefix}.shared_expert_gate.weight", (1, self.hidden_size)))
-        return wanted
+                reads.append(_TensorRead(f"{prefix}.shared_expert_gate.weight", (1, self.hidden_size)))
+        return reads
 
     def _fill_moe(self, decoder: DecoderLayer, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         prefix = self._moe_prefix(layer)

@@ -1,4 +1,4 @@
-"""Model ids: a digest that tells checkpoints apart without reading their weights.
+"""Model ids: a digest that distinguishes checkpoints without reading their weights.
 
 `model_id(dir)` is the SHA-256 (hex) of:
 

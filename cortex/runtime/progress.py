@@ -12,7 +12,7 @@ import sys
 import time
 from types import TracebackType
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class LoadProgress:
         self._started = time.monotonic()
         self._last_log = self._started
         self._bar: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> LoadProgress:
         return self

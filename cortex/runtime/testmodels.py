@@ -8,11 +8,11 @@ file. A byte-level BPE tokenizer trained offline on standard-library docstrings
 
 Why the init differs from transformers' default (std 0.02): with it, MoE
 outputs are about 0.01 and every routing mistake hides under the tolerance.
-Here every weight has std 0.1, router weights std 0.5 (a real spread between
-experts), DeepSeek-V3's correction bias is random (so dropping it changes the
-selection), and DeepSeek models use 16 experts in 4 groups (with 2 experts per
-group, the sum of a group's top 2 equals the group's sum and a wrong group
-score would go unseen). DeepSeek-V3 also uses YaRN rope scaling, whose
+Here every weight has std 0.1 and router weights std 0.5, a real spread
+between experts. DeepSeek-V3's correction bias is random, so dropping it
+changes the selection. DeepSeek models use 16 experts in 4 groups, because
+with 2 experts per group the sum of a group's top 2 equals the group's sum and
+a wrong group score would go unseen. DeepSeek-V3 also uses YaRN rope scaling, whose
 attention scale (mscale) a re-implementation must apply.
 """
 
@@ -129,7 +129,7 @@ def make_test_checkpoint(
     """Write a seeded tiny checkpoint of `arch` (a key of `TEST_ARCHITECTURES`) to `out_dir`.
 
     `fused=True` writes the fused expert layout (`experts.gate_up_proj` [E, 2I, D],
-    `experts.down_proj` [E, D, I]) that transformers holds in memory, instead of
+    `experts.down_proj` [E, D, I]) that transformers keeps in memory, instead of
     one tensor per expert and projection.
     """
     if arch not in TEST_ARCHITECTURES:

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from runtime_reference import Reference, reference_outputs
 
 from cortex.runtime.testmodels import make_test_checkpoint, test_tokenizer
 
 CheckpointFactory = Callable[..., Path]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread, then restore the previous count.
+
+    These models are tiny: on a shared 2-core machine, a second torch thread
+    mostly waits for a busy core, and a test runs ~20 times slower with it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +52,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Chec
         key = (arch, fused)
         if key not in made:
             out = root / f"{arch}{'-fused' if fused else ''}"
-            made[key] = make_test_checkpoint(arch, out, seed=0, fused=fused, tokenizer=tokenizer)
+            with one_thread():
+                made[key] = make_test_checkpoint(arch, out, seed=0, fused=fused, tokenizer=tokenizer)
         return made[key]
 
     return make
@@ -42,7 +66,8 @@ def reference(checkpoint: CheckpointFactory) -> Callable[..., Reference]:
 
     def get(arch: str) -> Reference:
         if arch not in computed:
-            computed[arch] = reference_outputs(checkpoint(arch))
+            with one_thread():
+                computed[arch] = reference_outputs(checkpoint(arch))
         return computed[arch]
 
     return get

@@ -1,4 +1,4 @@
-"""The Loader reads only the tensors of the fragments it is asked for, and says why when it cannot."""
+"""The Loader reads only the tensors of the requested fragments, and its errors name the cause and the fix."""
 
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ def _synthetic_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config
 
 def test_lazy_read_keeps_resident_memory_small(tmp_path: Path) -> None:
     # 8 tensors of 16 MiB (128 MiB on disk) and one fused [8, 1024, 1024] float32 tensor (32 MiB).
-    # safetensors 0.8 maps the file and reads a page when it is first touched, so each read
-    # tensor is summed: resident memory then grows by the bytes actually read from the file.
+    # safetensors 0.8 maps the file and reads a page when it is first touched. Each read tensor
+    # is summed, so resident memory grows by the bytes actually read from the file.
     tensors = {f"expert.{i}.weight": torch.full((4 * MIB,), float(i)) for i in range(8)}
     tensors["fused"] = torch.arange(8, dtype=torch.float32).repeat_interleave(1024 * 1024).view(8, 1024, 1024)
     folder = _synthetic_checkpoint(tmp_path / "big", tensors)
@@ -152,7 +152,7 @@ def test_lazy_read_keeps_resident_memory_small(tmp_path: Path) -> None:
     assert checkpoint.bytes_read == 20 * MIB
     assert _rss_bytes() - before < 8 * MIB  # 4 MiB of rows, not the 32 MiB tensor
 
-    # The measurement sees over-reads: touching every tensor grows resident memory by ~128 MiB.
+    # The measurement detects over-reads: touching every tensor grows resident memory by ~128 MiB.
     before = _rss_bytes()
     everything = [checkpoint.tensor(f"expert.{i}.weight") for i in range(8)]
     assert sum(float(t.sum()) for t in everything) == 28.0 * 4 * MIB
@@ -179,7 +179,12 @@ def test_slow_load_shows_bar_on_terminal(checkpoint: CheckpointFactory, monkeypa
     monkeypatch.setattr(progress_module, "SHOW_AFTER_S", 0.0)
     started: list[int] = []
     real_start = progress_module.Progress.start
-    monkeypatch.setattr(progress_module.Progress, "start", lambda self: (started.append(1), real_start(self))[1])
+
+    def start(self: progress_module.Progress) -> None:
+        started.append(1)
+        real_start(self)
+
+    monkeypatch.setattr(progress_module.Progress, "start", start)
     head = Loader(checkpoint("deepseek_v3"), device="cpu", terminal=True).load("head")
     assert isinstance(head, Head)
     assert started == [1]
