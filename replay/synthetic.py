@@ -1,0 +1,226 @@
+"""A signed event log with the mix of a busy swarm, for the replay bench and tests.
+
+The simulated swarm has `peers` nodes serving one MoE model of 32 layers (four blocks of
+eight layers, a head, and 16 routed experts on each layer). Each node joins, claims and
+loads fragments, sends a heartbeat every two simulated seconds, and now and then releases
+an expert and claims another. Requests arrive all the time: each is submitted by one node,
+accepted by a head holder with a route over the block holders, streamed as token batches
+of 8 tokens, and completed. Request content is sealed to the submitter and the driver
+with `cortex.privacy`, as nodes do.
+
+Request events exist only when the Scheduler's event types import (`cortex.scheduler`);
+otherwise the mix is membership and shard events alone. `mix_types()` says which types a
+generated log can contain. Events are signed with real keys (seeded, so the peers are the
+same in every run) and stored with `LogStore.insert` without the acceptance checks, since
+the generator is trusted; `cortex replay LOG --verify` passes on the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from events.codec import Event, sign_event
+from events.identity import Identity
+from events.membership import PeerHeartbeat, PeerJoined
+from events.shards import ShardClaimed, ShardLoaded, ShardReleased
+from events.store import LogStore
+
+GENERATOR_VERSION = 1
+"""Bump when the mix changes, so cached logs of the old mix are not reused."""
+
+MODEL_ID = hashlib.blake2b(b"synthetic moe model", digest_size=32).hexdigest()
+LAYERS = 32
+BLOCK_SIZE = 8
+EXPERTS_PER_LAYER = 16
+TOKENS_PER_BATCH = 8
+BATCHES_PER_REQUEST = 12
+HEARTBEAT_INTERVAL_MS = 2_000
+EVENT_SPACING_MS = 3
+"""Simulated wall-clock time between two consecutive events of the swarm."""
+START_MS = 1_764_800_000_000
+
+
+def scheduler_types() -> Any:
+    """Return the `cortex.scheduler` module if its request events import, else None."""
+    try:
+        import cortex.scheduler as scheduler
+    except ImportError:
+        return None
+    return scheduler
+
+
+def mix_types() -> list[str]:
+    """Return the event types a generated log contains in this build."""
+    names = ["PeerJoined", "PeerHeartbeat", "ShardClaimed", "ShardLoaded", "ShardReleased"]
+    if scheduler_types() is not None:
+        names += ["RequestSubmitted", "RequestAccepted", "TokenGenerated", "RequestCompleted"]
+    return names
+
+
+@dataclass
+class _Peer:
+    identity: Identity
+    seq: int = 0
+    next_heartbeat_ms: int = 0
+    loaded: list[str] = field(default_factory=list)
+
+
+class SwarmSimulator:
+    """Produces the signed events of the simulated swarm, one at a time, in a causal order."""
+
+    def __init__(self, peers: int, seed: int) -> None:
+        self._random = random.Random(seed)
+        self.peers = [_Peer(Identity(self._random.randbytes(32))) for _ in range(peers)]
+        self._scheduler = scheduler_types()
+        self._lamport = 0
+        self._now_ms = START_MS
+        self._sealed: dict[tuple[str, str, str], str] = {}
+
+    def events(self) -> Iterator[Event]:
+        """Yield events forever: the joins and first claims, then the steady mix."""
+        for peer in self.peers:
+            yield from self._join(peer)
+        while True:
+            yield from self._heartbeats_due()
+            if self._scheduler is not None and self._random.random() < 0.8:
+                yield from self._request()
+            else:
+                yield from self._churn()
+
+    def _sign(self, peer: _Peer, body: Any, refs: tuple[str, ...] = ()) -> Event:
+        peer.seq += 1
+        self._lamport += 1
+        self._now_ms += EVENT_SPACING_MS
+        return sign_event(peer.identity, body, seq=peer.seq, lamport=self._lamport, time_ms=self._now_ms, refs=refs)
+
+    def _join(self, peer: _Peer) -> Iterator[Event]:
+        index = self.peers.index(peer)
+        yield self._sign(peer, PeerJoined(
+            bus_addresses=(f"/ip4/127.0.0.1/tcp/{4001 + index}/p2p/{peer.identity.peer_id}",),
+            data_endpoint=f"tcp://127.0.0.1:{5001 + index}",
+            curve_public_key=peer.identity.curve_public_key.decode(),
+            hardware={"cpu_cores": 16, "memory_bytes": 64 * 2**30, "gpu": index % 2 == 0, "gpu_memory_bytes": 24 * 2**30},
+            protocol_version="1.0",
+            software_version="0.1.0",
+        ))
+        peer.next_heartbeat_ms = self._now_ms + HEARTBEAT_INTERVAL_MS
+        fragments = ["head"] if index % 4 == 0 else []
+        fragments.append(f"block[{index % 4 * BLOCK_SIZE}:{(index % 4 + 1) * BLOCK_SIZE}]")
+        fragments += [f"expert[{layer}][{(index + layer) % EXPERTS_PER_LAYER}]" for layer in range(1, LAYERS, 3)]
+        for fragment in fragments:
+            yield from self._claim_and_load(peer, fragment)
+
+    def _claim_and_load(self, peer: _Peer, fragment: str) -> Iterator[Event]:
+        size = 2**30 if fragment.startswith("block") else 2**24
+        claim = self._sign(peer, ShardClaimed(model_id=MODEL_ID, fragment=fragment, memory_bytes=size))
+        yield claim
+        yield self._sign(peer, ShardLoaded(model_id=MODEL_ID, fragment=fragment, memory_bytes=size + 4096), (claim.id,))
+        peer.loaded.append(fragment)
+
+    def _heartbeats_due(self) -> Iterator[Event]:
+        for peer in self.peers:
+            if self._now_ms >= peer.next_heartbeat_ms:
+                peer.next_heartbeat_ms = self._now_ms + HEARTBEAT_INTERVAL_MS
+                yield self._sign(peer, PeerHeartbeat(latest_seq=peer.seq))
+
+    def _churn(self) -> Iterator[Event]:
+        peer = self._random.choice(self.peers)
+        experts = [fragment for fragment in peer.loaded if fragment.startswith("expert")]
+        if experts:
+            fragment = self._random.choice(experts)
+            peer.loaded.remove(fragment)
+            yield self._sign(peer, ShardReleased(model_id=MODEL_ID, fragment=fragment, reason="rebalance"))
+        layer = self._random.randrange(1, LAYERS)
+        yield from self._claim_and_load(peer, f"expert[{layer}][{self._random.randrange(EXPERTS_PER_LAYER)}]")
+
+    def _request(self) -> Iterator[Event]:
+        scheduler = self._scheduler
+        submitter = self._random.choice(self.peers)
+        drivers = [peer for peer in self.peers if "head" in peer.loaded]
+        driver = self._random.choice(drivers)
+        prompt = self._sealed_text("prompt", submitter, driver, b"Explain how a mixture of experts routes tokens.")
+        submitted = self._sign(submitter, scheduler.RequestSubmitted(
+            model_id=MODEL_ID, max_tokens=TOKENS_PER_BATCH * BATCHES_PER_REQUEST, prompt_bytes=48, sealed_prompt=prompt,
+        ))
+        yield submitted
+        route = {f"block[{start}:{start + BLOCK_SIZE}]": self._holder(start) for start in range(0, LAYERS, BLOCK_SIZE)}
+        reservations = {fragment: 2**22 for fragment in route}
+        refs = (submitted.id,)
+        yield self._sign(driver, scheduler.RequestAccepted(
+            request_id=submitted.id, route=route, kv_reservations=reservations, prompt_tokens=12,
+            plan_digest=scheduler.plan_digest(route, reservations, 12),
+        ), refs)
+        tokens = self._sealed_text("tokens", submitter, driver, orjson.dumps({"token_ids": list(range(TOKENS_PER_BATCH)), "text": " routed tokens"}))
+        for batch in range(BATCHES_PER_REQUEST):
+            start = batch * TOKENS_PER_BATCH
+            yield self._sign(driver, scheduler.TokenGenerated(
+                request_id=submitted.id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
+            ), refs)
+        yield self._sign(driver, scheduler.RequestCompleted(
+            request_id=submitted.id, prompt_tokens=12, completion_tokens=TOKENS_PER_BATCH * BATCHES_PER_REQUEST,
+            finish_reason="length", timings_ms={"prefill": 40, "decode": 900, "total": 950},
+            records_digest=hashlib.blake2b(submitted.id.encode(), digest_size=32).hexdigest(), records_count=96,
+        ), refs)
+
+    def _holder(self, start: int) -> str:
+        fragment = f"block[{start}:{start + BLOCK_SIZE}]"
+        holders = [peer.identity.peer_id for peer in self.peers if fragment in peer.loaded]
+        return self._random.choice(holders)
+
+    def _sealed_text(self, kind: str, submitter: _Peer, driver: _Peer, plaintext: bytes) -> str:
+        # Sealing costs two X25519 operations, so one sealed text per (kind, pair) is reused.
+        from cortex.privacy import seal
+
+        key = (kind, submitter.identity.peer_id, driver.identity.peer_id)
+        if key not in self._sealed:
+            self._sealed[key] = seal(plaintext, [submitter.identity.peer_id, driver.identity.peer_id])
+        return self._sealed[key]
+
+
+def generate_log(
+    path: Path, count: int, peers: int = 16, seed: int = 0, progress: Callable[[int], None] | None = None
+) -> dict[str, int]:
+    """Write a log of exactly `count` events to `path` (a new file); return the count of each type."""
+    if peers < 4:
+        raise ValueError(f"peers={peers}: the simulated swarm needs at least 4 peers to cover every block")
+    counts: dict[str, int] = {}
+    simulator = SwarmSimulator(peers, seed)
+    with LogStore(path) as store:
+        source = simulator.events()
+        written = 0
+        while written < count:
+            with store.transaction():
+                for _ in range(min(10_000, count - written)):
+                    event = next(source)
+                    store.insert(event)
+                    counts[event.type] = counts.get(event.type, 0) + 1
+                    written += 1
+            if progress is not None:
+                progress(written)
+    return dict(sorted(counts.items()))
+
+
+def cached_log(cache_dir: Path, count: int, progress: Callable[[int], None] | None = None) -> tuple[Path, bool]:
+    """Return a cached generated log of `count` events, generating it first if needed.
+
+    Returns (path, generated). The file name records the generator version and the mix, so
+    a change of either makes a new file; a half-written file never gets the final name.
+    """
+    mix = hashlib.blake2b(",".join(mix_types()).encode(), digest_size=4).hexdigest()
+    path = cache_dir / f"replay-mix-v{GENERATOR_VERSION}-{mix}-{count}.db"
+    if path.exists():
+        return path, False
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    for leftover in cache_dir.glob(partial.name + "*"):
+        leftover.unlink()
+    generate_log(partial, count, progress=progress)
+    partial.rename(path)
+    return path, True
