@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class BusNode:
     def forged_wire(self, victim: str) -> bytes:
         """Return an event that names `victim` as author but carries this node's signature."""
         payload = orjson.dumps(
-            {"author": victim, "body": {"latest_seq": 0}, "lamport": 1, "refs": [], "seq": 1_000_000,
+            {"author": victim, "body": {"latest_seq": 999_999}, "lamport": 1, "refs": [], "seq": 1_000_000,
              "time_ms": 0, "type": "PeerHeartbeat", "version": "1.0"},
             option=orjson.OPT_SORT_KEYS,
         )
@@ -188,7 +189,7 @@ async def serve(args: argparse.Namespace) -> None:
         else:
             reply({"error": f"unknown command {command!r}"})
     await node.stop()
-    reply({"stopped": True})
+    reply({"stopped": True, "threads": sorted(thread.name for thread in threading.enumerate())})
 
 
 def reply(message: dict[str, Any]) -> None:
