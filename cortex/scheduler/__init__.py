@@ -4,8 +4,10 @@ Importing this package registers the `requests` event family (`request_events.py
 docs/scheduler.md describes the events, the lifecycle, the planning policy and the API.
 """
 
+from cortex.scheduler.admission import KV_CACHE_HARDWARE_KEY, ModelGeometry, kv_budget, request_failed_for
 from cortex.scheduler.errors import (
     BlockRangeUncovered,
+    ContextTooLong,
     InvalidRoute,
     KvBudgetExceeded,
     NoLiveHeadHolder,
@@ -24,6 +26,15 @@ from cortex.scheduler.lifecycle import (
     UNKNOWN,
     RequestRecord,
 )
+from cortex.scheduler.observations import PeerObservations
+from cortex.scheduler.planning import (
+    PlanningContext,
+    RoutePlan,
+    choose_driver,
+    driver_order,
+    rank_expert_replicas,
+    rank_replicas,
+)
 from cortex.scheduler.request_events import (
     REQUESTS,
     RequestAccepted,
@@ -36,6 +47,7 @@ from cortex.scheduler.request_events import (
     plan_digest,
     records_digest,
 )
+from cortex.scheduler.routes import admit, plan_route, replan_route
 from cortex.scheduler.view import SchedulerReducer, SchedulerView
 
 __all__ = [
@@ -44,16 +56,21 @@ __all__ = [
     "COMPLETED",
     "FAILED",
     "IN_FLIGHT_STATES",
+    "KV_CACHE_HARDWARE_KEY",
     "REQUESTS",
     "RUNNING",
     "SUBMITTED",
     "TERMINAL_STATES",
     "UNKNOWN",
     "BlockRangeUncovered",
+    "ContextTooLong",
     "InvalidRoute",
     "KvBudgetExceeded",
+    "ModelGeometry",
     "NoLiveHeadHolder",
+    "PeerObservations",
     "PlanError",
+    "PlanningContext",
     "RequestAccepted",
     "RequestCancelled",
     "RequestCompleted",
@@ -61,10 +78,20 @@ __all__ = [
     "RequestRecord",
     "RequestSubmitted",
     "RouteReplanned",
+    "RoutePlan",
     "SchedulerError",
     "SchedulerReducer",
     "SchedulerView",
     "TokenGenerated",
+    "admit",
+    "choose_driver",
+    "driver_order",
+    "kv_budget",
     "plan_digest",
+    "plan_route",
+    "rank_expert_replicas",
+    "rank_replicas",
     "records_digest",
+    "replan_route",
+    "request_failed_for",
 ]

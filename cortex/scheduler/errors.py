@@ -1,9 +1,9 @@
 """Errors of the scheduler: planning failures, each with the reason code a driver publishes.
 
 `SchedulerError` is the base. `PlanError` and its subclasses mean a request cannot be
-planned now; each carries `code`, the `reason_code` of the `RequestFailed` event that a
-driver publishes for it (`request_failed_for` in `cortex.scheduler.admission`), and
-`details`, the numbers behind the message as integers and strings.
+planned now. Each carries `code`, the `reason_code` of the `RequestFailed` event that a
+driver publishes for it (see `request_failed_for` in `cortex.scheduler.admission`). Each
+also carries `details`, the numbers behind the message as integers and strings.
 """
 
 from __future__ import annotations
@@ -45,3 +45,9 @@ class InvalidRoute(PlanError):
     """A route or a model geometry given to the planner is inconsistent."""
 
     code = "invalid_route"
+
+
+class ContextTooLong(PlanError):
+    """The prompt plus `max_tokens` exceeds the model's maximum context length."""
+
+    code = "context_too_long"

@@ -62,19 +62,19 @@ class SchedulerView:
         """Return the in-flight requests whose current route uses `holder`."""
         return [record for record in self.in_flight() if holder in record.holders]
 
-    def kv_reserved_by_holder(self) -> dict[str, int]:
-        """Return the KV-cache bytes reserved on each holder by in-flight requests."""
+    def kv_reserved_by_holder(self, exclude_request: str = "") -> dict[str, int]:
+        """Return the KV-cache bytes reserved on each holder by in-flight requests but `exclude_request`."""
         reserved: dict[str, int] = {}
-        for request_id in self._in_flight:
+        for request_id in self._in_flight - {exclude_request}:
             record = self.requests[request_id]
             for fragment, holder in record.route.items():
                 reserved[holder] = reserved.get(holder, 0) + record.kv_reservations.get(fragment, 0)
         return reserved
 
-    def load_by_holder(self) -> dict[str, int]:
-        """Return how many in-flight requests route through each holder."""
+    def load_by_holder(self, exclude_request: str = "") -> dict[str, int]:
+        """Return how many in-flight requests but `exclude_request` route through each holder."""
         load: dict[str, int] = {}
-        for request_id in self._in_flight:
+        for request_id in self._in_flight - {exclude_request}:
             for holder in self.requests[request_id].holders:
                 load[holder] = load.get(holder, 0) + 1
         return load
