@@ -122,6 +122,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rejected_messages = 0
+        self._monitors: list[zmq.asyncio.Socket] = []
 
     def register(self, method: str, handler: Handler) -> None:
         self.handlers[method] = handler
@@ -164,9 +165,10 @@ class Channel:
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.connect(endpoint)
             self._dealers[peer] = dealer
-            task = asyncio.create_task(self._receive_replies(peer, dealer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            for coroutine in (self._receive_replies(peer, dealer), self._watch_disconnects(peer, dealer)):
+                task = asyncio.create_task(coroutine)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         return dealer
 
     async def _receive_replies(self, peer: str, dealer: zmq.asyncio.Socket) -> None:
@@ -185,6 +187,15 @@ class Channel:
                 entry[1].set_result((header.get("meta") or {}, tensors))
             else:
                 entry[1].set_exception(CallFailed(peer, "call", str(header.get("error"))))
+
+    async def _watch_disconnects(self, peer: str, dealer: zmq.asyncio.Socket) -> None:
+        """Fail the calls in flight to `peer` as soon as its connection drops (a crashed process)."""
+        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors.append(monitor)
+        while True:
+            await monitor.recv_multipart()
+            logger.warning("data-plane connection to %s dropped; failing its calls in flight", peer)
+            self.fail_peer(peer, "connection dropped")
 
     async def call(
         self, peer: str, endpoint: str, method: str, meta: Meta, tensors: list[torch.Tensor], timeout: float
@@ -215,6 +226,8 @@ class Channel:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for dealer in self._dealers.values():
             dealer.close(linger=0)
         self.router.close(linger=0)

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+JOIN_WAIT_S = 20.0
 
 
 def demo_layout(num_layers: int, moe_layers: Sequence[int], num_experts: int, nodes: int, replicas: int = 2) -> list[list[str]]:
@@ -117,9 +118,7 @@ class LocalSwarm:
                 node = SwarmNode(index, data_dir, identity.peer_id, fragments, free_port_address(quic=False))
                 self.nodes.append(node)
                 self._spawn(node)
-                if index == 0:
-                    await self._wait_serving(node)
-            for node in self.nodes[1:]:
+            for node in self.nodes:
                 await self._wait_serving(node)
         except BaseException:
             await self.stop()
@@ -131,7 +130,8 @@ class LocalSwarm:
             listen=(node.listen,),
             bootstrap=tuple(other.bootstrap_address for other in self.nodes if other.index < node.index),
             nats_url=self.nats.url if self.nats is not None else None,
-            join_wait_s=2.0 if node.index else 0.0,
+            # Nodes start together: every node but the first waits for a peer to sync with.
+            join_wait_s=JOIN_WAIT_S if node.index else 0.0,
         )
         return NodeConfig(
             data_dir=node.data_dir,

@@ -220,6 +220,7 @@ class Node:
             "data_endpoint": self.channel.endpoint,
             "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
             "models": {model: service.fragments() for model, service in self.services.items()},
+            "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
         }
         path = self.config.data_dir / "node.status.json"
         temporary = path.with_suffix(".tmp")
