@@ -11,10 +11,10 @@ import argparse
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -41,8 +41,9 @@ class RoutingCounter:
     def __init__(self, model: nn.Module) -> None:
         self.routers: dict[int, nn.Module] = {}
         self.counts: dict[int, torch.Tensor] = {}
-        self._handles = []
-        for index, layer in enumerate(model.model.layers):
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        layers = cast(nn.ModuleList, model.get_submodule("model.layers"))
+        for index, layer in enumerate(layers):
             router = getattr(layer.mlp, "gate", None)
             if router is None or not hasattr(router, "e_score_correction_bias"):
                 continue
@@ -50,7 +51,7 @@ class RoutingCounter:
             self.counts[index] = torch.zeros(router.e_score_correction_bias.numel())
             self._handles.append(router.register_forward_hook(self._hook(index)))
 
-    def _hook(self, index: int):  # type: ignore[no-untyped-def]
+    def _hook(self, index: int) -> Callable[..., None]:
         def count(module: nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
             indices = output[2].reshape(-1)
             self.counts[index] += torch.bincount(indices, minlength=self.counts[index].numel()).float()
@@ -136,7 +137,9 @@ def greedy_samples(
     for prompt in prompts:
         encoded = tokenizer(prompt, return_tensors="pt")
         output = model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens)
-        samples[prompt] = tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert isinstance(text, str)
+        samples[prompt] = text
     return samples
 
 

@@ -52,7 +52,7 @@ FINAL_RESERVE_SECONDS = 60.0
 
 @dataclass
 class TrainingRecord:
-    """What happened during training, for the model card."""
+    """Step counts, timings and held-out losses of one training run, for the model card."""
 
     steps: int = 0
     tokens: int = 0
@@ -99,7 +99,6 @@ def build_config(args: argparse.Namespace, ids: dict[str, int]) -> DeepseekV3Con
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        head_dim=16,
         n_routed_experts=16,
         n_group=4,
         topk_group=2,
@@ -136,7 +135,8 @@ def update_correction_bias(model: DeepseekV3ForCausalLM, counter: RoutingCounter
     with torch.no_grad():
         for layer_index, router in counter.routers.items():
             load = counter.counts[layer_index]
-            router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+            bias = router.get_buffer("e_score_correction_bias")
+            bias += gamma * torch.sign(load.mean() - load)
 
 
 def learning_rate(args: argparse.Namespace, step: int, progress: float) -> float:
@@ -215,7 +215,12 @@ def train(
 def save_model(model: DeepseekV3ForCausalLM, out: Path, dtype: str) -> None:
     """Save weights (in `dtype`), config and generation config into `out`."""
     if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+        # Routers stay float32, as transformers keeps them when it loads DeepSeek-V3 in bfloat16.
+        for name, module in model.named_modules():
+            if name.endswith("mlp.gate"):
+                continue
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=model.config.bos_token_id,
         eos_token_id=model.config.eos_token_id,
