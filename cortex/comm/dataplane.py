@@ -111,7 +111,7 @@ class DataPlane:
         except zmq.ZMQError as error:
             await self.close()
             raise CommError(f"cannot bind the data plane to {bind}: {error}; pick another address or port") from None
-        self.endpoint = self._router.last_endpoint.decode()
+        self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._zap.run(), name="comm-zap"),

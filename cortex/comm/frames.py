@@ -111,7 +111,7 @@ def tensor_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
             f"convert it to one of {sorted(DTYPES)}"
         )
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat, memoryview(flat.view(torch.uint8).numpy())
+    return flat, flat.view(torch.uint8).numpy().data
 
 
 def describe(name: str, tensor: torch.Tensor, data: memoryview) -> dict[str, Any]:

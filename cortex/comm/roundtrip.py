@@ -70,7 +70,7 @@ async def measure_raw_round_trip(
         configure_server(router, server)
         router.bind(f"tcp://{host}:*")
         configure_client(dealer, client, server.curve_public_key)
-        dealer.connect(router.last_endpoint.decode())
+        dealer.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(zap.run(), name="raw-zap"), loop.create_task(_echo(router), name="raw-echo")]
         payload = memoryview(bytearray(b"\x5a" * payload_bytes))

@@ -33,7 +33,7 @@ RECONNECT_INTERVAL_MS = 100
 RECONNECT_INTERVAL_MAX_MS = 2000
 
 
-def configure_server(socket: zmq.Socket, identity: Identity) -> None:  # type: ignore[type-arg]
+def configure_server(socket: zmq.Socket, identity: Identity) -> None:
     """Make `socket` a CurveZMQ server with this node's key, authenticated through ZAP."""
     socket.curve_server = True
     socket.curve_secretkey = identity.curve_secret_key
@@ -42,7 +42,7 @@ def configure_server(socket: zmq.Socket, identity: Identity) -> None:  # type: i
     _configure_common(socket)
 
 
-def configure_client(socket: zmq.Socket, identity: Identity, server_key: bytes) -> None:  # type: ignore[type-arg]
+def configure_client(socket: zmq.Socket, identity: Identity, server_key: bytes) -> None:
     """Make `socket` a CurveZMQ client that only completes a handshake with `server_key` (Z85)."""
     socket.curve_serverkey = server_key
     socket.curve_secretkey = identity.curve_secret_key
@@ -52,7 +52,7 @@ def configure_client(socket: zmq.Socket, identity: Identity, server_key: bytes) 
     _configure_common(socket)
 
 
-def _configure_common(socket: zmq.Socket) -> None:  # type: ignore[type-arg]
+def _configure_common(socket: zmq.Socket) -> None:
     socket.linger = 0
     socket.ipv6 = True
     socket.maxmsgsize = MAX_FRAME_BYTES

@@ -145,6 +145,6 @@ def _check_signatures(events: list[Event], acceptor: Acceptor | None) -> None:
         return
     result = acceptor.accept_many(event.wire for event in events)
     if result.rejected:
-        rejection = result.rejected[0][1]
-        reason = FrameReason.BAD_SIGNATURE if rejection.reason is RejectReason.BAD_SIGNATURE else FrameReason.MALFORMED_EVENT
-        raise FrameRejected(reason, f"record event rejected by the log: {rejection}")
+        first = result.rejected[0][1]
+        reason = FrameReason.BAD_SIGNATURE if first.reason is RejectReason.BAD_SIGNATURE else FrameReason.MALFORMED_EVENT
+        raise FrameRejected(reason, f"record event rejected by the log: {first}")

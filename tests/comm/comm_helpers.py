@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cortex.comm import DataPlane, ExpertOutputProduced, FrameLimits, IncomingCall, Rejection, Response
-from events import Acceptor, EventWriter, Identity, LogStore
+import torch
+import zmq
+import zmq.asyncio
+
+from cortex.comm import (
+    CHUNK_BYTES,
+    DataPlane,
+    ExpertInputSent,
+    ExpertOutputProduced,
+    FrameLimits,
+    IncomingCall,
+    Rejection,
+    Response,
+)
+from cortex.comm.frames import DTYPE_NAMES, Header, decode_header, encode_header
+from cortex.comm.sockets import configure_client
+from events import Acceptor, Event, EventWriter, Identity, LogStore, sign_event, wall_clock_ms
 
 REQUEST_ID = "ab" * 32
 MODEL_ID = "test-model"
@@ -74,3 +92,93 @@ def ipv6_loopback_works() -> bool:
     except OSError:
         return False
     return True
+
+
+class RecordSigner:
+    """Signs record events for hand-made messages with fresh sequence numbers."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.seq = 0
+
+    def sign(self, body: object, refs: tuple[str, ...] = (REQUEST_ID,)) -> Event:
+        self.seq += 1
+        return sign_event(self.identity, body, seq=self.seq, lamport=self.seq, time_ms=wall_clock_ms(), refs=refs)
+
+
+def expert_input(
+    tensor_name: str, data: bytes, tensor_dtype: str, tensor_shape: tuple[int, ...], **overrides: object
+) -> ExpertInputSent:
+    """An ExpertInputSent record that describes `data`, with any field overridden."""
+    fields: dict[str, object] = {
+        **EXPERT_FIELDS,
+        "name": tensor_name,
+        "dtype": tensor_dtype,
+        "shape": tensor_shape,
+        "digest": hashlib.blake2b(data, digest_size=32).hexdigest(),
+        "nbytes": len(data),
+    }
+    fields.update(overrides)
+    return ExpertInputSent(**fields)  # type: ignore[arg-type]
+
+
+def build_call(
+    signer: RecordSigner,
+    call_id: int,
+    tensors: dict[str, torch.Tensor],
+    *,
+    kind: str = "expert",
+    chunk_bytes: int = CHUNK_BYTES,
+    refs: tuple[str, ...] = (REQUEST_ID,),
+    **overrides: object,
+) -> list[bytes]:
+    """Lay out a call by hand: header, then each record and its chunks, all as mutable bytes."""
+    records: list[tuple[bytes, list[bytes]]] = []
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        body = expert_input(name, data, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), **overrides)
+        chunks = [data[offset : offset + chunk_bytes] for offset in range(0, len(data), chunk_bytes)] or [b""]
+        records.append((signer.sign(body, refs).wire, chunks))
+    parts = [encode_header("call", call_id, kind=kind, chunks=[len(chunks) for _wire, chunks in records])]
+    for wire, chunks in records:
+        parts.append(wire)
+        parts.extend(chunks)
+    return parts
+
+
+class RawClient:
+    """A CurveZMQ DEALER that sends hand-made messages to a node and reads the raw replies."""
+
+    def __init__(self, identity: Identity, server: Node) -> None:
+        self.identity = identity
+        self.signer = RecordSigner(identity)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        configure_client(self._socket, identity, server.identity.curve_public_key)
+        self._socket.connect(server.dataplane.endpoint)
+        self._call_ids = itertools.count(1000)
+
+    @property
+    def curve_key(self) -> str:
+        return self.identity.curve_public_key.decode()
+
+    async def send(self, parts: list[bytes]) -> None:
+        await self._socket.send_multipart(parts)
+
+    async def receive(self, timeout_s: float = 5.0) -> tuple[Header, list[zmq.Frame]]:
+        async with asyncio.timeout(timeout_s):
+            frames = await self._socket.recv_multipart(copy=False)
+        return decode_header(frames[0].buffer), frames[1:]
+
+    async def good_call(self) -> Header:
+        """Send a valid call and return its reply header, skipping error replies to earlier calls."""
+        call_id = next(self._call_ids)
+        await self.send(build_call(self.signer, call_id, {"hidden": torch.arange(4.0)}))
+        while True:
+            header, _frames = await self.receive()
+            if header.call_id == call_id:
+                return header
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()

@@ -18,6 +18,7 @@ from cortex.comm import (
     ExpertOutputProduced,
     IncomingCall,
     PeerTimeout,
+    Reply,
     Response,
     StageInputSent,
     StageOutputProduced,
@@ -37,7 +38,7 @@ def sample_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     return torch.randint(-(2**30), 2**30, shape, generator=generator, dtype=dtype)
 
 
-async def call_expert(client: Node, server: Node, tensors: dict[str, torch.Tensor], timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+async def call_expert(client: Node, server: Node, tensors: dict[str, torch.Tensor], timeout_s: float = 10.0) -> Reply:
     return await client.dataplane.call(
         server.peer_id,
         server.dataplane.endpoint,
