@@ -45,7 +45,9 @@ class EventFilter:
     """Conditions on events; empty fields select everything. Conditions combine with AND.
 
     `author` matches a peer id or its start or end (lines show the end as the short id).
-    `request` selects the event with that id and every event whose refs contain it.
+    `request` selects the event with that id, every event whose refs contain it, and every
+    event whose body has `"request_id": request` (found by a substring search of the
+    canonical payload, which scans the log).
     `since_ms <= time_ms < until_ms` uses the authors' clocks.
     """
 
@@ -68,8 +70,10 @@ class EventFilter:
             parameters.extend([escaped + "%", "%" + escaped])
         if self.request:
             request = bytes.fromhex(self.request)
-            conditions.append("(e.id = ? OR e.rowid IN (SELECT event_rowid FROM refs WHERE ref = ?))")
-            parameters.extend([request, request])
+            conditions.append(
+                "(e.id = ? OR e.rowid IN (SELECT event_rowid FROM refs WHERE ref = ?) OR instr(e.wire, ?) > 0)"
+            )
+            parameters.extend([request, request, request_id_pattern(self.request)])
         if self.since_ms is not None:
             conditions.append("e.time_ms >= ?")
             parameters.append(self.since_ms)
@@ -85,7 +89,8 @@ class EventFilter:
         if self.author and not (event.author.startswith(self.author) or event.author.endswith(self.author)):
             return False
         if self.request and event.id != self.request and self.request not in event.refs:
-            return False
+            if request_id_pattern(self.request) not in event.payload:
+                return False
         if self.since_ms is not None and event.time_ms < self.since_ms:
             return False
         return self.until_ms is None or event.time_ms < self.until_ms
@@ -103,6 +108,11 @@ class StoredRow:
     time_ms: int
     type: str
     wire: bytes
+
+
+def request_id_pattern(request_id: str) -> bytes:
+    """Return the bytes a canonical payload holds when its body names this `request_id`."""
+    return b'"request_id":"' + request_id.encode("ascii") + b'"'
 
 
 def resolve_log_path(path: str | os.PathLike[str]) -> Path:
@@ -224,8 +234,14 @@ class LogReader:
         return None if row is None else decode_stored(row[0])
 
     def resolve_id(self, prefix: str) -> str:
-        """Return the one stored event id that starts with `prefix` (at least 4 hex digits)."""
+        """Return the one stored event id that starts with `prefix` (at least 4 hex digits).
+
+        A full 64-digit id is returned as it is, stored or not: it may name a request, whose
+        id need not be an event id.
+        """
         prefix = prefix.lower()
+        if len(prefix) == 64 and set(prefix) <= _ID_PATTERN_CHARS:
+            return prefix
         if len(prefix) < 4 or len(prefix) > 64 or not set(prefix) <= _ID_PATTERN_CHARS:
             raise EventNotFound(f"{prefix!r} is not an event id or id prefix (4 to 64 lowercase hex digits)")
         low = bytes.fromhex(prefix[: len(prefix) // 2 * 2])
@@ -241,6 +257,12 @@ class LogReader:
                 f"({', '.join(match[:16] for match in matches[:3])}, ...); give more digits"
             )
         return matches[0]
+
+    def naming_request(self, request_id: str) -> list[Event]:
+        """Return the events whose body has `"request_id": request_id`, in canonical order (a scan)."""
+        query = "SELECT e.wire FROM events AS e WHERE instr(e.wire, ?) > 0" + _CANONICAL
+        rows = self._connection.execute(query, (request_id_pattern(request_id),))
+        return [decode_stored(wire) for (wire,) in rows]
 
     def canonical_index(self, event_id: str) -> int:
         """Return the position (from 0) of a stored event in canonical order."""

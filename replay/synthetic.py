@@ -17,6 +17,7 @@ the generator is trusted; `cortex replay LOG --verify` passes on the result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Callable, Iterator
@@ -64,12 +65,37 @@ def mix_types() -> list[str]:
     return names
 
 
+def schema_fingerprint() -> str:
+    """Return the names, versions and fields of the mix's types; a cached log is valid only for these."""
+    from events.model import type_by_name
+
+    parts = []
+    for name in mix_types():
+        registered = type_by_name(name)
+        fields = sorted(registered.field_names) if registered is not None else []
+        parts.append(f"{name} {registered.version if registered else '?'} {','.join(fields)}")
+    return "\n".join(parts)
+
+
 @dataclass
 class _Peer:
     identity: Identity
     seq: int = 0
     next_heartbeat_ms: int = 0
     loaded: list[str] = field(default_factory=list)
+
+
+def submission(scheduler: Any, submitter: str, rng: random.Random, **fields: Any) -> tuple[Any, str | None]:
+    """Build a RequestSubmitted body; return it and the request id, or None if it is the event id.
+
+    Handles both request-id schemes of the Scheduler's events: the id of the submission
+    event, or a digest of the submitter and a random `nonce` field (`request_id_for`).
+    """
+    names = {item.name for item in dataclasses.fields(scheduler.RequestSubmitted)}
+    if "nonce" not in names:
+        return scheduler.RequestSubmitted(**fields), None
+    nonce = rng.randbytes(16).hex()
+    return scheduler.RequestSubmitted(nonce=nonce, **fields), scheduler.request_id_for(submitter, nonce)
 
 
 class SwarmSimulator:
@@ -146,27 +172,30 @@ class SwarmSimulator:
         drivers = [peer for peer in self.peers if "head" in peer.loaded]
         driver = self._random.choice(drivers)
         prompt = self._sealed_text("prompt", submitter, driver, b"Explain how a mixture of experts routes tokens.")
-        submitted = self._sign(submitter, scheduler.RequestSubmitted(
+        body, request_id = submission(
+            scheduler, submitter.identity.peer_id, self._random,
             model_id=MODEL_ID, max_tokens=TOKENS_PER_BATCH * BATCHES_PER_REQUEST, prompt_bytes=48, sealed_prompt=prompt,
-        ))
+        )
+        submitted = self._sign(submitter, body)
+        request_id = request_id or submitted.id
         yield submitted
         route = {f"block[{start}:{start + BLOCK_SIZE}]": self._holder(start) for start in range(0, LAYERS, BLOCK_SIZE)}
         reservations = {fragment: 2**22 for fragment in route}
         refs = (submitted.id,)
         yield self._sign(driver, scheduler.RequestAccepted(
-            request_id=submitted.id, route=route, kv_reservations=reservations, prompt_tokens=12,
+            request_id=request_id, route=route, kv_reservations=reservations, prompt_tokens=12,
             plan_digest=scheduler.plan_digest(route, reservations, 12),
         ), refs)
         tokens = self._sealed_text("tokens", submitter, driver, orjson.dumps({"token_ids": list(range(TOKENS_PER_BATCH)), "text": " routed tokens"}))
         for batch in range(BATCHES_PER_REQUEST):
             start = batch * TOKENS_PER_BATCH
             yield self._sign(driver, scheduler.TokenGenerated(
-                request_id=submitted.id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
+                request_id=request_id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
             ), refs)
         yield self._sign(driver, scheduler.RequestCompleted(
-            request_id=submitted.id, prompt_tokens=12, completion_tokens=TOKENS_PER_BATCH * BATCHES_PER_REQUEST,
+            request_id=request_id, prompt_tokens=12, completion_tokens=TOKENS_PER_BATCH * BATCHES_PER_REQUEST,
             finish_reason="length", timings_ms={"prefill": 40, "decode": 900, "total": 950},
-            records_digest=hashlib.blake2b(submitted.id.encode(), digest_size=32).hexdigest(), records_count=96,
+            records_digest=hashlib.blake2b(request_id.encode(), digest_size=32).hexdigest(), records_count=96,
         ), refs)
 
     def _holder(self, start: int) -> str:
@@ -211,9 +240,10 @@ def cached_log(cache_dir: Path, count: int, progress: Callable[[int], None] | No
     """Return a cached generated log of `count` events, generating it first if needed.
 
     Returns (path, generated). The file name records the generator version and the mix, so
-    a change of either makes a new file; a half-written file never gets the final name.
+    a change of either (or of the fields of a type in the mix) makes a new file; a
+    half-written file never gets the final name.
     """
-    mix = hashlib.blake2b(",".join(mix_types()).encode(), digest_size=4).hexdigest()
+    mix = hashlib.blake2b(schema_fingerprint().encode(), digest_size=4).hexdigest()
     path = cache_dir / f"replay-mix-v{GENERATOR_VERSION}-{mix}-{count}.db"
     if path.exists():
         return path, False

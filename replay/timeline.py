@@ -1,13 +1,16 @@
 """The timeline of one request: its events in order, the gaps between them, who served what.
 
-A request's events are the request event itself and every event that refs it, directly or
-through other events of the request (a token batch that refs the acceptance that refs the
-submission), found by following the log's refs table. They are listed in canonical order,
+A request's events are found from its id, which may be the id of its first event or an id
+carried in event bodies as `request_id`: the event with that id and the events whose body
+names it are the roots, and every event that refs a root, directly or through other events
+of the request (a record that refs the acceptance that refs the submission), is added by
+following the log's refs table. They are listed in canonical order,
 which respects causality, with the time since the previous event and since the first.
 
 "Who served what" reads the body fields that name model parts (`fragment`, `layer`,
-`expert`, ...; see SERVING_FIELDS) from any event type, so event types added later show up
-without changes here. "Where time went" attributes each gap to the event that ends it, by
+`expert`, ...; see SERVING_FIELDS) from any event type and credits the event's author, and
+reads fields that map fragments to peer ids (a route such as `{"block[0:8]": PEER}`) and
+credits each named peer. Event types added later show up without changes here. "Where time went" attributes each gap to the event that ends it, by
 type and by author. Times are the authors' wall clocks, so clock skew between peers shifts
 gaps and can make one negative.
 """
@@ -19,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.codec import Event
+from events.errors import InvalidPeerId
+from events.identity import public_key_from_peer_id
+from events.shards import parse_fragment
 from replay.reader import LogReader, decode_stored
 from replay.render import body_fields
 
@@ -35,7 +41,8 @@ class TimelineEntry:
 
     event: Event
     depth: int
-    """0 for the request event, 1 for events that ref it directly, and so on."""
+    """0 for a root (the event with the request's id, or one naming it in `request_id`), 1 for
+    events that ref a root, and so on."""
     gap_ms: int | None
     offset_ms: int
     served: dict[str, Any]
@@ -103,21 +110,54 @@ def build_timeline(reader: LogReader, request_id: str) -> Timeline:
             time_by_author[event.author] += gap_ms
         if served:
             timeline.served_by.setdefault(event.author, []).append({"type": event.type, **served})
+        for name, holder, fragment in _assignments(event):
+            timeline.served_by.setdefault(holder, []).append({"type": event.type, name: fragment})
         previous_ms = event.time_ms
     timeline.time_by_type = dict(time_by_type.most_common())
     timeline.time_by_author = dict(time_by_author.most_common())
     return timeline
 
 
+def _assignments(event: Event) -> list[tuple[str, str, str]]:
+    """Return (field, peer id, fragment) for body fields that map fragments to peers."""
+    found = []
+    for name, value in body_fields(event).items():
+        if not isinstance(value, dict):
+            continue
+        for fragment, holder in value.items():
+            if isinstance(holder, str) and _is_fragment(fragment) and _is_peer_id(holder):
+                found.append((name, holder, fragment))
+    return found
+
+
+def _is_fragment(text: str) -> bool:
+    try:
+        parse_fragment(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_peer_id(text: str) -> bool:
+    try:
+        public_key_from_peer_id(text)
+    except InvalidPeerId:
+        return False
+    return True
+
+
 def _collect(reader: LogReader, request_id: str, timeline: Timeline) -> dict[str, tuple[Event, int]]:
     """Follow refs outwards from the request; return each event found, by id, with its depth."""
     found: dict[str, tuple[Event, int]] = {}
-    seen: set[str] = {request_id}
+    roots = reader.naming_request(request_id)
     root = reader.get(request_id)
     if root is not None:
-        found[request_id] = (root, 0)
-        timeline.request_found = True
-    frontier = [request_id]
+        roots.insert(0, root)
+    for event in roots:
+        found[event.id] = (event, 0)
+    timeline.request_found = bool(roots)
+    seen: set[str] = {request_id, *found}
+    frontier = [request_id, *found]
     for depth in range(1, MAX_DEPTH + 1):
         if not frontier:
             break

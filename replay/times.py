@@ -81,5 +81,7 @@ def parse_until(text: str, reader: LogReader, now_ms: int) -> Until:
         return Until(index=index, text=text)
     if _HEX.fullmatch(text.lower()):
         event_id = reader.resolve_id(text)
+        if reader.get(event_id) is None:
+            raise SelectionError(f"no event with id {event_id} in {reader.path}")
         return Until(index=reader.canonical_index(event_id), text=text)
     return Until(time_ms=parse_time_ms(text, now_ms), text=text)

@@ -1,0 +1,136 @@
+"""`cortex replay --verify`: a clean log passes; each kind of damage is found and fails the run."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import MODEL, Author, Scenario, run_cli
+
+from events import Acceptor, LogStore, ShardClaimed
+from replay.reader import LogReader
+from replay.verify import verify_log
+
+
+def verify_json(path: Path) -> tuple[int, dict]:  # type: ignore[type-arg]
+    result = run_cli("replay", str(path), "--verify", "--json")
+    return result.status, orjson.loads(result.stdout)
+
+
+def damaged_copy(source: Path, target: Path, statement: str, parameters: tuple = ()) -> Path:  # type: ignore[type-arg]
+    target.mkdir()
+    shutil.copy(source / "events.db", target / "events.db")
+    connection = sqlite3.connect(target / "events.db")
+    connection.execute(statement, parameters)
+    connection.commit()
+    connection.close()
+    return target
+
+
+def test_verify_clean_log_passes(scenario_log: Path, scenario: Scenario) -> None:
+    status, report = verify_json(scenario_log)
+    assert status == 0
+    assert report["ok"] is True
+    assert report["events"] == len(scenario.events)
+    assert report["signatures_checked"] == len(scenario.events)
+    assert report["authors"] == 3
+    assert report["problems"] == []
+    human = run_cli("replay", str(scenario_log), "verify")
+    assert human.status == 0
+    assert "OK" in human.stdout
+
+
+def test_verify_finds_bad_signature(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    target = scenario.events[3]
+    flipped = target.wire[:-1] + bytes([target.wire[-1] ^ 1])
+    damaged = damaged_copy(scenario_log, tmp_path / "bad", "UPDATE events SET wire = ? WHERE id = ?",
+                           (flipped, bytes.fromhex(target.id)))
+    status, report = verify_json(damaged)
+    assert status == 1
+    assert report["counts"] == {"bad_signature": 1}
+    assert report["problems"][0]["event_id"] == target.id
+
+
+def test_verify_finds_id_and_column_mismatch(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    target = scenario.events[2]
+    damaged = damaged_copy(scenario_log, tmp_path / "ids", "UPDATE events SET id = ?, lamport = lamport + 100 WHERE id = ?",
+                           (bytes(32), bytes.fromhex(target.id)))
+    status, report = verify_json(damaged)
+    assert status == 1
+    assert report["counts"]["id_mismatch"] == 1
+    assert report["counts"]["column_mismatch"] == 1
+    assert "lamport" in next(p["message"] for p in report["problems"] if p["kind"] == "column_mismatch")
+
+
+def test_verify_finds_gap_and_refs_mismatch(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    first = scenario.authors[0]
+    middle = next(event for event in scenario.events if event.author == first.peer_id and event.seq == 2)
+    damaged = damaged_copy(scenario_log, tmp_path / "gap", "DELETE FROM events WHERE id = ?", (bytes.fromhex(middle.id),))
+    status, report = verify_json(damaged)
+    assert status == 1
+    gap = next(problem for problem in report["problems"] if problem["kind"] == "sequence_gap")
+    assert gap["author"] == first.peer_id
+    assert gap["seq"] == 2
+    assert "seq 2 missing" in gap["message"]
+    # The deleted event's refs rows stay behind, and events that referenced it now dangle.
+    assert report["counts"]["dangling_ref"] >= 1
+    assert report["warnings"]
+
+
+def test_verify_finds_equivocation(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    author = scenario.authors[2]
+    twin = Author(author.identity, [scenario.events[-1].lamport])
+    conflicting = twin.sign(ShardClaimed(model_id=MODEL, fragment="head", memory_bytes=1), seq=2)
+    with LogStore(scenario_log / "events.db") as store:
+        result = Acceptor(store).accept_many([conflicting.wire])
+    assert result.equivocations
+    status, report = verify_json(scenario_log)
+    assert status == 1
+    assert report["counts"] == {"equivocation": 1}
+    assert report["problems"][0]["author"] == author.peer_id
+    assert report["problems"][0]["seq"] == 2
+
+
+def test_verify_finds_unrecorded_equivocation_and_lamport_order(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    author = scenario.authors[1]
+    twin = Author(author.identity, [0])
+    conflicting = twin.sign(ShardClaimed(model_id=MODEL, fragment="head", memory_bytes=1), seq=3, refs=(scenario.claim.id,))
+    target = tmp_path / "raw"
+    target.mkdir()
+    shutil.copy(scenario_log / "events.db", target / "events.db")
+    connection = sqlite3.connect(target / "events.db")
+    cursor = connection.execute(
+        "INSERT INTO events (id, author, seq, lamport, time_ms, type, wire) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (bytes.fromhex(conflicting.id), conflicting.author, 3, conflicting.lamport, conflicting.time_ms,
+         conflicting.type, conflicting.wire),
+    )
+    connection.execute("INSERT INTO refs VALUES (?, ?)", (bytes.fromhex(scenario.claim.id), cursor.lastrowid))
+    connection.commit()
+    connection.close()
+    with LogReader(target) as reader:
+        report = verify_log(reader)
+    assert not report.ok
+    assert report.counts["equivocation"] == 1
+    assert report.counts["unrecorded_equivocation"] == 1
+    # Lamport 1 is not above the Lamport clock of the claim it refs.
+    assert report.counts["lamport_order"] == 1
+    lamport = next(finding for finding in report.problems if finding.kind == "lamport_order")
+    assert lamport.event_id == conflicting.id
+    assert "referenced event" in lamport.message
+
+
+@pytest.mark.parametrize("damage", ["undecodable"])
+def test_verify_finds_undecodable_rows(tmp_path: Path, scenario_log: Path, scenario: Scenario, damage: str) -> None:
+    target = scenario.events[0]
+    damaged = damaged_copy(scenario_log, tmp_path / damage, "UPDATE events SET wire = ? WHERE id = ?",
+                           (b"not json" + bytes(64), bytes.fromhex(target.id)))
+    status, report = verify_json(damaged)
+    assert status == 1
+    assert report["counts"]["undecodable"] == 1
+    human = run_cli("replay", str(damaged), "--verify")
+    assert human.status == 1
+    assert "PROBLEMS FOUND" in human.stdout
+    assert "undecodable" in human.stdout
