@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ class Loader:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.terminal = terminal
+        self._shared_progress: LoadProgress | None = None
         self.num_layers = int(self.config.num_hidden_layers)
         self.num_experts = self.arch.num_experts(self.config)
         self.hidden_size = int(self.config.hidden_size)
@@ -103,10 +106,24 @@ class Loader:
 
     # -- reading --------------------------------------------------------------
 
+    @contextmanager
+    def shared_progress(self, description: str, total_bytes: int) -> Iterator[LoadProgress]:
+        """Report the fragments loaded inside this context as one load of `total_bytes`."""
+        with LoadProgress(description, total_bytes, self.terminal) as progress:
+            self._shared_progress = progress
+            try:
+                yield progress
+            finally:
+                self._shared_progress = None
+
     def _read(self, reads: list[_TensorRead], description: str) -> dict[str, torch.Tensor]:
-        total = sum(self._read_nbytes(w) for w in reads)
         tensors: dict[str, torch.Tensor] = {}
-        with LoadProgress(description, total, self.terminal) as progress:
+        context: AbstractContextManager[LoadProgress]
+        if self._shared_progress is not None:
+            context = nullcontext(self._shared_progress)
+        else:
+            context = LoadProgress(description, sum(self._read_nbytes(item) for item in reads), self.terminal)
+        with context as progress:
             for item in reads:
                 if item.row is None:
                     tensor = self.checkpoint.tensor(item.name, item.shape)

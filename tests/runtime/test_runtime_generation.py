@@ -132,3 +132,5 @@ def test_cli_rejects_bad_arguments(checkpoint: CheckpointFactory, capsys: pytest
     assert "--max-tokens must be at least 1, got 0" in capsys.readouterr().err
     assert main(["generate", "--model", folder, "--top-p", "1.5", "x"]) == 2
     assert "top_p must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["generate", "--model", folder, "--threads", "0", "x"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import cortex.runtime.checkpoint as checkpoint_module
 from cortex.runtime import progress as progress_module
 from cortex.runtime.checkpoint import Checkpoint
+from cortex.runtime.engine import LocalModel
 from cortex.runtime.errors import (
     CheckpointError,
     FragmentSpecError,
@@ -173,6 +174,19 @@ def test_slow_load_logs_progress_without_terminal(
     with caplog.at_level(logging.INFO, logger="cortex.runtime.progress"):
         Loader(checkpoint("deepseek_v3"), device="cpu", terminal=False).load("head")
     assert any(r.getMessage().startswith("loading head: ") for r in caplog.records)
+
+
+def test_whole_model_load_reports_one_progress(
+    checkpoint: CheckpointFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress_module, "SHOW_AFTER_S", 0.0)
+    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cortex.runtime.progress"):
+        LocalModel.load(checkpoint("qwen3_moe"), device="cpu", terminal=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages
+    assert all(m.startswith("loading qwen3_moe: ") for m in messages)
+    assert messages[-1].endswith("(100%)")
 
 
 def test_slow_load_shows_bar_on_terminal(checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:

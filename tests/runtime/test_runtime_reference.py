@@ -99,3 +99,14 @@ def test_float16_runs_close_to_float32(checkpoint: CheckpointFactory, reference:
         logits = model.forward("fp16", torch.tensor(expected.prompt_ids), all_logits=True)
     assert logits.dtype == torch.float16
     assert relative_error(logits, expected.logits) < 1e-2
+
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "cortex" / "demo_model"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(), reason="the demo model is not built yet")
+def test_demo_model_matches_transformers() -> None:
+    result = compare_with_reference(LocalModel.load(DEMO_MODEL_DIR, device="cpu"), reference_outputs(DEMO_MODEL_DIR))
+    assert result.relative_error <= LOGITS_RTOL
+    assert result.greedy == result.reference_greedy
