@@ -46,6 +46,7 @@ from cortex.scheduler.request_events import (
     TokenGenerated,
     plan_digest,
     records_digest,
+    request_id_for,
 )
 from cortex.scheduler.routes import admit, plan_route, replan_route
 from cortex.scheduler.view import SchedulerReducer, SchedulerView
@@ -93,5 +94,6 @@ __all__ = [
     "rank_replicas",
     "records_digest",
     "replan_route",
+    "request_id_for",
     "request_failed_for",
 ]

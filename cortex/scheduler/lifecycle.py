@@ -8,7 +8,7 @@ counts once the facts that authorize it arrive.
 
 Who may publish what (checked in `derive`, ignoring facts that break it):
 
-    RequestSubmitted    anyone; the author is the submitter, the event id the request id
+    RequestSubmitted    anyone; the author is the submitter
     RequestAccepted     anyone; the author becomes a driver of the request
     TokenGenerated      a driver
     RouteReplanned      a driver

@@ -1,7 +1,9 @@
 """Request lifecycle events: family `requests`, gossiped to the whole swarm.
 
-A request is named by the id of its `RequestSubmitted` event, and every later event of the
-request carries that id in `request_id` (and, written through `EventWriter`, in its refs).
+A request id is BLAKE2b-256 of the submitter's peer id, a newline and the random `nonce` in
+its `RequestSubmitted` (`request_id_for`). The submitter computes the id before it signs,
+so it can compute the driver from the id and seal the prompt to that driver. Every later event of
+the request carries the id in `request_id`, and its refs name the `RequestSubmitted` event.
 The submitter is the author of `RequestSubmitted`; the driver is the author of
 `RequestAccepted`. Content fields (`sealed_*`) hold `cortex.privacy` sealed text that only
 the submitter and the driver can open; everything else is metadata every peer reads.
@@ -45,12 +47,13 @@ DRIVER_STOPPED = "driver_stopped"
 INTERNAL_ERROR = "internal_error"
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+_NONCE = re.compile(r"[0-9a-f]{32}")
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
 def _check_request_id(request_id: str) -> None:
     if not _HEX_ID.fullmatch(request_id):
-        raise ValueError(f"request_id {request_id!r:.80} is not an event id (64 lowercase hex digits)")
+        raise ValueError(f"request_id {request_id!r:.80} is not 64 lowercase hex digits")
 
 
 def _check_peer_id(peer_id: str, name: str) -> None:
@@ -80,7 +83,7 @@ def _check_sealed(sealed: str, name: str) -> None:
 def check_route(route: Mapping[str, str], kv_reservations: Mapping[str, int]) -> None:
     """Raise ValueError unless `route` maps block fragments that chain from layer 0 without gaps.
 
-    An empty route is valid: the driver answers without block holders (degraded mode).
+    An empty route is valid: the driver generates without block holders (degraded mode).
     `kv_reservations` must name the same fragments, with byte counts >= 0.
     """
     blocks = []
@@ -104,6 +107,11 @@ def check_route(route: Mapping[str, str], kv_reservations: Mapping[str, int]) ->
         _check_non_negative(reserved, f"kv_reservations[{fragment}]")
 
 
+def request_id_for(submitter: str, nonce: str) -> str:
+    """Return the id of the request that `submitter` submitted with `nonce`."""
+    return hashlib.blake2b(f"{submitter}\n{nonce}".encode(), digest_size=32).hexdigest()
+
+
 def plan_digest(route: Mapping[str, str], kv_reservations: Mapping[str, int], prompt_tokens: int) -> str:
     """Return the BLAKE2b-256 hex digest of a plan: canonical JSON of route, reservations and prompt tokens."""
     plan = {"kv_reservations": dict(kv_reservations), "prompt_tokens": prompt_tokens, "route": dict(route)}
@@ -118,7 +126,8 @@ def records_digest(event_ids: Iterable[str]) -> tuple[str, int]:
     """
     unique = sorted(set(event_ids))
     for event_id in unique:
-        _check_request_id(event_id)
+        if not _HEX_ID.fullmatch(event_id):
+            raise ValueError(f"record id {event_id!r:.80} is not an event id (64 lowercase hex digits)")
     text = "".join(f"{event_id}\n" for event_id in unique)
     return hashlib.blake2b(text.encode("ascii"), digest_size=32).hexdigest(), len(unique)
 
@@ -126,12 +135,14 @@ def records_digest(event_ids: Iterable[str]) -> tuple[str, int]:
 @event_type(version="1.0", family=REQUESTS)
 @dataclass(frozen=True, slots=True)
 class RequestSubmitted:
-    """A request for text from `model_id`; its event id is the request id, its author the submitter.
+    """A request for text from `model_id`; the author is the submitter.
 
-    Exactly one of `sealed_prompt` (sealed UTF-8 text) and `prompt_digest` (BLAKE2b-256 hex
+    `nonce` is 16 random bytes as 32 lowercase hex digits, which with the author gives the
+    request id (`request_id_for`). Exactly one of `sealed_prompt` (sealed UTF-8 text) and `prompt_digest` (BLAKE2b-256 hex
     of the sealed prompt text, which goes to the driver over the data plane) is set.
     """
 
+    nonce: str
     model_id: str
     max_tokens: int
     prompt_bytes: int
@@ -145,6 +156,8 @@ class RequestSubmitted:
     redundancy: int = 1
 
     def __post_init__(self) -> None:
+        if not _NONCE.fullmatch(self.nonce):
+            raise ValueError(f"nonce {self.nonce!r:.80} is not 32 lowercase hex digits")
         if not self.model_id:
             raise ValueError("model_id must not be empty")
         if self.max_tokens < 1:
@@ -238,8 +251,8 @@ class RequestCompleted:
     """The request finished: usage, per-phase timings, and the digest of its request-scoped records.
 
     `timings_ms` maps a phase name (`admission`, `prefill`, `decode`, `total`, ...) to ms.
-    `degraded` is set when the answer did not come from the swarm (say, a local fallback
-    model), and `degraded_reason` then says why.
+    `degraded` is set when the output did not come from the swarm (say, a local fallback
+    model), and `degraded_reason` then gives the reason.
     """
 
     request_id: str
@@ -270,7 +283,7 @@ class RequestCompleted:
 @event_type(version="1.0", family=REQUESTS)
 @dataclass(frozen=True, slots=True)
 class RequestFailed:
-    """The request ended without an answer; `reason_code` is machine-readable, `message` for people.
+    """The request ended without output; `reason_code` is machine-readable, `message` for people.
 
     `details` carries the numbers behind the message (bytes needed and free, say). Neither
     `message` nor `details` may quote the prompt or generated text.

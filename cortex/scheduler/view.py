@@ -32,6 +32,7 @@ from cortex.scheduler.request_events import (
     RequestSubmitted,
     RouteReplanned,
     TokenGenerated,
+    request_id_for,
 )
 from events.codec import Event
 from events.views import Dispatcher
@@ -136,7 +137,7 @@ class SchedulerView:
 
 
 def _apply_request_submitted(view: SchedulerView, event: Event) -> SchedulerView:
-    view.add_fact(event.id, event)
+    view.add_fact(request_id_for(event.author, event.body.nonce), event)
     return view
 
 

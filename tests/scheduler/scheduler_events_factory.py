@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from cortex.privacy import seal, seal_json
@@ -14,6 +15,7 @@ from cortex.scheduler import (
     RouteReplanned,
     TokenGenerated,
     plan_digest,
+    request_id_for,
 )
 from events import Event, Identity, sign_event
 
@@ -34,8 +36,15 @@ def signed(identity: Identity, body: Any, seq: int, lamport: int | None = None, 
     return sign_event(identity, body, seq=seq, lamport=lamport or seq, time_ms=time_ms)
 
 
-def submission(max_tokens: int = 16, deadline_ms: int = 0, model_id: str = "model-1") -> RequestSubmitted:
-    return RequestSubmitted(model_id, max_tokens, 15, sealed_prompt=SEALED_PROMPT, deadline_ms=deadline_ms)
+def submission(max_tokens: int = 16, deadline_ms: int = 0, model_id: str = "model-1", nonce: str = "") -> RequestSubmitted:
+    return RequestSubmitted(
+        nonce or secrets.token_hex(16), model_id, max_tokens, 15, sealed_prompt=SEALED_PROMPT, deadline_ms=deadline_ms
+    )
+
+
+def request_id_of(event: Event) -> str:
+    """Return the request id of a signed RequestSubmitted event."""
+    return request_id_for(event.author, event.body.nonce)
 
 
 def acceptance(request_id: str, route: dict[str, str], kv_bytes: int = 100, takeover_of: str = "") -> RequestAccepted:

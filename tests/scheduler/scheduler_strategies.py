@@ -57,6 +57,7 @@ def routes(
 def submitted(draw: st.DrawFn) -> RequestSubmitted:
     inline = draw(st.booleans())
     return RequestSubmitted(
+        nonce=draw(st.binary(min_size=16, max_size=16).map(bytes.hex)),
         model_id=draw(st.text(min_size=1, max_size=64)),
         max_tokens=draw(st.integers(min_value=1, max_value=2**31)),
         prompt_bytes=draw(NON_NEGATIVE),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from scheduler_events_factory import DRIVER, SUBMITTER, acceptance, signed, submission
+from scheduler_events_factory import DRIVER, SUBMITTER, acceptance, request_id_of, signed, submission
 from scheduler_swarm import GEOMETRY, MODEL, NOW_MS, registry_of
 
 from cortex.scheduler import ContextTooLong, KvBudgetExceeded, RequestFailed
@@ -114,7 +114,7 @@ def test_admit_refuses_over_budget() -> None:
 
 def test_admit_counts_in_flight_reservations() -> None:
     submit = signed(SUBMITTER, submission(), seq=1)
-    busy = signed(DRIVER, acceptance(submit.id, {"block[0:4]": A.peer_id}, kv_bytes=7_000), seq=1, lamport=2)
+    busy = signed(DRIVER, acceptance(request_id_of(submit), {"block[0:4]": A.peer_id}, kv_bytes=7_000), seq=1, lamport=2)
     holdings = {A: ["block[0:4]"], B: ["block[0:4]"]}
     budgets = {A: 10_000, B: 3_500}
 

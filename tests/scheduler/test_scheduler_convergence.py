@@ -21,6 +21,7 @@ from scheduler_events_factory import (
     completion,
     failure,
     replan,
+    request_id_of,
     submission,
     tokens,
 )
@@ -30,7 +31,7 @@ from events import Acceptor, Event, Identity, LogStore, Projection, sign_event
 
 AUTHORS = [SUBMITTER, DRIVER, TAKEOVER, OUTSIDER]
 REQUESTS = [sign_event(SUBMITTER, submission(max_tokens=8 + index), seq=index + 1, lamport=1, time_ms=1_000) for index in range(2)]
-REQUEST_IDS = [event.id for event in REQUESTS]
+REQUEST_IDS = [request_id_of(event) for event in REQUESTS]
 ROUTES = [
     {"block[0:2]": HOLDER_A.peer_id, "block[2:4]": HOLDER_B.peer_id},
     {"block[0:4]": HOLDER_C.peer_id},

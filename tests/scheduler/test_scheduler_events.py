@@ -19,11 +19,13 @@ from cortex.scheduler import (
     TokenGenerated,
     plan_digest,
     records_digest,
+    request_id_for,
 )
 from events import EventRejected, RejectReason, decode_event, registered_types, sign_event
 
 AUTHOR = PEERS[0]
 REQUEST_ID = "ab" * 32
+NONCE = "0f" * 16
 
 
 def test_strategies_cover_requests_family() -> None:
@@ -61,7 +63,13 @@ def _signed_with_body(type_name: str, body: dict[str, Any]) -> bytes:
 
 
 def _submitted_json(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model_id": "m", "max_tokens": 8, "prompt_bytes": 3, "sealed_prompt": SEALED_TEXTS[0]}
+    body: dict[str, Any] = {
+        "nonce": NONCE,
+        "model_id": "m",
+        "max_tokens": 8,
+        "prompt_bytes": 3,
+        "sealed_prompt": SEALED_TEXTS[0],
+    }
     body.update(overrides)
     return body
 
@@ -76,6 +84,8 @@ def _submitted_json(**overrides: Any) -> dict[str, Any]:
         ({"prompt_digest": "cd" * 32}, RejectReason.MALFORMED),
         ({"sealed_prompt": "not base64!"}, RejectReason.MALFORMED),
         ({"sealed_prompt": "", "prompt_digest": ""}, RejectReason.MALFORMED),
+        ({"nonce": "0F" * 16}, RejectReason.MALFORMED),
+        ({"nonce": "0f" * 8}, RejectReason.MALFORMED),
         ({"prompt_text": "hello"}, RejectReason.UNKNOWN_FIELD),
     ],
 )
@@ -89,7 +99,7 @@ def test_submitted_invalid_rejected(overrides: dict[str, Any], reason: RejectRea
 
 
 def test_submitted_sampling_units() -> None:
-    body = RequestSubmitted("m", 4, 3, sealed_prompt=SEALED_TEXTS[0], temperature_milli=700, top_p_micro=900_000)
+    body = RequestSubmitted(NONCE, "m", 4, 3, sealed_prompt=SEALED_TEXTS[0], temperature_milli=700, top_p_micro=900_000)
 
     assert body.temperature == 0.7
     assert body.top_p == 0.9
@@ -98,7 +108,7 @@ def test_submitted_sampling_units() -> None:
 
 
 def test_submitted_digest_reference_accepted() -> None:
-    body = RequestSubmitted("m", 4, 100_000, prompt_digest="cd" * 32)
+    body = RequestSubmitted(NONCE, "m", 4, 100_000, prompt_digest="cd" * 32)
 
     assert decode_event(sign_event(AUTHOR, body, seq=1, lamport=1, time_ms=1).wire).body == body
 
@@ -188,3 +198,12 @@ def test_records_digest_order_and_duplicates() -> None:
     assert records_digest(ids[:2])[0] != digest
     with pytest.raises(ValueError, match="not an event id"):
         records_digest(["xyz"])
+
+
+def test_request_id_depends_on_submitter_and_nonce() -> None:
+    request_id = request_id_for(PEER_IDS[0], NONCE)
+
+    assert len(request_id) == 64
+    assert request_id_for(PEER_IDS[0], NONCE) == request_id
+    assert request_id_for(PEER_IDS[1], NONCE) != request_id
+    assert request_id_for(PEER_IDS[0], "1f" * 16) != request_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scheduler_events_factory import DRIVER, SUBMITTER, acceptance, signed, submission
+from scheduler_events_factory import DRIVER, SUBMITTER, acceptance, request_id_of, signed, submission
 from scheduler_swarm import GEOMETRY, MODEL, NOW_MS, peer_events, registry_of
 
 from cortex.registry import RegistryReducer
@@ -154,7 +154,7 @@ def test_route_splits_when_cheaper() -> None:
 
 def test_route_avoids_loaded_holder() -> None:
     submit = signed(SUBMITTER, submission(), seq=1)
-    busy = signed(DRIVER, acceptance(submit.id, {"block[0:4]": A.peer_id}), seq=1, lamport=2)
+    busy = signed(DRIVER, acceptance(request_id_of(submit), {"block[0:4]": A.peer_id}), seq=1, lamport=2)
     scheduler = fold([submit, busy])
 
     ctx = context({A: ["block[0:4]"], B: ["block[0:4]"]}, scheduler=scheduler)
@@ -217,8 +217,8 @@ def test_uncovered_when_nothing_announced() -> None:
 
 def _record_with_route(route: dict[str, str]) -> tuple[SchedulerView, str]:
     submit = signed(SUBMITTER, submission(), seq=1)
-    accept = signed(DRIVER, acceptance(submit.id, route), seq=1, lamport=2)
-    return fold([submit, accept]), submit.id
+    accept = signed(DRIVER, acceptance(request_id_of(submit), route), seq=1, lamport=2)
+    return fold([submit, accept]), request_id_of(submit)
 
 
 def test_replan_keeps_live_holders() -> None:

@@ -15,6 +15,7 @@ from scheduler_events_factory import (
     completion,
     failure,
     replan,
+    request_id_of,
     signed,
     submission,
     tokens,
@@ -25,7 +26,7 @@ from cortex.scheduler.view import SchedulerReducer, SchedulerView, fold
 from events import Event
 
 SUBMIT = signed(SUBMITTER, submission(deadline_ms=5_000), seq=1, time_ms=1_000)
-REQUEST = SUBMIT.id
+REQUEST = request_id_of(SUBMIT)
 ROUTE = {"block[0:2]": HOLDER_A.peer_id, "block[2:4]": HOLDER_B.peer_id}
 ACCEPT = signed(DRIVER, acceptance(REQUEST, ROUTE), seq=1, lamport=2, time_ms=1_010)
 TOKENS_0_2 = signed(DRIVER, tokens(REQUEST, 0, 2), seq=2, lamport=3, time_ms=1_050)
@@ -241,3 +242,15 @@ def test_overdue_uses_callers_now() -> None:
 def test_digest_changes_with_state() -> None:
     assert fold([SUBMIT]).digest() != fold([SUBMIT, ACCEPT]).digest()
     assert fold([SUBMIT, ACCEPT]).digest() == fold([ACCEPT, SUBMIT]).digest()
+
+
+def test_same_nonce_other_author_is_other_request() -> None:
+    copied = signed(OUTSIDER, SUBMIT.body, seq=1, time_ms=1_200)
+
+    view = fold([SUBMIT, copied])
+
+    assert request_id_of(copied) != REQUEST
+    record = view.record(REQUEST)
+    assert record is not None
+    assert record.submitter == SUBMITTER.peer_id
+    assert len(view.in_flight()) == 2
