@@ -2,7 +2,8 @@
 
 A request's events are found from its id, which may be the id of its first event or an id
 carried in event bodies as `request_id`: the event with that id and the events whose body
-names it are the roots, and every event that refs a root, directly or through other events
+names it are the roots, with the events those ref (the submission, whose body may carry
+only the inputs of the id), and every event that refs a root, directly or through other events
 of the request (a record that refs the acceptance that refs the submission), is added by
 following the log's refs table. They are listed in canonical order,
 which respects causality, with the time since the previous event and since the first.
@@ -153,6 +154,11 @@ def _collect(reader: LogReader, request_id: str, timeline: Timeline) -> dict[str
     root = reader.get(request_id)
     if root is not None:
         roots.insert(0, root)
+    # The events that the body-named roots ref belong to the request too (its submission).
+    for ref in sorted({ref for event in roots for ref in event.refs}):
+        referenced = reader.get(ref)
+        if referenced is not None:
+            roots.append(referenced)
     for event in roots:
         found[event.id] = (event, 0)
     timeline.request_found = bool(roots)
