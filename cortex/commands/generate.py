@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     except ModelRuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         record = {
             "model": str(folder),

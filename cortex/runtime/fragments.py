@@ -177,8 +177,8 @@ class Block:
                 f"session {session_id!r} on {self.spec} is at position {session.length}, not {position}; "
                 "replay the session's earlier tokens or close it and start over"
             )
-        if hidden.dim() != 2:
-            raise ValueError(f"hidden states must be [T, D], got shape {list(hidden.shape)}")
+        if hidden.dim() != 2 or hidden.shape[0] == 0:
+            raise ValueError(f"hidden states must be [T, D] with T >= 1, got shape {list(hidden.shape)}")
         new = hidden.shape[0]
         positions = torch.arange(session.length, session.length + new, device=hidden.device)[None, :]  # [1, T]
         position_embeddings = self.rotary(hidden, positions)

@@ -64,6 +64,12 @@ def generate_tokens(
     """
     if not prompt_ids:
         raise ValueError("prompt_ids is empty; a prompt needs at least one token (e.g. the BOS token)")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and len(prompt_ids) + max_tokens > limit:
+        raise ValueError(
+            f"a prompt of {len(prompt_ids)} tokens plus {max_tokens} new tokens exceeds the model's "
+            f"max_position_embeddings of {limit}; shorten the prompt or lower max_tokens"
+        )
     session = session_id or f"local-{next(_session_counter)}"
     device = model.head.embed_tokens.device
     generator = None

@@ -166,6 +166,8 @@ def test_dense_block_returns_output_directly(checkpoint: CheckpointFactory) -> N
 def test_session_misuse_is_rejected(deepseek: Loader) -> None:
     block = deepseek.load("block[1:2]")
     assert isinstance(block, Block)
+    with pytest.raises(ValueError, match=r"hidden states must be \[T, D\] with T >= 1, got shape \[0, 64\]"):
+        block.forward_until_moe("x", torch.zeros(0, D))
     with pytest.raises(SessionError, match=r"session 'x' on block\[1:2\] is not waiting for expert outputs"):
         block.combine_and_continue("x", torch.zeros(T, K, D))
     step = block.forward_until_moe("x", torch.randn(T, D))

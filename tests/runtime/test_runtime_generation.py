@@ -66,6 +66,11 @@ def test_generation_stops_at_eos_and_closes_session(model: LocalModel) -> None:
     assert model.session_length("eos") == 0
 
 
+def test_generation_beyond_max_positions_is_rejected(model: LocalModel) -> None:
+    with pytest.raises(ValueError, match=r"3 tokens plus 510 new tokens exceeds the model's max_position_embeddings of 512"):
+        list(generate_tokens(model, [0, 5, 9], 510))
+
+
 def test_stream_pieces_add_up_to_text(model: LocalModel, tokenizer: Any, checkpoint: CheckpointFactory) -> None:
     from transformers import AutoTokenizer
 
