@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -199,22 +200,17 @@ def write_model_card(
         "expert_load": load.summary(),
         "samples": samples,
     }
-    command = (
-        f".venv/bin/python scripts/train_demo_model.py --out {args.out} --max-minutes {args.max_minutes:g} "
-        f"--seed {args.seed} --threads {args.threads} --vocab-size {args.vocab_size} --hidden {args.hidden} "
-        f"--moe-intermediate {args.moe_intermediate} --batch {args.batch} --lr {args.lr:g} --bias-gamma {args.bias_gamma:g}"
-    )
     lines = [
         "# Cortex demo model",
         "",
         "A small DeepSeek-V3-architecture mixture-of-experts language model that writes",
-        "English in the style of Python docstrings. It exists to demonstrate Cortex",
-        "(head and blocks on one node, routed experts on others); it knows little and",
-        "repeats itself, so use it for nothing else.",
+        "English in the style of Python docstrings. It exists to demonstrate Cortex, with",
+        "the head and blocks on one node and the routed experts on others. It knows little",
+        "and repeats itself, so use it for nothing else.",
         "",
         "## Data",
         "",
-        f"Docstrings of the Python {sys_version()} standard library, read with `ast` by",
+        f"Docstrings of the Python {platform.python_version()} standard library, read with `ast` by",
         "`cortex.textdata.build_corpus` (tests, private modules and duplicates skipped):",
         f"{corpus['documents']:,} documents, {corpus['characters']:,} characters. A CRC-32 of each",
         f"document puts 5% of them in a held-out split: {corpus['train_documents']:,} train documents",
@@ -247,7 +243,7 @@ def write_model_card(
         "Reproduce (the result varies with thread scheduling and with how many steps fit in the budget):",
         "",
         "```",
-        command,
+        _reproduce_command(args),
         "```",
         "",
         "## Results",
@@ -275,14 +271,16 @@ def write_model_card(
     (out / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def _reproduce_command(args: argparse.Namespace) -> str:
+    return (
+        f".venv/bin/python scripts/train_demo_model.py --out {args.out} --max-minutes {args.max_minutes:g} "
+        f"--seed {args.seed} --threads {args.threads} --vocab-size {args.vocab_size} --hidden {args.hidden} "
+        f"--moe-intermediate {args.moe_intermediate} --batch {args.batch} --lr {args.lr:g} --bias-gamma {args.bias_gamma:g}"
+    )
+
+
 def _inline(text: str) -> str:
     return text.replace("\n", "⏎").replace("|", "\\|")
-
-
-def sys_version() -> str:
-    import platform
-
-    return platform.python_version()
 
 
 def read_card_figures(card: Path) -> dict[str, Any]:

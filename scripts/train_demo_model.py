@@ -121,7 +121,8 @@ def token_windows(tokenizer: PreTrainedTokenizerBase, documents: list[str], cont
     Returns [N, context] token ids. The tail shorter than a window is dropped.
     """
     stream: list[int] = []
-    for encoding in tokenizer(documents, add_special_tokens=True)["input_ids"]:
+    # verbose=False: documents longer than the context are expected, since they are cut into windows.
+    for encoding in tokenizer(documents, add_special_tokens=True, verbose=False)["input_ids"]:
         stream.extend(encoding)
         stream.append(tokenizer.eos_token_id)
     count = len(stream) // context

@@ -81,7 +81,7 @@ def held_out_windows(corpus: list[str], tokenizer: PreTrainedTokenizerBase, mode
     """Held-out documents as BOS text EOS, concatenated and cut into full windows [N, T]."""
     _, held_out = textdata.split_corpus(corpus)
     stream: list[int] = []
-    for ids in tokenizer(held_out)["input_ids"]:
+    for ids in tokenizer(held_out, verbose=False)["input_ids"]:
         stream += ids + [tokenizer.eos_token_id]
     context = model.config.max_position_embeddings
     count = len(stream) // context
