@@ -131,7 +131,9 @@ class Loader:
                     tensor = self.checkpoint.rows(item.name, item.row, item.shape)
                 dtype = torch.float32 if item.float32 else self.dtype
                 key = item.name if item.row is None else f"{item.name}[{item.row}]"
-                tensors[key] = tensor.to(device=self.device, dtype=dtype)
+                # A copy, not a view into the mapped file: the load does the disk reads (not the
+                # first forward pass), and a shard rewritten on disk cannot fault a running node.
+                tensors[key] = tensor.to(device=self.device, dtype=dtype, copy=True)
                 progress.advance(self._read_nbytes(item))
         return tensors
 
