@@ -1,0 +1,386 @@
+"""`cortex bench peers`: one MoE layer's top-2 expert dispatch, Cortex against hivemind.
+
+Both systems serve the same 8 experts (256 -> 1024 -> 256 float32 feed-forward networks,
+generated from one seed and loaded as identical tensors on both sides) from processes
+separate from the client, on 127.0.0.1, and both route with the same router weights. The
+bench times the whole layer (routing, dispatch, gather, weighted sum) for batches of 1 and
+16 tokens, checks both systems' outputs against a computation in this process, and reports
+the ratio hivemind ms / Cortex ms for 16 tokens.
+
+- Cortex: `--servers` expert server processes on the data plane with a node's settings
+  (CurveZMQ, signed records, verification and an fsynced SQLite log on both ends); the
+  client groups tokens per expert with the TokenRouter (see `_peers_cortex`).
+- hivemind: one `Server` with a `ModuleBackend` per expert and a `RemoteMixtureOfExperts`
+  client, each in a process of the hivemind venv (see `_hivemind_side` and
+  `_hivemind_venv`), with its NAT, relay and IPFS options off.
+
+Start-up overlaps: the hivemind server and client start while the Cortex servers start and
+the Cortex layer runs, but each system is timed while the other one is idle, and the Cortex
+servers are stopped before hivemind is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cortex.bench._common import BenchReport, Goal, add_common_arguments, emit
+from cortex.bench._hivemind_venv import HivemindUnavailable, HivemindVenv, clean_environment, default_cache_dir
+from cortex.bench._subprocesses import Child, ChildFailed, ChildProcesses
+
+logger = logging.getLogger(__name__)
+
+EXPERTS = 8
+HIDDEN_SIZE = 256
+INTERMEDIATE_SIZE = 1024
+TOP_K = 2
+BATCH_SIZES = (1, 16)
+GOAL_BATCH = 16
+SPEEDUP_TARGET = 10.0
+RTOL = 1e-5
+ATOL = 1e-5
+TORCH_THREADS = 1
+READY_TIMEOUT_S = 120.0
+HIVEMIND_HANDLERS = 4
+GOAL_NAME = "Cortex top-2 dispatch of 16 tokens vs hivemind (hivemind ms / Cortex ms)"
+
+
+class PeersBenchError(RuntimeError):
+    """The bench could not produce a valid comparison (a process failed, outputs differ)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "peers",
+        help="top-2 MoE expert dispatch latency: Cortex's data plane against hivemind",
+        description=(
+            "Serve the same 8 experts (256 -> 1024 -> 256 float32 FFNs) with Cortex's data plane and with "
+            "hivemind on 127.0.0.1, time one top-2 MoE layer for batches of 1 and 16 tokens, and check both "
+            "outputs against a local computation. Goal: Cortex >= 10x faster than hivemind for 16 tokens. "
+            "The first run builds hivemind's own venv (torch==2.13.0, then hivemind) under --cache-dir, "
+            "which takes minutes; --skip-hivemind measures Cortex only."
+        ),
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--skip-hivemind", action="store_true", help="measure Cortex only; the goal is left out")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the hivemind venv is cached (default: ~/.cache/cortex)"
+    )
+    parser.add_argument("--repeats", type=int, default=30, help="timed layer calls per batch size (default: 30; 8 with --quick)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed layer calls per batch size first (default: 5; 2 with --quick)")
+    parser.add_argument("--servers", type=int, default=2, help="Cortex expert server processes, experts spread round-robin (default: 2)")
+    parser.add_argument(
+        "--hivemind-handlers", type=int, default=HIVEMIND_HANDLERS, help="hivemind connection handler processes (default: 4)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the expert weights and tokens (default: 0)")
+    parser.add_argument("--call-timeout-s", type=float, default=30.0, help="time limit of one expert call, both systems (default: 30)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    repeats = 8 if args.quick and args.repeats == 30 else args.repeats
+    warmup = 2 if args.quick and args.warmup == 5 else args.warmup
+    if repeats < 1 or warmup < 0 or not 1 <= args.servers <= EXPERTS or args.hivemind_handlers < 1:
+        raise SystemExit(f"need --repeats >= 1, --warmup >= 0, 1 <= --servers <= {EXPERTS}, --hivemind-handlers >= 1")
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    report = BenchReport("peers")
+    try:
+        with tempfile.TemporaryDirectory(prefix="cortex-bench-peers-") as work:
+            outcome = _compare(args, Path(work), repeats, warmup)
+    except (PeersBenchError, ChildFailed) as error:
+        print(f"cortex bench peers failed: {error}", file=sys.stderr)
+        return 1
+    report.results.update(outcome.results)
+    report.results.update(_settings(args, repeats, warmup))
+    if outcome.hivemind_reason is None:
+        value = report.results[f"hivemind_batch_{GOAL_BATCH}_median_ms"] / report.results[f"cortex_batch_{GOAL_BATCH}_median_ms"]
+        report.goals.append(Goal(GOAL_NAME, value, SPEEDUP_TARGET))
+    else:
+        print(f"goal '{GOAL_NAME}' left out: hivemind {outcome.hivemind_reason}", file=sys.stderr)
+    return emit(report, args.json)
+
+
+def _settings(args: argparse.Namespace, repeats: int, warmup: int) -> dict[str, Any]:
+    return {
+        "experts": EXPERTS,
+        "hidden_size": HIDDEN_SIZE,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "dtype": "float32",
+        "top_k": TOP_K,
+        "warmup_calls_per_batch": warmup,
+        "timed_calls_per_batch": repeats,
+        "seed": args.seed,
+        "torch_threads_per_process": TORCH_THREADS,
+        "output_tolerance": f"rtol={RTOL:g} atol={ATOL:g} against a local float32 computation",
+        "cortex_expert_servers": args.servers,
+        "cortex_settings": "CurveZMQ on 127.0.0.1; records signed, verified and logged (SQLite WAL, own records fsynced)",
+        "hivemind_settings": (
+            f"libp2p with TLS on 127.0.0.1; NAT traversal, relays, auto-relay and IPFS off; "
+            f"{args.hivemind_handlers} connection handlers"
+        ),
+    }
+
+
+class Outcome:
+    """What `_compare` measured, and why hivemind was not measured if it was not."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+        self.hivemind_reason: str | None = None
+
+
+def _compare(args: argparse.Namespace, work: Path, repeats: int, warmup: int) -> Outcome:
+    import torch
+
+    from cortex.bench._peers_cortex import reference_layer
+
+    weights = make_weights(args.seed)
+    inputs = make_inputs(args.seed)
+    torch.save(weights, work / "weights.pt")
+    torch.save(inputs, work / "inputs.pt")
+    outcome = Outcome()
+    with ChildProcesses(work) as children:
+        hivemind_server = None
+        if args.skip_hivemind:
+            outcome.hivemind_reason = "was skipped (--skip-hivemind)"
+        else:
+            hivemind_server, outcome.hivemind_reason = _start_hivemind_server(args, children, work)
+        cortex_servers = _start_cortex_servers(args, children, work)
+        hivemind_client = None
+        if hivemind_server is not None:
+            hivemind_client, outcome.hivemind_reason = _start_hivemind_client(args, children, work, hivemind_server, repeats, warmup)
+        cortex = _run_cortex(args, cortex_servers, work, weights["router"], inputs, repeats, warmup)
+        for child in cortex_servers:
+            children.stop(child)
+        hivemind = None
+        if hivemind_client is not None:
+            hivemind, outcome.hivemind_reason = _run_hivemind(args, hivemind_client, work, repeats, warmup)
+    references = {name: reference_layer(weights, batch, TOP_K) for name, batch in inputs.items()}
+    outcome.results.update(_summarize("cortex", cortex["times_ms"]))
+    outcome.results[f"cortex_batch_{GOAL_BATCH}_data_plane_calls"] = cortex["calls_per_goal_batch"]
+    outcome.results["cortex_max_abs_error"] = _check_outputs("Cortex", cortex["outputs"], references)
+    if hivemind is not None:
+        outcome.results.update(_summarize("hivemind", hivemind["times_ms"]))
+        outcome.results["hivemind_max_abs_error"] = _check_outputs("hivemind", hivemind["outputs"], references)
+        outcome.results["hivemind_version"] = hivemind["settings"].get("hivemind_version", "unknown")
+        outcome.results["hivemind_status"] = "measured"
+    else:
+        outcome.results["hivemind_status"] = f"not measured: hivemind {outcome.hivemind_reason}"
+    return outcome
+
+
+def make_weights(seed: int) -> dict[str, Any]:
+    """Generate the router [E, D] and each expert's tensors from `seed`.
+
+    The scales keep outputs of order 1 and router logits well apart, so a float32 rounding
+    difference cannot flip which experts a token picks.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {"router": torch.randn(EXPERTS, HIDDEN_SIZE, generator=generator) * 0.5}
+    for expert in range(EXPERTS):
+        weights[f"experts.{expert}.up.weight"] = torch.randn(INTERMEDIATE_SIZE, HIDDEN_SIZE, generator=generator) * 0.1
+        weights[f"experts.{expert}.up.bias"] = torch.randn(INTERMEDIATE_SIZE, generator=generator) * 0.1
+        weights[f"experts.{expert}.down.weight"] = torch.randn(HIDDEN_SIZE, INTERMEDIATE_SIZE, generator=generator) * 0.05
+        weights[f"experts.{expert}.down.bias"] = torch.randn(HIDDEN_SIZE, generator=generator) * 0.1
+    return weights
+
+
+def make_inputs(seed: int) -> dict[str, Any]:
+    """Generate one batch of tokens [T, D] per batch size, keyed by T as text."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    return {str(size): torch.randn(size, HIDDEN_SIZE, generator=generator) for size in BATCH_SIZES}
+
+
+def _start_hivemind_server(args: argparse.Namespace, children: ChildProcesses, work: Path) -> tuple[Child | None, str | None]:
+    venv = _hivemind_venv(args)
+    try:
+        venv.ensure()
+    except HivemindUnavailable as error:
+        return None, f"could not be installed: {error}"
+    argv = [
+        str(venv.python), str(_hivemind_script()), "serve",
+        "--weights", str(work / "weights.pt"),
+        "--handlers", str(args.hivemind_handlers),
+        "--threads", str(TORCH_THREADS),
+    ]  # fmt: skip
+    return children.start("hivemind-server", argv, env=_hivemind_env()), None
+
+
+def _start_hivemind_client(
+    args: argparse.Namespace, children: ChildProcesses, work: Path, server: Child, repeats: int, warmup: int
+) -> tuple[Child | None, str | None]:
+    try:
+        maddrs = server.read_json("maddrs", READY_TIMEOUT_S)["maddrs"]
+    except ChildFailed as error:
+        return None, f"server failed to start: {error}"
+    venv = _hivemind_venv(args)
+    argv = [
+        str(venv.python), str(_hivemind_script()), "client",
+        "--weights", str(work / "weights.pt"),
+        "--inputs", str(work / "inputs.pt"),
+        "--outputs", str(work / "hivemind-outputs.pt"),
+        "--top-k", str(TOP_K),
+        "--warmup", str(warmup),
+        "--repeats", str(repeats),
+        "--threads", str(TORCH_THREADS),
+        "--peers", *maddrs,
+    ]  # fmt: skip
+    return children.start("hivemind-client", argv, env=_hivemind_env()), None
+
+
+def _run_hivemind(
+    args: argparse.Namespace, client: Child, work: Path, repeats: int, warmup: int
+) -> tuple[dict[str, Any] | None, str | None]:
+    import torch
+
+    try:
+        client.read_json("ready", READY_TIMEOUT_S)
+        client.send_line("go")
+        calls = (repeats + warmup) * len(BATCH_SIZES)
+        result = client.read_json("times_ms", READY_TIMEOUT_S + calls * args.call_timeout_s)
+    except (ChildFailed, BrokenPipeError) as error:
+        return None, f"client failed: {error}"
+    result["outputs"] = torch.load(work / "hivemind-outputs.pt", weights_only=True)
+    return result, None
+
+
+def _start_cortex_servers(args: argparse.Namespace, children: ChildProcesses, work: Path) -> list[Child]:
+    servers = []
+    for index in range(args.servers):
+        experts = ",".join(str(expert) for expert in range(index, EXPERTS, args.servers))
+        argv = [
+            sys.executable, "-m", "cortex.bench._peers_cortex", "serve",
+            "--weights", str(work / "weights.pt"),
+            "--experts", experts,
+            "--data-dir", str(work / f"cortex-server-{index}"),
+            "--request-id", _request_id(work),
+            "--threads", str(TORCH_THREADS),
+            "--handler-timeout-s", str(args.call_timeout_s),
+        ]  # fmt: skip
+        servers.append(children.start(f"cortex-server-{index}", argv))
+    return servers
+
+
+def _request_id(work: Path) -> str:
+    """Return the run's request id, the one id the expert servers accept."""
+    path = work / "request-id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32), encoding="utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def _run_cortex(
+    args: argparse.Namespace,
+    servers: list[Child],
+    work: Path,
+    router: Any,
+    inputs: dict[str, Any],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    import asyncio
+
+    from cortex.bench._peers_cortex import ExpertServer
+
+    announced = [server.read_json("endpoint", READY_TIMEOUT_S) for server in servers]
+    experts = [ExpertServer(item["peer_id"], item["endpoint"], tuple(item["experts"])) for item in announced]
+    return asyncio.run(_time_cortex(args, experts, work, router, inputs, repeats, warmup))
+
+
+async def _time_cortex(
+    args: argparse.Namespace,
+    servers: list[Any],
+    work: Path,
+    router: Any,
+    inputs: dict[str, Any],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    from cortex.bench._peers_cortex import CortexMoeLayer
+
+    layer = CortexMoeLayer(router, servers, _request_id(work), args.call_timeout_s)
+    await layer.start(work / "cortex-client")
+    times_ms: dict[str, list[float]] = {}
+    outputs: dict[str, Any] = {}
+    calls_per_goal_batch = 0.0
+    try:
+        async with asyncio.timeout((repeats + warmup) * len(BATCH_SIZES) * args.call_timeout_s):
+            for name, batch in inputs.items():
+                for _ in range(warmup):
+                    await layer.forward(batch, TOP_K)
+                calls_before = layer.counters.get("calls_sent", 0)
+                samples = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    output = await layer.forward(batch, TOP_K)
+                    samples.append((time.perf_counter() - started) * 1000.0)
+                if name == str(GOAL_BATCH):
+                    calls_per_goal_batch = (layer.counters.get("calls_sent", 0) - calls_before) / repeats
+                times_ms[name] = samples
+                outputs[name] = output
+    except TimeoutError:
+        raise PeersBenchError("the Cortex layer calls did not finish within their combined call timeouts") from None
+    finally:
+        await layer.close()
+    return {"times_ms": times_ms, "outputs": outputs, "calls_per_goal_batch": calls_per_goal_batch}
+
+
+def _summarize(system: str, times_ms: dict[str, list[float]]) -> dict[str, float]:
+    """Median and 90th percentile ms per batch size, and tokens/s at the median."""
+    import statistics
+
+    figures: dict[str, float] = {}
+    for size in BATCH_SIZES:
+        samples = sorted(times_ms[str(size)])
+        median = statistics.median(samples)
+        figures[f"{system}_batch_{size}_median_ms"] = median
+        figures[f"{system}_batch_{size}_p90_ms"] = samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+        figures[f"{system}_batch_{size}_tokens_per_s"] = size * 1000.0 / median
+    return figures
+
+
+def _check_outputs(system: str, outputs: dict[str, Any], references: dict[str, Any]) -> float:
+    """Return the largest absolute difference from the reference; raise PeersBenchError past tolerance."""
+    import torch
+
+    worst = 0.0
+    for name, reference in references.items():
+        output = outputs[name]
+        if tuple(output.shape) != tuple(reference.shape):
+            raise PeersBenchError(f"{system} output for {name} tokens has shape {tuple(output.shape)}, expected {tuple(reference.shape)}")
+        difference = float((output - reference).abs().max())
+        if not torch.allclose(output, reference, rtol=RTOL, atol=ATOL):
+            raise PeersBenchError(
+                f"{system} output for {name} tokens differs from the local computation by up to {difference:.3g} "
+                f"(tolerance rtol={RTOL:g} atol={ATOL:g}); its timings are not comparable"
+            )
+        worst = max(worst, difference)
+    return worst
+
+
+def _hivemind_venv(args: argparse.Namespace) -> HivemindVenv:
+    return HivemindVenv((args.cache_dir or default_cache_dir()) / "hivemind-venv")
+
+
+def _hivemind_script() -> Path:
+    return Path(__file__).with_name("_hivemind_side.py")
+
+
+def _hivemind_env() -> dict[str, str]:
+    env = clean_environment()
+    env["HIVEMIND_LOGLEVEL"] = "WARNING"
+    return env
