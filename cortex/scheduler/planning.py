@@ -48,7 +48,8 @@ class PlanningContext:
 
     `observations` is this node's local cache, `trust` a caller-supplied mapping (peer id to
     a positive weight, DEFAULT_TRUST when absent), and `own_request` a request whose own
-    reservations and load are left out (the request being re-planned).
+    reservations and load are left out (the request being re-planned). Load and
+    reservations are read from the Scheduler view once, so build a context per decision.
     """
 
     registry: RegistryView
