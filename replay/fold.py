@@ -6,7 +6,7 @@ Acceptor does at start and after it detects an equivocation):
 
 - events are applied in canonical order `(lamport, author, seq, id)`;
 - an equivocation counts once both of its events have been folded. From then on the
-  author's events from the disputed seq on are ignored, every view is told through
+  author's events from the disputed seq on are ignored, every view receives
   `apply_equivocation`, and the views are refolded from the start of the log (the log is
   read again, so no event is kept in memory). Equivocations are rare, so the refolds are.
 

@@ -3,7 +3,7 @@
 The log is the SQLite file that `events.store.LogStore` writes (its docstring states the
 format). `LogReader` opens it with `mode=ro`, so a reader never takes the write lock, never
 creates tables and never changes the file. In WAL mode readers and the writer do not block
-each other: each query sees the transactions committed when it started. A reader still
+each other: each query reads the transactions committed before it started. A reader still
 needs the `-shm` file beside the log, which the writing node keeps; for a log that no
 process has open, SQLite (3.22 and later) opens the file read-only without it.
 

@@ -9,7 +9,7 @@ of 8 tokens, and completed. Request content is sealed to the submitter and the d
 with `cortex.privacy`, as nodes do.
 
 Request events exist only when the Scheduler's event types import (`cortex.scheduler`);
-otherwise the mix is membership and shard events alone. `mix_types()` says which types a
+otherwise the mix is membership and shard events alone. `mix_types()` returns the types a
 generated log can contain. Events are signed with real keys (seeded, so the peers are the
 same in every run) and stored with `LogStore.insert` without the acceptance checks, since
 the generator is trusted; `cortex replay LOG --verify` passes on the result.
@@ -239,9 +239,9 @@ def generate_log(
 def cached_log(cache_dir: Path, count: int, progress: Callable[[int], None] | None = None) -> tuple[Path, bool]:
     """Return a cached generated log of `count` events, generating it first if needed.
 
-    Returns (path, generated). The file name records the generator version and the mix, so
-    a change of either (or of the fields of a type in the mix) makes a new file; a
-    half-written file never gets the final name.
+    Returns (path, generated). The file name records the generator version and the schema
+    of the mix's types, so a change of either makes a new file. A half-written file never
+    gets the final name.
     """
     mix = hashlib.blake2b(schema_fingerprint().encode(), digest_size=4).hexdigest()
     path = cache_dir / f"replay-mix-v{GENERATOR_VERSION}-{mix}-{count}.db"

@@ -1,9 +1,9 @@
 """The timeline of one request: its events in order, the gaps between them, who served what.
 
 A request's events are found from its id, which may be the id of its first event or an id
-carried in event bodies as `request_id`: the event with that id and the events whose body
-names it are the roots, with the events those ref (the submission, whose body may carry
-only the inputs of the id), and every event that refs a root, directly or through other events
+carried in event bodies as `request_id`. The roots are the event with that id, the events
+whose body names it, and the events those ref (the submission, whose body may carry only
+the inputs of the id). Every event that refs a root, directly or through other events
 of the request (a record that refs the acceptance that refs the submission), is added by
 following the log's refs table. They are listed in canonical order,
 which respects causality, with the time since the previous event and since the first.
@@ -30,7 +30,7 @@ from replay.reader import LogReader, decode_stored
 from replay.render import body_fields
 
 SERVING_FIELDS = ("fragment", "stage", "block", "layer", "layers", "start_layer", "stop_layer", "expert", "experts", "step")
-"""Body fields that say which part of a model an event's author worked on."""
+"""Body fields that name the part of a model an event's author worked on."""
 
 MAX_DEPTH = 32
 MAX_EVENTS = 200_000

@@ -57,7 +57,7 @@ def format_duration_ms(duration_ms: int) -> str:
 
 @dataclass(frozen=True)
 class Until:
-    """Where a replay stops: after the event at `index`, or with every event up to `time_ms`."""
+    """A replay's stopping point: after the event at `index`, or with every event up to `time_ms`."""
 
     index: int | None = None
     time_ms: int | None = None
@@ -77,7 +77,7 @@ def parse_until(text: str, reader: LogReader, now_ms: int) -> Until:
         if index < 0:
             index += count
         if not 0 <= index < count:
-            raise SelectionError(f"index {text} is outside the log, which holds {count} events (indices 0 to {count - 1})")
+            raise SelectionError(f"index {text} is outside the log, which contains {count} events (indices 0 to {count - 1})")
         return Until(index=index, text=text)
     if _HEX.fullmatch(text.lower()):
         event_id = reader.resolve_id(text)

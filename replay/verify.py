@@ -48,7 +48,7 @@ class Finding:
 
 @dataclass
 class VerifyReport:
-    """What `verify_log` found: counts, problems and warnings."""
+    """Counts, problems and warnings found by `verify_log`."""
 
     events: int = 0
     authors: int = 0

@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from replay.arguments import add_log_arguments
 
+    # NOTE: there is no live tail from the gossip bus (--bus) yet, because the bus API was
+    # still changing when this command was written. Every event a node accepts from the bus
+    # lands in its log first, so following the log of a running node shows the same events.
     add_log_arguments(parser)
     count = parser.add_mutually_exclusive_group()
     count.add_argument("-n", type=int, default=10, metavar="N", help="print the last N matching events (default: 10)")

@@ -1,8 +1,8 @@
 """A node process that writes its log while tests read it: `python log_writer_child.py DATA_DIR`.
 
-Writes a PeerJoined and prints `ready PEER_ID`. Then reads commands from stdin:
+Writes a PeerJoined and prints `ready PEER_ID`, then reads commands from stdin.
 `write N` writes N events (shard claims and loads, a heartbeat every 10th) through the
-real EventWriter, one durable transaction each, and prints `wrote LAST_SEQ`; `stop` or the
+real EventWriter, one durable transaction each, and prints `wrote LAST_SEQ`. `stop` or the
 end of input exits.
 """
 

@@ -34,7 +34,8 @@ def test_diff_identical_logs(tmp_path: Path, scenario_log: Path) -> None:
 def test_diff_reports_missing_events_and_first_view_difference(tmp_path: Path, scenario: Scenario) -> None:
     full = node_with(tmp_path / "full", scenario, set())
     # Node B missed event 7 (a ShardLoaded of expert[1][3]) and event 10 (its release).
-    assert scenario.events[7].type == "ShardLoaded" and scenario.events[10].type == "ShardReleased"
+    assert scenario.events[7].type == "ShardLoaded"
+    assert scenario.events[10].type == "ShardReleased"
     partial = node_with(tmp_path / "partial", scenario, {7, 10})
     result = run_cli("replay", "diff", str(full), str(partial), "--json", "--view", "registry")
     assert result.status == 1
@@ -71,7 +72,8 @@ def test_step_mode_shows_changes(scenario_log: Path, scenario: Scenario) -> None
     assert result.status == 0, result.stderr
     out = result.stdout
     assert f"step mode: {total} events" in out
-    assert "     0  " in out and "PeerJoined" in out
+    assert "     0  " in out
+    assert "PeerJoined" in out
     assert "registry: 1 change(s)" in out
     assert "     2  " in out
     assert "at index 7 (5 events folded)" in out

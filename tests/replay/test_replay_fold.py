@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MODEL, Author, Scenario, build_scenario, joined, run_cli
@@ -125,10 +126,10 @@ def test_step_by_step_equals_run(tmp_path: Path, four_identities: list[Identity]
 def test_replay_cli_until_forms(scenario_log: Path, scenario: Scenario) -> None:
     import orjson
 
-    def until(value: str) -> dict:  # type: ignore[type-arg]
+    def until(value: str) -> dict[str, Any]:
         result = run_cli("replay", str(scenario_log), "--view", "registry", "--json", "--until", value)
         assert result.status == 0, result.stderr
-        return orjson.loads(result.stdout)  # type: ignore[no-any-return]
+        return orjson.loads(result.stdout)
 
     with LogReader(scenario_log) as reader:
         ordered = [event.id for event in reader.canonical()]

@@ -1,6 +1,6 @@
 """Replay rebuilds the views of live nodes: three node processes gossip over NATS, then stop.
 
-Each node process (`python -m cortex.bus.testnode`) holds its own log, Acceptor and Registry
+Each node process (`python -m cortex.bus.testnode`) has its own log, Acceptor and Registry
 view. After they converge, each one's live Registry digest (asked over its stdin) must equal
 the digest that replaying its log file gives, and `cortex replay diff` finds their logs equal.
 """
@@ -63,7 +63,7 @@ class Node:
                     raise EOFError(f"node exited: {(self.data_dir / 'stderr.log').read_text()[-2000:]}")
                 self._buffer += chunk
         reply, self._buffer = self._buffer.split(b"\n", 1)
-        return orjson.loads(reply)  # type: ignore[no-any-return]
+        return orjson.loads(reply)
 
     def kill(self) -> None:
         if self.process.poll() is None:

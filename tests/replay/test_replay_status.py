@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,10 +17,10 @@ from replay.synthetic import generate_log
 from replay.views import available_views, view_digest
 
 
-def status_json(*arguments: str) -> dict:  # type: ignore[type-arg]
+def status_json(*arguments: str) -> dict[str, Any]:
     result = run_cli("status", *arguments)
     assert result.status == 0, result.stderr
-    return orjson.loads(result.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+    return orjson.loads(result.stdout.splitlines()[-1])
 
 
 def test_status_peers_and_coverage(scenario_log: Path, scenario: Scenario) -> None:

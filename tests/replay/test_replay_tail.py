@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 from conftest import START_MS, Scenario, run_cli
 
 CHILD = Path(__file__).with_name("log_writer_child.py")
 
 
-def json_lines(output: str) -> list[dict]:  # type: ignore[type-arg]
+def json_lines(output: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in output.splitlines()]
 
 
@@ -56,8 +58,8 @@ def test_tail_filters_type_author_request(scenario_log: Path, scenario: Scenario
     assert repeated == by_type
 
     author = scenario.authors[2].peer_id
-    for given in (author, author[:20], author[-8:]):
-        records = json_lines(run_cli("tail", "--data-dir", log, "--all", "--json", "--author", given).stdout)
+    for form in (author, author[:20], author[-8:]):
+        records = json_lines(run_cli("tail", "--data-dir", log, "--all", "--json", "--author", form).stdout)
         assert {record["author"] for record in records} == {author}
         assert len(records) == scenario.authors[2].seq
 
@@ -79,7 +81,7 @@ def test_tail_since_time_and_duration(scenario_log: Path, scenario: Scenario) ->
     assert START_MS < cutoff
 
 
-def test_tail_errors_exit_two(tmp_path: Path, scenario_log: Path, monkeypatch: object) -> None:
+def test_tail_errors_exit_two(tmp_path: Path, scenario_log: Path) -> None:
     missing = run_cli("tail", "--data-dir", str(tmp_path / "none"))
     assert missing.status == 2
     assert "does not exist" in missing.stderr
@@ -91,7 +93,7 @@ def test_tail_errors_exit_two(tmp_path: Path, scenario_log: Path, monkeypatch: o
     assert "no event" in unknown_request.stderr
 
 
-def test_tail_data_dir_from_environment(scenario_log: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_tail_data_dir_from_environment(scenario_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CORTEX_DATA_DIR", raising=False)
     assert "no log given" in run_cli("tail").stderr
     monkeypatch.setenv("CORTEX_DATA_DIR", str(scenario_log))
@@ -150,7 +152,8 @@ def test_tail_follow_duration_and_filter(tmp_path: Path) -> None:
         lines = tail.stdout.splitlines()
         assert len(lines) == 2
         assert all("PeerHeartbeat" in line for line in lines)
-        assert "#20" in lines[0] and "#30" in lines[1]
+        assert "#20" in lines[0]
+        assert "#30" in lines[1]
     finally:
         if writer.stdin is not None:
             writer.stdin.close()

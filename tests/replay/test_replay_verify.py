@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -15,12 +16,12 @@ from replay.reader import LogReader
 from replay.verify import verify_log
 
 
-def verify_json(path: Path) -> tuple[int, dict]:  # type: ignore[type-arg]
+def verify_json(path: Path) -> tuple[int, dict[str, Any]]:
     result = run_cli("replay", str(path), "--verify", "--json")
     return result.status, orjson.loads(result.stdout)
 
 
-def damaged_copy(source: Path, target: Path, statement: str, parameters: tuple = ()) -> Path:  # type: ignore[type-arg]
+def damaged_copy(source: Path, target: Path, statement: str, parameters: tuple[Any, ...] = ()) -> Path:
     target.mkdir()
     shutil.copy(source / "events.db", target / "events.db")
     connection = sqlite3.connect(target / "events.db")
