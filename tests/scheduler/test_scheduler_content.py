@@ -95,7 +95,9 @@ def test_batcher_by_count_and_time() -> None:
     assert batcher.add(6, "f", now_ms=90) is None
     last = batcher.flush()
 
-    assert first is not None and second is not None and last is not None
+    assert first is not None
+    assert second is not None
+    assert last is not None
     assert (first.step_start, first.step_stop) == (0, 3)
     assert (second.step_start, second.step_stop) == (3, 5)
     assert (last.step_start, last.step_stop) == (5, 6)

@@ -52,16 +52,16 @@ class Node:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[Node]]:
-    made = []
+    started = []
     for name in ("submitter", "driver", "outsider"):
         identity = Identity.generate()
         registry = Projection(RegistryReducer())
         scheduler = Projection(SchedulerReducer())
         acceptor = Acceptor(LogStore(tmp_path / f"{name}.db"), [registry, scheduler], own_peer_id=identity.peer_id)
         writer = EventWriter(identity, acceptor, clock_ms=lambda: NOW_MS)
-        made.append(Node(identity, acceptor, writer, registry, scheduler))
-    yield made
-    for node in made:
+        started.append(Node(identity, acceptor, writer, registry, scheduler))
+    yield started
+    for node in started:
         node.acceptor.store.close()
 
 
@@ -107,7 +107,8 @@ def test_request_flow_end_to_end(nodes: list[Node]) -> None:
     refs = (submitted.id,)
 
     record = driver.scheduler.view.record(request_id)
-    assert record is not None and record.submission is not None
+    assert record is not None
+    assert record.submission is not None
     assert open_prompt(record.submission, driver.identity) == "tell me"
     with pytest.raises(NotARecipient):
         open_prompt(record.submission, outsider.identity)
@@ -119,7 +120,8 @@ def test_request_flow_end_to_end(nodes: list[Node]) -> None:
         if batch is not None:
             write(nodes, driver, batch, refs)
     running = submitter.scheduler.view.record(request_id)
-    assert running is not None and running.state == RUNNING
+    assert running is not None
+    assert running.state == RUNNING
 
     failed = plan.route["block[2:4]"]
     failed_identity = next(identity for identity in HOLDERS if identity.peer_id == failed)
