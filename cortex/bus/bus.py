@@ -36,7 +36,7 @@ from cortex.bus.admission import Admission
 from cortex.bus.errors import FrameDecodeError, FrameTooLarge, SyncError
 from cortex.bus.frames import Kind
 from cortex.bus.sync import MAX_EVENTS_PER_REPLY, Range, SyncClient, SyncServer, intersect_ranges
-from cortex.bus.transport import Delivery, Transport
+from cortex.bus.transport import Delivery, Subscription, Transport
 from events.acceptance import AcceptResult, Acceptor
 from events.codec import Event, parse_event
 from events.errors import EventRejected
@@ -45,6 +45,7 @@ from events.membership import PeerHeartbeat
 logger = logging.getLogger(__name__)
 
 AUTHOR_PREFIX = b'{"author":"'
+MAX_REPAIR_SKIPS = 10
 Listener = Callable[[list[Event]], None]
 
 
@@ -108,6 +109,8 @@ class GossipBus:
         self._last_missing: dict[str, list[tuple[int, int]]] = {}
         self._floors: dict[str, int] = self._load_floors()
         self._tasks: list[asyncio.Task[None]] = []
+        self._subscription: Subscription | None = None
+        self._own_announced = 0
         self._client = SyncClient(transport, self.config.sync_timeout_s)
         self._server: SyncServer | None = None
         self._random = random.Random()
@@ -119,11 +122,14 @@ class GossipBus:
         frame_limit = self.transport.max_frame_bytes
         if self.config.max_frame_bytes > frame_limit:
             raise FrameTooLarge(self.config.max_frame_bytes, frame_limit)
-        self._server = SyncServer(self.store, frame_limit, self.admission.is_allowed_peer)
+        own = self.acceptor.own_peer_id
+        self._own_announced = self.store.max_seq(own) if own is not None else 0
+        self._server = SyncServer(self.store, frame_limit, self.admission.is_allowed_peer, self.local_heads)
         self.transport.set_request_handler(self._server.serve)
         await self.transport.start()
         subscription = await self.transport.subscribe(self.config.topic)
         self._dirty.update(self.store.authors())
+        self._subscription = subscription
         self._spawn(self._receive_loop(subscription), "receive")
         self._spawn(self._flush_loop(), "flush")
         await self._join()
@@ -168,6 +174,8 @@ class GossipBus:
         self._pending_bytes += size
         self.counters["published_events"] += 1
         self._known_heads[event.author] = max(self._known_heads.get(event.author, 0), event.seq)
+        if event.author == self.acceptor.own_peer_id:
+            self._own_announced = max(self._own_announced, event.seq)
         self._has_pending.set()
 
     async def flush(self) -> None:
@@ -279,8 +287,16 @@ class GossipBus:
     # --- repair -----------------------------------------------------------------
 
     def local_heads(self) -> dict[str, int]:
-        """Return the highest stored seq per author."""
-        return {author: self.store.max_seq(author) for author in self.store.authors()}
+        """Return the highest stored seq per author, for this node only up to what it published.
+
+        Own events written but not yet handed to `publish` are not announced; the ones left
+        unpublished by a crash are announced after the restart, so peers fetch them.
+        """
+        heads = {author: self.store.max_seq(author) for author in self.store.authors()}
+        own = self.acceptor.own_peer_id
+        if own is not None and own in heads:
+            heads[own] = min(heads[own], self._own_announced)
+        return heads
 
     async def _heads_loop(self) -> None:
         while True:
@@ -293,10 +309,19 @@ class GossipBus:
                     logger.warning("publishing heads failed: %r", error)
 
     async def _repair_loop(self) -> None:
+        skipped = 0
         while True:
             await asyncio.sleep(self.config.repair_interval_s)
-            if self._dirty:
-                await self.repair(wait_for_persistence=True)
+            if not self._dirty:
+                continue
+            # Frames still queued may hold the missing events: wait for the backlog to clear,
+            # but no longer than MAX_REPAIR_SKIPS intervals, so a busy node still repairs.
+            backlog = self._subscription.pending if self._subscription is not None else 0
+            if backlog and skipped < MAX_REPAIR_SKIPS:
+                skipped += 1
+                continue
+            skipped = 0
+            await self.repair(wait_for_persistence=True)
 
     def missing(self) -> dict[str, list[tuple[int, int]]]:
         """Return the seq ranges this node lacks per dirty author, above its sync floors."""

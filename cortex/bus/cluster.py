@@ -1,4 +1,8 @@
-"""A cluster of `python -m cortex.bus.testnode` processes on loopback, driven over stdin/stdout."""
+"""A cluster of `python -m cortex.bus.testnode` processes on loopback, driven over stdin/stdout.
+
+Used by the multi-process bus tests and by `cortex bench bus`. Every process
+is killed by `Cluster.close()`, whatever state it is in.
+"""
 
 from __future__ import annotations
 
@@ -92,7 +96,15 @@ class NodeProcess:
 class Cluster:
     """Node processes of one backend; every libp2p node dials every other (and redials)."""
 
-    def __init__(self, backend: str, root: Path, size: int, drop: float, nats_url: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        root: Path,
+        size: int,
+        drop: float,
+        nats_url: str | None = None,
+        extra_arguments: tuple[str, ...] = ("--log-level", "INFO"),
+    ) -> None:
         self.backend = backend
         self.nodes: list[NodeProcess] = []
         peer_ids: list[str] = []
@@ -103,7 +115,7 @@ class Cluster:
             peer_ids.append(Identity.load_or_create(data_dir / "node.key").peer_id)
             addresses.append(free_port_address(quic=backend == "libp2p-quic"))
         for index in range(size):
-            arguments = ["--backend", backend, "--drop", str(drop), "--log-level", "INFO"]
+            arguments = ["--backend", backend, "--drop", str(drop), *extra_arguments]
             if backend.startswith("libp2p"):
                 arguments += ["--listen", addresses[index]]
                 for other in range(size):

@@ -189,10 +189,15 @@ class Libp2pTransport(Transport):
                     self.listen_addresses = [str(address) for address in host.get_addrs()]
                     for address in self.config.bootstrap:
                         await self._trio_dial_quietly(address)
-                    nursery.start_soon(self._trio_redial_loop)
-                    nursery.start_soon(self._trio_housekeeping_loop)
-                    ready()
-                    await stopping.wait()
+                    # Background loops and subscription readers live in their own nursery, so
+                    # they end before pubsub and the host shut down (no dial into a closing host).
+                    async with trio.open_nursery() as loops:
+                        self._nursery = loops
+                        loops.start_soon(self._trio_redial_loop)
+                        loops.start_soon(self._trio_housekeeping_loop)
+                        ready()
+                        await stopping.wait()
+                        loops.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 pubsub.seen_messages.stop()

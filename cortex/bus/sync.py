@@ -72,8 +72,15 @@ def intersect_ranges(first: list[tuple[int, int]], second: list[tuple[int, int]]
 class SyncServer:
     """Serves sync requests from a node's log store."""
 
-    def __init__(self, store: LogStore, reply_bytes: int, is_allowed: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        store: LogStore,
+        reply_bytes: int,
+        is_allowed: Callable[[str], bool],
+        heads: Callable[[], dict[str, int]],
+    ) -> None:
         self.store = store
+        self.heads = heads
         self.reply_bytes = min(reply_bytes, MAX_REPLY_BYTES)
         self.is_allowed = is_allowed
         self.active = 0
@@ -103,7 +110,7 @@ class SyncServer:
     def _dispatch(self, data: bytes) -> bytes:
         kind, body = frames.decode_kind(data)
         if kind is Kind.HEADS_REQUEST:
-            return frames.encode_heads({author: self.store.max_seq(author) for author in self.store.authors()})
+            return frames.encode_heads(self.heads())
         if kind is Kind.RANGE_REQUEST:
             ranges, max_events = _parse_range_request(frames.decode_json(body))
             return self._serve_ranges(ranges, max_events)

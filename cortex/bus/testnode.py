@@ -10,7 +10,15 @@ line by line from stdin, each answered with one JSON line on stdout:
     forge VICTIM      publish one event that claims VICTIM as author but is signed
                       with this node's key; returns {"forged": 1}
     status            returns counts, digests of the event-id set and the Registry view
+    count             returns {"events": events in the log}
     repair            runs one repair pass now; returns {"repaired": accepted events}
+    prewrite N        write N events to the log without publishing them (for benches)
+    blast N           publish N prewritten events at once; returns {"started_ns": ...}
+    pace N RATE       publish N prewritten events at RATE events/s; returns each one's
+                      publish time in ns by event id
+    wait_count N      returns {"reached_ns": ...} once the log holds N events
+    accept_times      returns the time in ns each event from a peer was accepted, by id
+                      (recorded only with --record-accept-times)
     stop              stops the bus and exits
 
 stderr carries the log.
@@ -24,6 +32,7 @@ import hashlib
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +74,55 @@ class BusNode:
         self.acceptor = Acceptor(self.store, [self.registry], own_peer_id=identity.peer_id)
         self.writer = EventWriter(identity, self.acceptor)
         self.bus = GossipBus(transport, self.acceptor, config)
-        self._published = self.writer.last_seq
+        self.prewritten: list[Event] = []
+        self.accept_times: dict[str, int] | None = None
+        self._count_waiters: list[tuple[int, asyncio.Future[int]]] = []
+        self.bus.add_listener(self._on_accepted)
+
+    def _on_accepted(self, events: list[Event]) -> None:
+        now = time.time_ns()
+        if self.accept_times is not None:
+            for event in events:
+                self.accept_times[event.id] = now
+        if self._count_waiters:
+            count = len(self.store)
+            for target, future in list(self._count_waiters):
+                if count >= target and not future.done():
+                    future.set_result(now)
+                    self._count_waiters.remove((target, future))
+
+    async def wait_count(self, target: int) -> int:
+        """Wait until the log holds `target` events; return the time (ns) that happened."""
+        if len(self.store) >= target:
+            return time.time_ns()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._count_waiters.append((target, future))
+        return await future
+
+    def prewrite(self, count: int) -> None:
+        """Write `count` events to the log now and keep them for a later `blast` or `pace`."""
+        for _ in range(count):
+            self.prewritten.append(self.writer.write(self._next_body()))
+
+    async def blast(self, count: int) -> None:
+        events, self.prewritten = self.prewritten[:count], self.prewritten[count:]
+        for event in events:
+            await self.bus.publish(event)
+        await self.bus.flush()
+
+    async def pace(self, count: int, rate: float) -> dict[str, int]:
+        events, self.prewritten = self.prewritten[:count], self.prewritten[count:]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        published: dict[str, int] = {}
+        for index, event in enumerate(events):
+            delay = started + index / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            published[event.id] = time.time_ns()
+            await self.bus.publish(event)
+        await self.bus.flush()
+        return published
 
     async def start(self) -> None:
         await self.bus.start()
@@ -157,6 +214,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drop", type=float, default=0.0, help="share of inbound gossip frames to drop")
     parser.add_argument("--join-mode", choices=["full", "live"], default="full")
     parser.add_argument("--rate-per-s", type=float, default=BusConfig.rate_per_s)
+    parser.add_argument("--record-accept-times", action="store_true", help="record when each peer event was accepted")
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
 
@@ -166,6 +224,8 @@ async def serve(args: argparse.Namespace) -> None:
     faults = FaultInjector(drop_rate=args.drop) if args.drop else None
     config = BusConfig(join_mode=args.join_mode, rate_per_s=args.rate_per_s, state_path=args.data_dir / "bus-state.json")
     node = BusNode(args.data_dir, build_transport(args, identity, faults), config, identity)
+    if args.record_accept_times:
+        node.accept_times = {}
     await node.start()
     reply({"ready": True, "peer_id": identity.peer_id, "addresses": getattr(node.bus.transport, "listen_addresses", [])})
     loop = asyncio.get_running_loop()
@@ -173,23 +233,43 @@ async def serve(args: argparse.Namespace) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := (await reader.readline()).decode().strip():
         command, _, argument = line.partition(" ")
-        if command == "publish":
-            await node.publish_many(int(argument))
-            await node.bus.flush()
-            reply({"published": int(argument)})
-        elif command == "forge":
-            await node.bus.transport.publish(node.bus.config.topic, encode_events([node.forged_wire(argument)]))
-            reply({"forged": 1})
-        elif command == "status":
-            reply(node.status())
-        elif command == "repair":
-            reply({"repaired": await node.bus.repair()})
-        elif command == "stop":
+        if command == "stop":
             break
-        else:
-            reply({"error": f"unknown command {command!r}"})
+        reply(await run_command(node, command, argument))
     await node.stop()
     reply({"stopped": True, "threads": sorted(thread.name for thread in threading.enumerate())})
+
+
+async def run_command(node: BusNode, command: str, argument: str) -> dict[str, Any]:
+    if command == "publish":
+        await node.publish_many(int(argument))
+        await node.bus.flush()
+        return {"published": int(argument)}
+    if command == "forge":
+        await node.bus.transport.publish(node.bus.config.topic, encode_events([node.forged_wire(argument)]))
+        return {"forged": 1}
+    if command == "status":
+        return node.status()
+    if command == "count":
+        return {"events": len(node.store)}
+    if command == "repair":
+        return {"repaired": await node.bus.repair()}
+    if command == "prewrite":
+        started = time.perf_counter()
+        node.prewrite(int(argument))
+        return {"prewritten": int(argument), "seconds": time.perf_counter() - started}
+    if command == "blast":
+        started_ns = time.time_ns()
+        await node.blast(int(argument))
+        return {"started_ns": started_ns}
+    if command == "pace":
+        count, rate = argument.split()
+        return {"published_ns": await node.pace(int(count), float(rate))}
+    if command == "wait_count":
+        return {"reached_ns": await node.wait_count(int(argument))}
+    if command == "accept_times":
+        return {"accept_ns": node.accept_times or {}}
+    return {"error": f"unknown command {command!r}"}
 
 
 def reply(message: dict[str, Any]) -> None:

@@ -85,6 +85,11 @@ class Subscription:
         self._on_close = on_close
         self._closed = False
 
+    @property
+    def pending(self) -> int:
+        """Frames received but not yet taken by the consumer."""
+        return self._queue.qsize()
+
     def put(self, delivery: Delivery) -> None:
         if not self._closed:
             self._queue.put_nowait(delivery)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import multiaddr
 import pytest
-from bus_cluster import Cluster, NodeProcess
+from cortex.bus.cluster import Cluster, NodeProcess
 from test_bus_libp2p import plaintext_dial
 
 from cortex.bus.nats_server import LocalNatsServer
