@@ -1,7 +1,7 @@
 """PeerChannel: one DEALER connection to one peer, with many calls in flight at once.
 
 Each call has an id unique within the data plane. The channel sends the call's message and
-parks a future under that id; one receive task reads every reply on the socket and resolves
+parks a future under that id. One receive task reads every reply on the socket and resolves
 the future whose id the reply header names. Calls therefore overlap: the channel never waits
 for one reply before sending the next call. A reply whose call already timed out or was
 cancelled is dropped and counted as late.

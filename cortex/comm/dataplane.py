@@ -8,7 +8,7 @@ call runs in its own task, so a slow call does not hold up the ones behind it.
 Every tensor travels with a signed record event (`cortex.comm.records`); the frame format is
 in `cortex.comm.frames` and the checks on receipt in `cortex.comm.validation`. A frame that
 fails a check is rejected with a logged reason, counted in `counters`, reported to the
-`on_reject` hook when the sender is at fault, and answered with an error frame when its
+`on_reject` hook when the sender is at fault, and replied to with an error frame when its
 header was readable. Nothing a peer sends stops the node: the serve loop catches and logs
 every error and keeps serving.
 
@@ -36,7 +36,7 @@ import zmq.asyncio
 from cortex.comm.buffers import BufferPool
 from cortex.comm.channel import PeerChannel
 from cortex.comm.errors import CallFailed, CommError, DataPlaneClosed, FrameReason, FrameRejected, PeerTimeout
-from cortex.comm.frames import Part, chunk_parts, decode_header, describe, encode_error, encode_message, tensor_bytes
+from cortex.comm.frames import Header, Part, chunk_parts, decode_header, describe, encode_error, encode_message, tensor_bytes
 from cortex.comm.messages import IncomingCall, Rejection, Reply, Response
 from cortex.comm.records import RECORD_TYPES, TENSOR_FIELDS
 from cortex.comm.sockets import ZapHandler, cancel_and_wait, configure_server
@@ -58,7 +58,7 @@ class DataPlane:
     """A node's tensor channels: serves registered handlers and calls other nodes' handlers.
 
     `sign(body, refs)` signs a record as this node's next event and appends it to the node's
-    log; pass `EventWriter.write`. `is_known_request(request_id)` says whether a request may
+    log; pass `EventWriter.write`. `is_known_request(request_id)` returns whether a request may
     use this node (the Scheduler view decides). Received records are appended to the log
     through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook.
     """
@@ -144,7 +144,7 @@ class DataPlane:
 
         Each tensor is described by a `record` event with `fields`, plus the fields taken from
         the tensor, signed with refs `(request_id,)`. Raises PeerTimeout when no valid reply
-        comes within `timeout_s`, CallFailed when the peer answers with an error frame, and
+        comes within `timeout_s`, CallFailed when the peer replies with an error frame, and
         FrameRejected when its reply fails a check (the peer is then also penalized).
         """
         if self._context is None or self._closed:
@@ -277,16 +277,16 @@ class DataPlane:
         except FrameRejected as rejection:
             self._reject(rejection, None, curve_key)
             return
+        if len(self._handler_tasks) >= self._max_concurrent_calls:
+            self.counters["busy"] += 1
+            message = f"{len(self._handler_tasks)} calls in flight, the limit is {self._max_concurrent_calls}; retry later"
+            await self._send(routing_id, encode_error(header.call_id, "busy", message))
+            return
         try:
             call = self._check_call(header, frames[2:], curve_key)
         except FrameRejected as rejection:
             self._reject(rejection, rejection.peer_id, curve_key)
             await self._send(routing_id, encode_error(header.call_id, rejection.reason.value, rejection.message))
-            return
-        if len(self._handler_tasks) >= self._max_concurrent_calls:
-            self.counters["busy"] += 1
-            message = f"{len(self._handler_tasks)} calls in flight, the limit is {self._max_concurrent_calls}; retry later"
-            await self._send(routing_id, encode_error(header.call_id, "busy", message))
             return
         handler = self._handlers[header.kind][0]
         task = asyncio.get_running_loop().create_task(
@@ -295,7 +295,7 @@ class DataPlane:
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
 
-    def _check_call(self, header: Any, parts: Sequence[zmq.Frame], curve_key: str | None) -> IncomingCall:
+    def _check_call(self, header: Header, parts: Sequence[zmq.Frame], curve_key: str | None) -> IncomingCall:
         if header.op != "call":
             raise FrameRejected(FrameReason.MALFORMED, f"expected a call, got a {header.op} frame")
         registered = self._handlers.get(header.kind)
@@ -331,7 +331,8 @@ class DataPlane:
     async def _send(self, routing_id: zmq.Frame, parts: Sequence[Part]) -> None:
         assert self._router is not None
         try:
-            # A ROUTER never blocks: a reply to a peer that left, or over its queue limit, is dropped.
+            # A ROUTER without ZMQ_ROUTER_MANDATORY drops a message to a peer that left or is at
+            # its high-water mark instead of blocking (zmq_socket(3), libzmq 4.3).
             await self._router.send_multipart([routing_id, *parts], copy=False)
         except zmq.ZMQError as error:
             logger.warning("could not send a reply: %s", error)

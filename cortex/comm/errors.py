@@ -14,11 +14,11 @@ class DataPlaneClosed(CommError):
 
 
 class PeerTimeout(CommError):
-    """A peer did not answer a call within its timeout."""
+    """A peer did not reply to a call within its timeout."""
 
 
 class CallFailed(CommError):
-    """A call reached the peer, but the peer answered with an error frame."""
+    """A call reached the peer, but the peer replied with an error frame."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")

@@ -2,8 +2,8 @@
 
 This module is the codec only (no sockets), so it is tested without a network.
 
-A call goes from a DEALER to a ROUTER; the ROUTER sees one extra leading routing-id part,
-which ZeroMQ adds and strips. A message is one multipart ZeroMQ message:
+A call goes from a DEALER to a ROUTER. The ROUTER receives one extra leading routing-id
+part, which ZeroMQ adds and strips. A message is one multipart ZeroMQ message:
 
     part 0          header: canonical JSON (orjson, sorted keys), at most MAX_HEADER_BYTES
     for each tensor i in 0 .. len(header.chunks) - 1:
@@ -29,11 +29,10 @@ little-endian. The dtype names on the wire are:
     float32 (4 bytes)   bfloat16 (2)   float16 (2)   int64 (8)   int32 (4)
 
 A tensor's bytes are cut into chunks of CHUNK_BYTES (2 MiB), the last one shorter; an empty
-tensor has one empty chunk. Chunks keep each ZeroMQ frame small: one 64 MB frame is received
-into a freshly allocated message at about a quarter of the throughput of 2 MiB chunks copied
-into a reused buffer (measured on loopback with CurveZMQ; see docs/dataplane.md). A receiver
-accepts chunks of up to MAX_CHUNK_BYTES and checks that their lengths add up to the
-record's `nbytes`.
+tensor has one empty chunk. Chunks keep each ZeroMQ frame small: one 64 MiB frame moved at
+less than half the throughput of 2 MiB chunks copied into a reused buffer (loopback with
+CurveZMQ, see docs/dataplane.md). A receiver accepts chunks of up to MAX_CHUNK_BYTES and
+checks that their lengths add up to the record's `nbytes`.
 """
 
 from __future__ import annotations

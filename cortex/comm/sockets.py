@@ -2,7 +2,7 @@
 
 Every data-plane socket uses CurveZMQ with the node's key pair (the X25519 form of its
 Ed25519 identity). A client (DEALER) names the server's public key, derived from the peer
-id it calls, so the handshake fails unless the server holds that peer's secret key. The
+id it calls, so the handshake fails unless the server has that peer's secret key. The
 server (ROUTER) accepts any client key, because the swarm is open, but its ZAP handler
 sets each connection's ZeroMQ `User-Id` to the client's public key in Z85. Every message
 received on that connection carries this `User-Id`, and the data plane checks it against
@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"cortex"
 # Messages queued per connection before ZeroMQ blocks (DEALER) or drops (ROUTER). The
-# high-water mark counts messages, not bytes; with frames of at most MAX_FRAME_BYTES the
-# memory it allows is bounded by the message size limit times this count.
+# high-water mark counts messages, not bytes, so it bounds memory only together with the
+# message size limit.
 HIGH_WATER_MARK = 256
 RECONNECT_INTERVAL_MS = 100
 RECONNECT_INTERVAL_MAX_MS = 2000
@@ -61,7 +61,7 @@ def _configure_common(socket: zmq.Socket) -> None:
 
 
 class ZapHandler:
-    """Answers ZAP requests for one ZeroMQ context: CURVE clients are accepted, others refused.
+    """ZAP handler of one ZeroMQ context: it accepts CURVE clients and rejects other mechanisms.
 
     The reply's user id is the client's CurveZMQ public key in Z85, which ZeroMQ attaches
     to every message of that connection as the `User-Id` property.
@@ -72,23 +72,23 @@ class ZapHandler:
         self._socket.linger = 0
         self._socket.bind(ZAP_ENDPOINT)
         self.accepted = 0
-        self.refused = 0
+        self.rejected = 0
 
     async def run(self) -> None:
         """Serve ZAP requests until cancelled."""
         while True:
             request = await self._socket.recv_multipart()
-            await self._socket.send_multipart(self._answer(request))
+            await self._socket.send_multipart(self._reply_to(request))
 
-    def _answer(self, request: list[bytes]) -> list[bytes]:
+    def _reply_to(self, request: list[bytes]) -> list[bytes]:
         if len(request) < 6:
-            self.refused += 1
+            self.rejected += 1
             return [b"1.0", b"", b"400", b"malformed ZAP request", b"", b""]
         version, request_id, _domain, address, _routing_id, mechanism = request[:6]
         credentials = request[6:]
         if version != b"1.0" or mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
-            self.refused += 1
-            logger.warning("refused a data-plane connection from %r: mechanism %r is not CURVE", address, mechanism)
+            self.rejected += 1
+            logger.warning("rejected a data-plane connection from %r: mechanism %r is not CURVE", address, mechanism)
             return [b"1.0", request_id, b"400", b"CURVE required", b"", b""]
         self.accepted += 1
         client_key: bytes = z85.encode(credentials[0])

@@ -164,12 +164,14 @@ async def test_call_to_wrong_server_key_times_out(nodes: NodeFactory, client: No
     assert server.dataplane.counters["calls_served"] == 1
 
 
-async def test_wrong_server_key_fails_the_handshake(server: Node) -> None:
+@pytest.mark.parametrize("curve", [True, False], ids=["wrong_server_key", "no_curve"])
+async def test_bad_client_fails_the_handshake(server: Node, curve: bool) -> None:
     context = zmq.asyncio.Context()
     dealer = context.socket(zmq.DEALER)
     monitor = dealer.get_monitor_socket()
     try:
-        configure_client(dealer, Identity.generate(), Identity.generate().curve_public_key)
+        if curve:
+            configure_client(dealer, Identity.generate(), Identity.generate().curve_public_key)
         dealer.connect(server.dataplane.endpoint)
         failed = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
         seen: list[int] = []

@@ -20,7 +20,7 @@ Forge = Callable[[int, RecordSigner], list[bytes]]
 
 
 class FakeServer:
-    """A CurveZMQ ROUTER holding a real identity that answers each call with a forged reply."""
+    """A CurveZMQ ROUTER with a real identity that replies to each call with a forged reply."""
 
     def __init__(self, forge: Forge) -> None:
         self.identity = Identity.generate()
