@@ -130,26 +130,28 @@ def generate_text(
     result = GenerationResult(prompt=prompt, prompt_ids=prompt_ids)
     hold = max((len(s) for s in stop), default=1) - 1
     emitted = 0
-    tokens = generate_tokens(model, prompt_ids, max_tokens, settings, _eos_ids(tokenizer, model.config))
-    eos = set(_eos_ids(tokenizer, model.config))
-    for token in tokens:
-        if token in eos:
-            result.stop_reason = "eos"
-            break
-        result.generated_ids.append(token)
-        text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-        if cut >= 0:
-            result.text, result.stop_reason = text[:cut], "stop"
-            tokens.close()
-            break
-        result.text = text
-        safe = len(text) - hold
-        while safe > emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if on_text is not None and safe > emitted:
-            on_text(text[emitted:safe])
-            emitted = safe
+    eos_ids = _eos_ids(tokenizer, model.config)
+    tokens = generate_tokens(model, prompt_ids, max_tokens, settings, eos_ids)
+    try:
+        for token in tokens:
+            if token in eos_ids:
+                result.stop_reason = "eos"
+                break
+            result.generated_ids.append(token)
+            text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+            if cut >= 0:
+                result.text, result.stop_reason = text[:cut], "stop"
+                break
+            result.text = text
+            safe = len(text) - hold
+            while safe > emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if on_text is not None and safe > emitted:
+                on_text(text[emitted:safe])
+                emitted = safe
+    finally:
+        tokens.close()  # drops the session's KV caches
     if on_text is not None and len(result.text) > emitted:
         on_text(result.text[emitted:])
     return result

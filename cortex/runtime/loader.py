@@ -64,7 +64,7 @@ def load_transformers_config(path: Path) -> Any:
 
 
 class Loader:
-    """Loads `head`, `block[a:b]` and `expert[l][e]` fragments from one checkpoint."""
+    """Fragment factory of one checkpoint: `head`, `block[a:b]` and `expert[l][e]`."""
 
     def __init__(
         self,

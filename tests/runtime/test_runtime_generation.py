@@ -12,6 +12,7 @@ from conftest import CheckpointFactory
 
 from cortex.cli import main
 from cortex.commands import generate as generate_command
+from cortex.runtime import generation
 from cortex.runtime.engine import LocalModel
 from cortex.runtime.generation import SamplingSettings, generate_text, generate_tokens, sample_token
 
@@ -81,6 +82,22 @@ def test_stream_pieces_add_up_to_text(model: LocalModel, tokenizer: Any, checkpo
     assert len(result.generated_ids) == 24
     assert "".join(pieces) == result.text == hf_tokenizer.decode(result.generated_ids, skip_special_tokens=True)
     assert result.prompt_ids[0] == hf_tokenizer.bos_token_id
+
+
+def test_stream_holds_back_partial_characters(
+    model: LocalModel, checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(checkpoint("deepseek_v3")))
+    # Byte-level BPE splits "ï", "é" and "☃" into several byte tokens each.
+    scripted = hf_tokenizer("naïve café ☃", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(generation, "generate_tokens", lambda *args, **kwargs: (token for token in scripted))
+    pieces: list[str] = []
+    result = generate_text(model, hf_tokenizer, "x", len(scripted), on_text=pieces.append)
+    assert result.text == "naïve café ☃"
+    assert "".join(pieces) == result.text
+    assert not any("\ufffd" in piece for piece in pieces)
 
 
 def test_stop_string_cuts_text(model: LocalModel, checkpoint: CheckpointFactory) -> None:
