@@ -45,8 +45,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads() -> Iterator[None]:
+    # One thread: these models are too small to gain from more, and extra threads spin
+    # while other tests compete for the cores.
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
