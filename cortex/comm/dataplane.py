@@ -151,7 +151,7 @@ class DataPlane:
             raise DataPlaneClosed("the data plane is not running; call start() first")
         channel = self._channel_for(peer_id, endpoint)
         call_id = next(self._call_ids)
-        parts, trackers = self._encode("call", call_id, kind, record, fields, tensors, (request_id,))
+        parts, trackers, input_ids = self._encode("call", call_id, kind, record, fields, tensors, (request_id,))
         self.counters["calls_sent"] += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -172,7 +172,11 @@ class DataPlane:
             self.counters["call_errors"] += 1
             raise CallFailed(header.reason, f"{kind} call {call_id} to {peer_id}: {header.message}")
         expect = Expectations(
-            accepts=RECORD_TYPES, is_known_request=self._is_known_request, author=peer_id, request_id=request_id
+            accepts=RECORD_TYPES,
+            is_known_request=self._is_known_request,
+            author=peer_id,
+            request_id=request_id,
+            input_ids=input_ids,
         )
         try:
             outputs = receive_records(header, reply_parts, expect, self.limits, self._acceptor, self._pool)
@@ -236,8 +240,8 @@ class DataPlane:
         fields: Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor],
         refs: tuple[str, ...],
-    ) -> tuple[list[Part], list[zmq.MessageTracker]]:
-        """Sign one record per tensor and lay out the message; return its parts and send trackers."""
+    ) -> tuple[list[Part], list[zmq.MessageTracker], tuple[str, ...]]:
+        """Sign one record per tensor and lay out the message; return its parts, send trackers and record ids."""
         if not tensors:
             raise ValueError("a data-plane message needs at least one tensor")
         overlap = TENSOR_FIELDS & fields.keys()
@@ -251,7 +255,7 @@ class DataPlane:
             chunks = chunk_parts(data)
             records.append((self._sign(body, refs), chunks))
             trackers.extend(chunk.tracker for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker)
-        return encode_message(op, call_id, kind, records), trackers
+        return encode_message(op, call_id, kind, records), trackers, tuple(event.id for event, _chunks in records)
 
     async def _serve(self) -> None:
         assert self._router is not None
@@ -315,7 +319,9 @@ class DataPlane:
             async with asyncio.timeout(self._handler_timeout_s):
                 response = await handler(call)
             refs = (call.request_id, *(event.id for event in call.events))
-            parts, _trackers = self._encode("reply", call_id, "", response.record, response.fields, response.tensors, refs)
+            parts, _trackers, _ids = self._encode(
+                "reply", call_id, "", response.record, response.fields, response.tensors, refs
+            )
             self.counters["calls_served"] += 1
         except TimeoutError:
             self.counters["handler_timeouts"] += 1

@@ -36,6 +36,7 @@ class FrameReason(enum.Enum):
     UNEXPECTED_TYPE = "unexpected_type"
     UNAUTHENTICATED = "unauthenticated"
     AUTHOR_MISMATCH = "author_mismatch"
+    UNLINKED_REPLY = "unlinked_reply"
     UNKNOWN_REQUEST = "unknown_request"
     BAD_DTYPE = "bad_dtype"
     SHAPE_MISMATCH = "shape_mismatch"

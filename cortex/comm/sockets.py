@@ -47,6 +47,9 @@ def configure_client(socket: zmq.Socket, identity: Identity, server_key: bytes) 
     socket.curve_serverkey = server_key
     socket.curve_secretkey = identity.curve_secret_key
     socket.curve_publickey = identity.curve_public_key
+    # Queue calls only on a connection whose handshake completed, so a call to a peer that
+    # is down or has another key waits (and times out) instead of being delivered later.
+    socket.immediate = True
     socket.reconnect_ivl = RECONNECT_INTERVAL_MS
     socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
     _configure_common(socket)

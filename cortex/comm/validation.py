@@ -9,12 +9,13 @@ For each record of a call or reply, in this order:
    `shape_mismatch`, `length_mismatch`);
 5. all records share one author and one request id, the first entry of `refs` (`malformed`);
 6. the author is the CurveZMQ-authenticated peer (`unauthenticated`, `author_mismatch`);
-7. the request is known to this node (`unknown_request`);
-8. the Ed25519 signature (`bad_signature`), verified by the Acceptor when one is wired, which
+7. a reply references the call's input records after the request id (`unlinked_reply`);
+8. the request is known to this node (`unknown_request`);
+9. the Ed25519 signature (`bad_signature`), verified by the Acceptor when one is wired, which
    also appends the events to the log;
-9. the digest of the bytes matches the record (`bad_digest`).
+10. the digest of the bytes matches the record (`bad_digest`).
 
-A record whose digest fails after step 8 stays in the log: it is signed by its author and,
+A record whose digest fails after step 9 stays in the log: it is signed by its author and,
 with the bytes received over that author's authenticated channel, it is evidence that the
 author sent inconsistent data.
 """
@@ -51,6 +52,7 @@ class Expectations:
     authenticated_key: str | None = None
     author: str | None = None
     request_id: str | None = None
+    input_ids: tuple[str, ...] | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,6 +131,14 @@ def _check_origin(events: list[Event], expect: Expectations) -> None:
         raise FrameRejected(
             FrameReason.UNKNOWN_REQUEST, f"reply records belong to request {request_id}, not to {expect.request_id}"
         )
+    for event in events:
+        if expect.input_ids is not None and event.refs[1:] != expect.input_ids:
+            raise FrameRejected(
+                FrameReason.UNLINKED_REPLY,
+                f"reply record {event.id} references {list(event.refs[1:])}, "
+                f"not the call's input records {list(expect.input_ids)}",
+                peer_id=first.author,
+            )
     if not expect.is_known_request(request_id):
         raise FrameRejected(
             FrameReason.UNKNOWN_REQUEST, f"request {request_id} is not known to this node", peer_id=first.author

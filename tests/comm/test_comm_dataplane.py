@@ -94,6 +94,7 @@ async def test_records_land_in_both_logs(client: Node, server: Node) -> None:
     output_event = reply.events[0]
     assert [event.id for event in server.store.events(type="ExpertInputSent")] == [input_events[0].id]
     assert [event.id for event in client.store.events(type="ExpertOutputProduced")] == [output_event.id]
+    assert [event.id for event in server.store.events(type="ExpertOutputProduced")] == [output_event.id]
     assert output_event.author == server.peer_id
     assert output_event.refs == (REQUEST_ID, input_events[0].id)
     assert isinstance(output_event.body, ExpertOutputProduced)

@@ -11,12 +11,13 @@ import zmq
 import zmq.asyncio
 from comm_helpers import EXPERT_FIELDS, REQUEST_ID, Node, RecordSigner, build_call
 
-from cortex.comm import ExpertInputSent, FrameReason, FrameRejected, PeerTimeout
-from cortex.comm.frames import decode_header, encode_header
+from cortex.comm import ExpertInputSent, FrameReason, FrameRejected, PeerTimeout, Reply
+from cortex.comm.frames import decode_header, encode_header, split_records
 from cortex.comm.sockets import configure_server
-from events import Identity
+from events import Identity, parse_event
 
-Forge = Callable[[int, RecordSigner], list[bytes]]
+# (call id, the server's signer, refs a correct reply carries) -> reply parts
+Forge = Callable[[int, RecordSigner, tuple[str, ...]], list[bytes]]
 
 
 class FakeServer:
@@ -35,9 +36,11 @@ class FakeServer:
 
     async def _serve(self) -> None:
         while True:
-            routing_id, header, *_rest = await self._socket.recv_multipart()
-            call_id = decode_header(header).call_id
-            await self._socket.send_multipart([routing_id, *self._forge(call_id, self.signer)])
+            routing_id, header, *rest = await self._socket.recv_multipart()
+            parsed = decode_header(header)
+            records = split_records(parsed, [zmq.Frame(part) for part in rest])
+            refs = (REQUEST_ID, *(parse_event(event.bytes).id for event, _chunks in records))
+            await self._socket.send_multipart([routing_id, *self._forge(parsed.call_id, self.signer, refs)])
 
     async def close(self) -> None:
         self._task.cancel()
@@ -51,26 +54,34 @@ def as_reply(parts: list[bytes], call_id: int) -> list[bytes]:
     return [encode_header("reply", call_id, chunks=chunks), *parts[1:]]
 
 
-def tampered_bytes(call_id: int, signer: RecordSigner) -> list[bytes]:
-    parts = as_reply(build_call(signer, call_id, {"out": torch.ones(4)}), call_id)
+def correct(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    return as_reply(build_call(signer, call_id, {"out": torch.ones(4)}, refs=refs), call_id)
+
+
+def tampered_bytes(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    parts = correct(call_id, signer, refs)
     parts[2] = bytes(len(parts[2]))
     return parts
 
 
-def signed_by_another_peer(call_id: int, signer: RecordSigner) -> list[bytes]:
-    return as_reply(build_call(RecordSigner(Identity.generate()), call_id, {"out": torch.ones(4)}), call_id)
+def signed_by_another_peer(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    return correct(call_id, RecordSigner(Identity.generate()), refs)
 
 
-def for_another_request(call_id: int, signer: RecordSigner) -> list[bytes]:
-    return as_reply(build_call(signer, call_id, {"out": torch.ones(4)}, refs=("cd" * 32,)), call_id)
+def for_another_request(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    return correct(call_id, signer, ("cd" * 32, *refs[1:]))
 
 
-def unreadable_header(call_id: int, signer: RecordSigner) -> list[bytes]:
+def not_linked_to_inputs(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    return correct(call_id, signer, refs[:1])
+
+
+def unreadable_header(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
     return [b"garbage"]
 
 
-def reply_to_another_call(call_id: int, signer: RecordSigner) -> list[bytes]:
-    return as_reply(build_call(signer, call_id + 1000, {"out": torch.ones(4)}), call_id + 1000)
+def reply_to_another_call(call_id: int, signer: RecordSigner, refs: tuple[str, ...]) -> list[bytes]:
+    return correct(call_id + 1000, signer, refs)
 
 
 @pytest.fixture
@@ -86,7 +97,7 @@ async def fake_servers() -> AsyncIterator[Callable[[Forge], FakeServer]]:
         await fake.close()
 
 
-async def call_fake(client: Node, fake: FakeServer, timeout_s: float = 5.0) -> object:
+async def call_fake(client: Node, fake: FakeServer, timeout_s: float = 5.0) -> Reply:
     return await client.dataplane.call(
         fake.identity.peer_id, fake.endpoint, "expert", request_id=REQUEST_ID, record=ExpertInputSent,
         fields=EXPERT_FIELDS, tensors={"hidden": torch.ones(4)}, timeout_s=timeout_s,
@@ -99,8 +110,9 @@ async def call_fake(client: Node, fake: FakeServer, timeout_s: float = 5.0) -> o
         (tampered_bytes, FrameReason.BAD_DIGEST),
         (signed_by_another_peer, FrameReason.AUTHOR_MISMATCH),
         (for_another_request, FrameReason.UNKNOWN_REQUEST),
+        (not_linked_to_inputs, FrameReason.UNLINKED_REPLY),
     ],
-    ids=["tampered_bytes", "signed_by_another_peer", "for_another_request"],
+    ids=["tampered_bytes", "signed_by_another_peer", "for_another_request", "not_linked_to_inputs"],
 )
 async def test_forged_reply_is_rejected(client: Node, fake_servers: Callable[[Forge], FakeServer], forge: Forge, reason: FrameReason) -> None:
     fake = fake_servers(forge)
@@ -112,6 +124,15 @@ async def test_forged_reply_is_rejected(client: Node, fake_servers: Callable[[Fo
     assert client.dataplane.counters[f"rejected_{reason.value}"] == 1
     assert [rejection.peer_id for rejection in client.rejections] == [fake.identity.peer_id]
     assert client.rejections[0].curve_key == fake.identity.curve_public_key.decode()
+
+
+async def test_correct_fake_reply_is_accepted(client: Node, fake_servers: Callable[[Forge], FakeServer]) -> None:
+    fake = fake_servers(correct)
+
+    reply = await call_fake(client, fake)
+
+    assert torch.equal(reply.tensors["out"], torch.ones(4))
+    assert client.rejections == []
 
 
 async def test_unreadable_reply_header_times_out_and_penalizes(client: Node, fake_servers: Callable[[Forge], FakeServer]) -> None:
