@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cortex.runtime.generation import GenerationResult
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 # Up to this hidden size a matrix-vector product is too small to split across
@@ -86,14 +90,12 @@ def run(args: argparse.Namespace) -> int:
     if folder is None:
         return 2
 
-    import orjson
     import torch
     from transformers import AutoTokenizer
 
     from cortex.runtime.engine import LocalModel
     from cortex.runtime.errors import ModelRuntimeError
     from cortex.runtime.generation import SamplingSettings, generate_text
-    from cortex.runtime.model_id import model_id
 
     try:
         settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -120,20 +122,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
-        record = {
-            "model": str(folder),
-            "model_id": model_id(folder),
-            "prompt": result.prompt,
-            "prompt_token_ids": result.prompt_ids,
-            "generated_token_ids": result.generated_ids,
-            "text": result.text,
-            "stop_reason": result.stop_reason,
-        }
-        sys.stdout.write(orjson.dumps(record).decode() + "\n")
+        _print_json(folder, result)
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
+
+
+def _print_json(folder: Path, result: GenerationResult) -> None:
+    import orjson
+
+    from cortex.runtime.model_id import model_id
+
+    record = {
+        "model": str(folder),
+        "model_id": model_id(folder),
+        "prompt": result.prompt,
+        "prompt_token_ids": result.prompt_ids,
+        "generated_token_ids": result.generated_ids,
+        "text": result.text,
+        "stop_reason": result.stop_reason,
+    }
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
 
 
 def _write(text: str) -> None:
