@@ -266,7 +266,7 @@ class DataPlane:
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception:
-                # NOTE: a bug in a check, or a failing log store, must not stop the node.
+                # A bug in a check must not stop the node.
                 self.counters["internal_errors"] += 1
                 logger.exception("data plane failed to process a message; it keeps serving")
 
@@ -291,6 +291,12 @@ class DataPlane:
         except FrameRejected as rejection:
             self._reject(rejection, rejection.peer_id, curve_key)
             await self._send(routing_id, encode_error(header.call_id, rejection.reason.value, rejection.message))
+            return
+        except Exception as error:
+            # A failing log store or request callback: the caller learns it now instead of timing out.
+            self.counters["internal_errors"] += 1
+            logger.exception("data plane failed to check call %d from CurveZMQ key %s", header.call_id, curve_key)
+            await self._send(routing_id, encode_error(header.call_id, "internal_error", f"{type(error).__name__}: {error}"))
             return
         handler = self._handlers[header.kind][0]
         task = asyncio.get_running_loop().create_task(

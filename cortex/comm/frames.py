@@ -18,7 +18,7 @@ Header fields:
     kind     str   handler the call is for, such as "expert" (op "call" only)
     chunks   list  number of chunk parts of each tensor (op "call" and "reply")
     reason   str   why the call failed (op "error" only): a FrameReason value, or
-                   "busy", "handler_failed", "handler_timeout"
+                   "busy", "handler_failed", "handler_timeout", "internal_error"
     message  str   human-readable detail of the error (op "error" only)
 
 An error message has the header part only. Every record event is a signed event of the

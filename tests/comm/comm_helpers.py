@@ -50,8 +50,17 @@ class Node:
         return self.identity.peer_id
 
 
-def make_node(directory: Path, limits: FrameLimits = FrameLimits(), handler_timeout_s: float = 10.0) -> Node:
-    """Build a node whose data plane signs with a real EventWriter and logs through an Acceptor."""
+def make_node(
+    directory: Path,
+    limits: FrameLimits = FrameLimits(),
+    handler_timeout_s: float = 10.0,
+    is_known_request: Callable[[str], bool] | None = None,
+    on_reject: Callable[[Rejection], None] | None = None,
+) -> Node:
+    """Build a node whose data plane signs with a real EventWriter and logs through an Acceptor.
+
+    By default the node knows only REQUEST_ID and records every rejection in `rejections`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     identity = Identity.generate()
     store = LogStore(directory / "events.db")
@@ -62,9 +71,9 @@ def make_node(directory: Path, limits: FrameLimits = FrameLimits(), handler_time
     dataplane = DataPlane(
         identity,
         sign=writer.write,
-        is_known_request=known.__contains__,
+        is_known_request=is_known_request or known.__contains__,
         acceptor=acceptor,
-        on_reject=rejections.append,
+        on_reject=on_reject or rejections.append,
         limits=limits,
         handler_timeout_s=handler_timeout_s,
     )

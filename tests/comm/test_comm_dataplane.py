@@ -294,3 +294,19 @@ async def test_round_trip_over_ipv6_loopback(nodes: NodeFactory) -> None:
     reply = await call_expert(caller, holder, {"hidden": torch.arange(6.0)})
 
     assert torch.equal(reply.tensors["hidden"], torch.arange(6.0))
+
+
+async def test_failing_request_callback_replies_internal_error(nodes: NodeFactory, client: Node) -> None:
+    def broken_lookup(request_id: str) -> bool:
+        raise RuntimeError("scheduler view unavailable")
+
+    holder = nodes(is_known_request=broken_lookup)
+    holder.dataplane.register_handler("expert", echo_expert)
+    await holder.dataplane.start()
+
+    with pytest.raises(CallFailed) as caught:
+        await call_expert(client, holder, {"hidden": torch.ones(2)})
+
+    assert caught.value.reason == "internal_error"
+    assert "scheduler view unavailable" in caught.value.message
+    assert holder.dataplane.counters["internal_errors"] == 1

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from comm_helpers import REQUEST_ID, Node, RawClient, RecordSigner, build_call, expert_input
+from comm_helpers import Node, NodeFactory, RawClient, RecordSigner, build_call, echo_expert, expert_input
 
-from cortex.comm import FrameReason
+from cortex.comm import FrameReason, Rejection
 from cortex.comm.frames import MAX_FRAME_BYTES, encode_header
 from events import Identity, PeerLeft
 
@@ -181,17 +181,23 @@ async def test_frame_over_size_limit_drops_only_that_connection(server: Node, ra
     assert server.dataplane.counters["calls_served"] == 1
 
 
-async def test_failing_penalty_hook_does_not_stop_serving(server: Node, raw: RawClient) -> None:
-    def failing_hook(rejection: object) -> None:
+async def test_failing_penalty_hook_does_not_stop_serving(nodes: NodeFactory) -> None:
+    def failing_hook(rejection: Rejection) -> None:
         raise RuntimeError("penalty store unavailable")
 
-    server.dataplane._on_reject = failing_hook
+    holder = nodes(on_reject=failing_hook)
+    holder.dataplane.register_handler("expert", echo_expert)
+    await holder.dataplane.start()
+    raw = RawClient(Identity.generate(), holder)
+    try:
+        await raw.send(bad_digest(raw))
+        header, _frames = await raw.receive()
 
-    await raw.send(bad_digest(raw))
-    header, _frames = await raw.receive()
-
-    assert header.reason == "bad_digest"
-    assert (await raw.good_call()).op == "reply"
+        assert header.reason == "bad_digest"
+        assert (await raw.good_call()).op == "reply"
+        assert holder.dataplane.counters["rejected_bad_digest"] == 1
+    finally:
+        raw.close()
 
 
 async def test_flood_of_bad_frames_is_survived(server: Node, raw: RawClient) -> None:
