@@ -14,7 +14,7 @@ every error and keeps serving.
 
 Zero-copy sends: chunks of 64 KiB or more are sent without a copy, so the caller's tensor
 memory is read by ZeroMQ's I/O thread after `send` returns. `call` waits for the send
-tracker before it returns a reply; when a call times out or is cancelled while its frames
+tracker before it returns a reply. When a call times out or is cancelled while its frames
 are still queued, the channel to that peer is closed, which drops them. A handler's output
 tensors are handed over to the data plane and must not be modified after it returns.
 """

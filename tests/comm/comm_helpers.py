@@ -59,7 +59,7 @@ def make_node(
 ) -> Node:
     """Build a node whose data plane signs with a real EventWriter and logs through an Acceptor.
 
-    By default the node knows only REQUEST_ID and records every rejection in `rejections`.
+    By default the node accepts only REQUEST_ID and appends every rejection to `rejections`.
     """
     directory.mkdir(parents=True, exist_ok=True)
     identity = Identity.generate()
