@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cortex.runtime.architectures import Architecture, architecture_for
-from cortex.runtime.checkpoint import CONFIG_FILE, Checkpoint
+from cortex.runtime.checkpoint import CONFIG_FILE, FP8_DTYPE, Checkpoint
 from cortex.runtime.devices import resolve_device, resolve_dtype
 from cortex.runtime.errors import CheckpointError
 from cortex.runtime.fragments import Block, Expert, Head
@@ -104,6 +105,29 @@ class Loader:
             return self.load_block(parsed.start, parsed.stop)
         return self.load_expert(parsed.layer, parsed.expert)
 
+    def fragment_tensors(self, spec: str | FragmentSpec) -> list[str]:
+        """Return the checkpoint tensors that loading `spec` reads, without reading them.
+
+        A fused expert tensor is listed as `name[e]`, the row block the expert reads.
+        """
+        return [item.name if item.row is None else f"{item.name}[{item.row}]" for item in self._fragment_reads(spec)]
+
+    def fragment_nbytes(self, spec: str | FragmentSpec) -> int:
+        """Return the checkpoint bytes that loading `spec` reads (at the checkpoint's dtypes)."""
+        return sum(self._read_nbytes(item) for item in self._fragment_reads(spec))
+
+    def _fragment_reads(self, spec: str | FragmentSpec) -> list[_TensorRead]:
+        parsed = parse_fragment_spec(spec) if isinstance(spec, str) else spec
+        check_fragment_spec(parsed, self.num_layers, self.is_moe_layer, self.num_experts)
+        if isinstance(parsed, HeadSpec):
+            return self._head_reads()
+        if isinstance(parsed, ExpertSpec):
+            return self._expert_reads(parsed.layer, parsed.expert)[0]
+        reads = []
+        for layer in range(parsed.start, parsed.stop):
+            reads += self._layer_reads(layer, build_module(self.arch, "Attention", self.config, layer))
+        return reads
+
     # -- reading --------------------------------------------------------------
 
     @contextmanager
@@ -139,7 +163,12 @@ class Loader:
 
     def _read_nbytes(self, item: _TensorRead) -> int:
         info = self.checkpoint.info(item.name)
-        return info.nbytes if item.row is None else info.nbytes // max(info.shape[0], 1)
+        if item.row is not None:
+            return info.nbytes // max(info.shape[0], 1)
+        scale = item.name + "_scale_inv"  # read with an FP8 weight
+        if info.dtype == FP8_DTYPE and self.checkpoint.has(scale):
+            return info.nbytes + self.checkpoint.info(scale).nbytes
+        return info.nbytes
 
     def _log_loaded(self, fragment: Fragment, started: float) -> None:
         # Experts come by the hundred, so each gets a debug line and their holder logs a summary.
@@ -156,20 +185,26 @@ class Loader:
 
     # -- head -----------------------------------------------------------------
 
+    def _head_reads(self) -> list[_TensorRead]:
+        vocab, hidden = int(self.config.vocab_size), self.hidden_size
+        reads = [_TensorRead("model.embed_tokens.weight", (vocab, hidden)), _TensorRead("model.norm.weight", (hidden,))]
+        if not self._tied_embeddings():
+            reads.append(_TensorRead("lm_head.weight", (vocab, hidden)))
+        return reads
+
+    def _tied_embeddings(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False)) and not self.checkpoint.has("lm_head.weight")
+
     def load_head(self) -> Head:
         """Load the token embeddings, the final norm and the LM head."""
         started = time.monotonic()
-        vocab, hidden = int(self.config.vocab_size), self.hidden_size
-        reads = [_TensorRead("model.embed_tokens.weight", (vocab, hidden)), _TensorRead("model.norm.weight", (hidden,))]
-        tied = bool(getattr(self.config, "tie_word_embeddings", False)) and not self.checkpoint.has("lm_head.weight")
-        if not tied:
-            reads.append(_TensorRead("lm_head.weight", (vocab, hidden)))
-        tensors = self._read(reads, "head")
+        tensors = self._read(self._head_reads(), "head")
         norm = fill_module(
-            build_module(self.arch, "RMSNorm", hidden, self.config.rms_norm_eps), {"weight": tensors["model.norm.weight"]}
+            build_module(self.arch, "RMSNorm", self.hidden_size, self.config.rms_norm_eps),
+            {"weight": tensors["model.norm.weight"]},
         )
         embed = tensors["model.embed_tokens.weight"]
-        head = Head(embed, norm, embed if tied else tensors["lm_head.weight"])
+        head = Head(embed, norm, embed if self._tied_embeddings() else tensors["lm_head.weight"])
         self._log_loaded(head, started)
         return head
 
@@ -225,19 +260,25 @@ class Loader:
         self._log_loaded(block, started)
         return block
 
+    def _layer_reads(self, layer: int, attention: nn.Module) -> list[_TensorRead]:
+        prefix = f"model.layers.{layer}"
+        reads = [
+            _TensorRead(f"{prefix}.self_attn.{key}", tuple(value.shape)) for key, value in attention.state_dict().items()
+        ]
+        reads += [
+            _TensorRead(f"{prefix}.input_layernorm.weight", (self.hidden_size,)),
+            _TensorRead(f"{prefix}.post_attention_layernorm.weight", (self.hidden_size,)),
+        ]
+        reads += self._moe_reads(layer) if self.is_moe_layer(layer) else self._dense_reads(layer)
+        return reads
+
     def _load_layer(self, layer: int, description: str) -> DecoderLayer:
         prefix = f"model.layers.{layer}"
         hidden = self.hidden_size
         attention = build_module(self.arch, "Attention", self.config, layer)
         attention_shapes = {key: tuple(value.shape) for key, value in attention.state_dict().items()}
-        reads = [_TensorRead(f"{prefix}.self_attn.{key}", shape) for key, shape in attention_shapes.items()]
-        reads += [
-            _TensorRead(f"{prefix}.input_layernorm.weight", (hidden,)),
-            _TensorRead(f"{prefix}.post_attention_layernorm.weight", (hidden,)),
-        ]
         moe = self.is_moe_layer(layer)
-        reads += self._moe_reads(layer) if moe else self._dense_reads(layer)
-        tensors = self._read(reads, description)
+        tensors = self._read(self._layer_reads(layer, attention), description)
 
         fill_module(attention, {key: tensors[f"{prefix}.self_attn.{key}"] for key in attention_shapes})
         norms = [

@@ -108,8 +108,10 @@ def test_fp8_checkpoint_weights_dequantize_exactly(fp8_pair: tuple[Path, Path]) 
     checkpoint = Checkpoint(fp8_dir)
     assert checkpoint.info(name).dtype == "F8_E4M3"
     assert checkpoint.fp8_block == BLOCK
-    expert = Loader(fp8_dir, device="cpu").load("expert[1][7]")
+    loader = Loader(fp8_dir, device="cpu")
+    expert = loader.load("expert[1][7]")
     assert isinstance(expert, Expert)
+    assert loader.fragment_nbytes("expert[1][7]") == loader.checkpoint.bytes_read  # weights and their scales
     assert expert.mlp.down.dtype == torch.float32
     assert torch.equal(expert.mlp.down, Checkpoint(dequantized_dir).tensor(name))
 

@@ -103,6 +103,25 @@ def test_head_and_block_read_only_their_tensors(checkpoint: CheckpointFactory, r
     assert "model.layers.1.mlp.shared_experts.up_proj.weight" in names
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe"])
+def test_fragment_plan_matches_reads(
+    arch: str, checkpoint: CheckpointFactory, reads: list[tuple[str, int]]
+) -> None:
+    folder = checkpoint(arch)
+    loader = Loader(folder, device="cpu")
+    specs = ["head", f"block[0:{loader.num_layers}]"]
+    specs += [f"expert[{layer}][{e}]" for layer in loader.moe_layers for e in range(loader.num_experts)]
+    for spec in specs:
+        reads.clear()
+        before = loader.checkpoint.bytes_read
+        loader.load(spec)
+        assert sorted(loader.fragment_tensors(spec)) == sorted(name for name, _ in reads)
+        assert loader.fragment_nbytes(spec) == loader.checkpoint.bytes_read - before
+    # These fragments cover the whole checkpoint, each tensor once.
+    checkpoint_bytes = sum(loader.checkpoint.info(name).nbytes for name in loader.checkpoint.weight_map)
+    assert sum(loader.fragment_nbytes(spec) for spec in specs) == checkpoint_bytes
+
+
 def test_fused_expert_reads_only_its_rows(checkpoint: CheckpointFactory, reads: list[tuple[str, int]]) -> None:
     folder = checkpoint("deepseek_v3", fused=True)
     loader = Loader(folder, device="cpu")
