@@ -310,3 +310,11 @@ async def test_failing_request_callback_replies_internal_error(nodes: NodeFactor
     assert caught.value.reason == "internal_error"
     assert "scheduler view unavailable" in caught.value.message
     assert holder.dataplane.counters["internal_errors"] == 1
+
+
+async def test_node_can_call_its_own_handler(server: Node) -> None:
+    reply = await call_expert(server, server, {"hidden": torch.arange(3.0)})
+
+    assert torch.equal(reply.tensors["hidden"], torch.arange(3.0))
+    assert server.rejections == []
+    assert server.acceptor.counters["own_identity_conflict"] == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -24,14 +26,18 @@ from cortex.comm.frames import (
     digest_of,
     encode_error,
     encode_header,
+    encode_message,
     split_records,
     tensor_bytes,
 )
+from cortex.comm.validation import Expectations, FrameLimits, curve_key_text, receive_records
+from events import Identity, sign_event
 
 DIGEST = "00" * 32
+REQUEST = "ab" * 32
 
 
-def frames_of(parts: list[bytes | zmq.Frame]) -> list[zmq.Frame]:
+def frames_of(parts: Sequence[bytes | memoryview | zmq.Frame]) -> list[zmq.Frame]:
     return [part if isinstance(part, zmq.Frame) else zmq.Frame(bytes(part)) for part in parts]
 
 
@@ -226,3 +232,41 @@ def test_record_rejects_bad_fields(fields: dict[str, object]) -> None:
 def test_stage_record_rejects_empty_block() -> None:
     with pytest.raises(ValueError, match="block range"):
         StageInputSent("m", 0, 4, 4, 0, "x", "float32", (1,), DIGEST, 4)
+
+
+SIGNER = Identity.generate()
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=4)))
+    values = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+    return (values * draw(st.integers(-1000, 1000))).to(DTYPES[dtype])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=4))
+def test_encoded_message_decodes_to_same_tensors(sent: list[torch.Tensor]) -> None:
+    records = []
+    for index, tensor in enumerate(sent):
+        _flat, data = tensor_bytes(tensor)
+        body = ExpertInputSent(model_id="m", step=0, layer=0, expert=0, **describe(f"t{index}", tensor, data))
+        event = sign_event(SIGNER, body, seq=index + 1, lamport=1, time_ms=0, refs=(REQUEST,))
+        records.append((event, chunk_parts(data)))
+    parts = frames_of(encode_message("call", 5, "expert", records))
+    expect = Expectations(
+        accepts=(ExpertInputSent,),
+        is_known_request=lambda request: request == REQUEST,
+        authenticated_key=curve_key_text(SIGNER.peer_id),
+    )
+
+    header = decode_header(parts[0].buffer)
+    received = receive_records(header, parts[1:], expect, FrameLimits(), None, BufferPool())
+
+    assert header.kind == "expert"
+    assert [item.name for item in received] == [f"t{index}" for index in range(len(sent))]
+    for item, tensor in zip(received, sent):
+        assert item.tensor.dtype == tensor.dtype
+        assert item.tensor.shape == tensor.shape
+        assert torch.equal(item.tensor, tensor)
