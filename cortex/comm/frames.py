@@ -16,7 +16,8 @@ Header fields:
     op       str   "call", "reply" or "error"
     call     int   call id chosen by the caller, echoed in the reply, 0 <= call < 2**63
     kind     str   handler the call is for, such as "expert" (op "call" only)
-    chunks   list  number of chunk parts of each tensor (op "call" and "reply")
+    chunks   list  number of chunk parts of each tensor, 1 to MAX_CHUNKS each, for 1 to
+                   MAX_TENSORS tensors (op "call" and "reply")
     reason   str   why the call failed (op "error" only): a FrameReason value, or
                    "busy", "handler_failed", "handler_timeout", "internal_error"
     message  str   human-readable detail of the error (op "error" only)
@@ -56,6 +57,7 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 MAX_TENSORS = 64
+MAX_CHUNKS = 65536
 MAX_HEADER_BYTES = 4096
 # ZeroMQ drops a connection that sends a single frame larger than this (ZMQ_MAXMSGSIZE).
 MAX_FRAME_BYTES = max(MAX_CHUNK_BYTES, MAX_PAYLOAD_BYTES + 64, MAX_HEADER_BYTES)
@@ -221,11 +223,10 @@ def _decode_chunks(chunks: Any) -> tuple[int, ...]:
         raise FrameRejected(
             FrameReason.MALFORMED, f"header chunks must be a list of 1 to {MAX_TENSORS} counts, got {chunks!r:.80}"
         )
-    max_chunks = MAX_MESSAGE_BYTES // CHUNK_BYTES + 1
     for count in chunks:
-        if type(count) is not int or not 1 <= count <= max_chunks:
+        if type(count) is not int or not 1 <= count <= MAX_CHUNKS:
             raise FrameRejected(
-                FrameReason.MALFORMED, f"header chunk count {count!r:.40} is not an int in [1, {max_chunks}]"
+                FrameReason.MALFORMED, f"header chunk count {count!r:.40} is not an int in [1, {MAX_CHUNKS}]"
             )
     return tuple(chunks)
 
