@@ -123,7 +123,7 @@ def _summary(swarm: Any, result: Any, model_id: str, timings: dict[str, float]) 
             "fragments": node.fragments,
             "driver": node.peer_id == result.driver,
             "expert_rows_served": rows.get("rows", 0),
-            "expert_batches_served": rows.get("batches", 0),
+            "expert_calls_served": rows.get("calls", 0),
         })
     completed = result.completed
     request_timings = dict(completed.timings_ms) if completed is not None else {}
@@ -153,7 +153,7 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         experts = len(node["fragments"]) - len(fragments)
         held = ", ".join(fragments + ([f"{experts} experts"] if experts else []))
         role = " (driver)" if node["driver"] else ""
-        served = f", served {node['expert_rows_served']} expert rows in {node['expert_batches_served']} batches" if experts else ""
+        served = f", served {node['expert_rows_served']} expert rows in {node['expert_calls_served']} calls" if experts else ""
         print(f"node {node['node']} {node['peer_id'][-8:]}{role}: {held}{served}")
     phases = ", ".join(f"{name.removesuffix('_ms')} {value / 1000:.2f} s" for name, value in summary["timings_ms"].items())
     print(f"timings: {phases}")

@@ -1,6 +1,6 @@
 """The two interfaces the driver loop is written against, and their local implementations.
 
-- `ExpertDispatcher.dispatch(session_id, call) -> outputs [T, K, D]`: runs the routed
+- `ExpertDispatcher.dispatch(session_id, call, step) -> outputs [T, K, D]`: runs the routed
   experts of one paused MoE layer. `LocalExpertDispatcher` runs experts held in this
   process; `cortex.driver.router.TokenRouter` sends them to replicas over the data plane.
 - `BlockExecutor.run(session_id, hidden [T, D], position) -> hidden [T, D]`: appends
@@ -52,8 +52,11 @@ def worker_compute(executor: ThreadPoolExecutor) -> Compute:
 
 
 class ExpertDispatcher(Protocol):
-    async def dispatch(self, session_id: str, call: MoeCall) -> torch.Tensor:
-        """Return the unweighted outputs [T, K, D] of every token's routed experts in `call`."""
+    async def dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
+        """Return the unweighted outputs [T, K, D] of every token's routed experts in `call`.
+
+        `step` is the session position of the call's first token, for the records.
+        """
         ...
 
 
@@ -76,7 +79,7 @@ class LocalExpertDispatcher:
         self.experts = experts
         self.compute = compute
 
-    async def dispatch(self, session_id: str, call: MoeCall) -> torch.Tensor:
+    async def dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
         outputs: torch.Tensor = await self.compute(dispatch_experts, call, self.experts[call.layer])
         return outputs
 
@@ -94,7 +97,7 @@ class LocalBlockExecutor:
         step: BlockStep = await self.compute(self.block.forward_until_moe, session_id, hidden, position)
         try:
             while isinstance(step, MoeCall):
-                outputs = await self.dispatcher.dispatch(session_id, step)  # [T, K, D]
+                outputs = await self.dispatcher.dispatch(session_id, step, position)  # [T, K, D]
                 step = await self.compute(self.block.combine_and_continue, session_id, outputs)
         except BaseException:
             # The session is paused mid-block and cannot continue: drop it so a replay starts clean.

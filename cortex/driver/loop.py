@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +26,8 @@ from cortex.runtime.generation import SamplingSettings, sample_token
 
 logger = logging.getLogger(__name__)
 
-Replacement = Callable[[set[str]], BlockExecutor | None]
-TokenCallback = Callable[[int], None]
+Replacement = Callable[[set[str]], Awaitable[BlockExecutor | None]]
+TokenCallback = Callable[[int, bool], Awaitable[None]]  # (token, is_last)
 
 
 def holder_of(executor: BlockExecutor) -> str:
@@ -61,7 +61,7 @@ class Stage:
     async def _fail_over(self, session_id: str, error: CallFailed) -> None:
         self.failed.add(error.peer)
         while True:
-            replacement = self.replace(set(self.failed)) if self.replace is not None else None
+            replacement = await self.replace(set(self.failed)) if self.replace is not None else None
             if replacement is None:
                 raise NoLiveHolder(
                     f"block {self.spec} has no live holder left for session {session_id} "
@@ -148,12 +148,12 @@ class DriverLoop:
             for produced in range(max_tokens):
                 token = sample_token(logits, settings, generator)
                 outcome.token_ids.append(token)
+                last = token in eos or produced + 1 == max_tokens
                 if on_token is not None:
-                    on_token(token)
+                    await on_token(token, last)
                 if token in eos:
                     outcome.stop_reason = "eos"
-                    break
-                if produced + 1 == max_tokens:
+                if last:
                     break
                 logits = await self.forward(session_id, [token], position)
                 position += 1

@@ -1,6 +1,10 @@
 """A block held by another node, called over the data plane.
 
 Shape legend: T = new tokens of the session, D = hidden size.
+
+The holder keeps the session's KV cache under the request id and drops it when the
+request's `RequestCompleted`, `RequestFailed` or `RequestCancelled` reaches it, so `close`
+sends nothing.
 """
 
 from __future__ import annotations
@@ -9,30 +13,21 @@ from typing import Protocol
 
 import torch
 
-from cortex.driver.errors import CallFailed
 
-
-class BlockCaller(Protocol):
-    async def call_block(
-        self, peer: str, method: str, meta: dict[str, object], tensors: list[torch.Tensor]
-    ) -> list[torch.Tensor]: ...
+class StageCaller(Protocol):
+    async def call_stage(self, peer: str, request_id: str, spec: str, position: int, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class RemoteBlockExecutor:
-    """`BlockExecutor` for block `spec` of `model_id` on `peer`."""
+    """`BlockExecutor` for block `spec` on `peer`; session ids are request ids."""
 
-    def __init__(self, caller: BlockCaller, peer: str, model_id: str, spec: str) -> None:
+    def __init__(self, caller: StageCaller, peer: str, spec: str) -> None:
         self.caller = caller
         self.peer = peer
-        self.model_id = model_id
         self.spec = spec
 
     async def run(self, session_id: str, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        meta: dict[str, object] = {"model": self.model_id, "spec": self.spec, "session": session_id, "position": position}
-        tensors = await self.caller.call_block(self.peer, "block", meta, [hidden])
-        if len(tensors) != 1 or tuple(tensors[0].shape) != tuple(hidden.shape):
-            raise CallFailed(self.peer, f"block {self.spec}", f"reply shapes {[list(t.shape) for t in tensors]}, expected {list(hidden.shape)}")
-        return tensors[0]  # [T, D]
+        return await self.caller.call_stage(self.peer, session_id, self.spec, position, hidden)  # [T, D]
 
     async def close(self, session_id: str) -> None:
-        await self.caller.call_block(self.peer, "close", {"model": self.model_id, "spec": self.spec, "session": session_id}, [])
+        return None

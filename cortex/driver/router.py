@@ -1,24 +1,24 @@
 """TokenRouter: runs one MoE layer's routed experts on remote replicas.
 
 Shape legend: T = tokens of the call, K = experts per token, D = hidden size,
-N = token rows sent to one replica.
+N = token rows sent to one expert.
 
 For each paused MoE layer (`MoeCall`), the router:
 
 1. groups the T x K (token, expert) slots by expert, using the routing decision the
    block computed with the model's own rule;
-2. picks one live replica per expert from the `ReplicaDirectory` ranking, skipping peers
-   that failed during this call;
-3. sends one batch per replica: the rows of every expert it serves, concatenated [N, D],
-   with a segment list `[layer, expert, rows]`;
+2. picks one live replica per expert from the `ReplicaDirectory` ranking (the scheduler's
+   replica cost), skipping peers that failed during this call, and spreading the experts
+   of one layer over the two best replicas by the load already planned;
+3. sends each replica its experts' rows in one batch of concurrent data-plane calls;
 4. gathers the replies with the directory's timeout; a failed or timed-out batch is
    marked and its experts go to the next replica, until every expert has an output or an
    expert has no replica left (`NoLiveHolder`);
 5. scatters the outputs back into [T, K, D] in the order of `expert_ids`.
 
-Batching across requests: batches for one replica that are queued in the same event loop
-iteration (from concurrent sessions or layers) leave as one message, and the reply is split
-back per caller. `RouterStats` records which peer served which expert, for the plan and the log.
+Requests running at the same time send their calls independently; the replica merges the
+calls for one expert that arrive together into one forward pass (`ExpertBatcher`).
+`RouterStats` records which peer served which expert.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import asyncio
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -47,9 +47,9 @@ class ReplicaDirectory(Protocol):
         ...
 
     async def call_experts(
-        self, peer: str, segments: list[list[int]], rows: torch.Tensor, meta: dict[str, Any]
-    ) -> torch.Tensor:
-        """Send `rows` [N, D] split by `segments` ([layer, expert, count]) to `peer`; return outputs [N, D]."""
+        self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Run each (layer, expert, rows [N, D]) segment on `peer`; return the outputs [N, D] in order."""
         ...
 
     def note_failure(self, peer: str) -> None:
@@ -68,24 +68,15 @@ class RouterStats:
     retries: int = 0
 
 
-@dataclass
-class _Queued:
-    segments: list[list[int]]
-    rows: torch.Tensor  # [N, D]
-    meta: dict[str, Any]
-    future: asyncio.Future[torch.Tensor]
-
-
 class TokenRouter:
     """An `ExpertDispatcher` that runs experts on replicas named by a `ReplicaDirectory`."""
 
     def __init__(self, directory: ReplicaDirectory) -> None:
         self.directory = directory
         self.stats = RouterStats()
-        self._queues: dict[str, list[_Queued]] = {}
         self._in_flight: collections.Counter[str] = collections.Counter()
 
-    async def dispatch(self, session_id: str, call: MoeCall) -> torch.Tensor:
+    async def dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
         expert_ids = call.routing.expert_ids  # [T, K]
         tokens, top_k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # [T*K]
@@ -103,7 +94,7 @@ class TokenRouter:
         while pending:
             plan = self._assign(call.layer, pending, failed, attempts)
             results = await asyncio.gather(
-                *(self._send(peer, call.layer, experts, pending, grouped, session_id) for peer, experts in plan.items()),
+                *(self._send(peer, call.layer, experts, pending, grouped, session_id, step) for peer, experts in plan.items()),
                 return_exceptions=True,
             )
             for (peer, experts), result in zip(plan.items(), results, strict=True):
@@ -152,43 +143,14 @@ class TokenRouter:
         pending: dict[int, tuple[int, int]],
         grouped: torch.Tensor,
         session_id: str,
+        step: int,
     ) -> torch.Tensor:
-        segments = [[layer, expert, pending[expert][1]] for expert in experts]
-        rows = torch.cat([grouped[pending[e][0] : pending[e][0] + pending[e][1]] for e in experts])  # [N, D]
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(peer, [])
-        queue.append(_Queued(segments, rows, {"session": session_id}, future))
+        segments = [(layer, expert, grouped[pending[expert][0] : pending[expert][0] + pending[expert][1]]) for expert in experts]
         self.stats.batches += 1
-        if len(queue) == 1:
-            asyncio.get_running_loop().call_soon(self._flush, peer)
-        return await future
-
-    def _flush(self, peer: str) -> None:
-        queued = self._queues.pop(peer, [])
-        if queued:
-            task = asyncio.get_running_loop().create_task(self._send_merged(peer, queued))
-            task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
-
-    async def _send_merged(self, peer: str, queued: list[_Queued]) -> None:
-        segments = [segment for item in queued for segment in item.segments]
-        rows = torch.cat([item.rows for item in queued]) if len(queued) > 1 else queued[0].rows  # [N, D]
-        sessions = sorted({str(item.meta["session"]) for item in queued})
-        self.stats.messages += 1
+        self.stats.messages += len(segments)
         self._in_flight[peer] += 1
         try:
-            outputs = await self.directory.call_experts(peer, segments, rows, {"sessions": sessions})
-        except BaseException as error:
-            for item in queued:
-                if not item.future.done():
-                    item.future.set_exception(error if isinstance(error, CallFailed) else CallFailed(peer, "experts", repr(error)))
-            if not isinstance(error, Exception):
-                raise
-            return
+            outputs = await self.directory.call_experts(peer, session_id, step, segments)
         finally:
             self._in_flight[peer] -= 1
-        offset = 0
-        for item in queued:
-            count = item.rows.shape[0]
-            if not item.future.done():
-                item.future.set_result(outputs[offset : offset + count])
-            offset += count
+        return torch.cat(outputs)  # [N, D] for every expert of this batch, in order

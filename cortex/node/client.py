@@ -19,17 +19,18 @@ from typing import Any
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.bus.bus import BusConfig, GossipBus
 from cortex.bus.transport import Transport
-from cortex.privacy import open_json, seal
 from cortex.registry import RegistryReducer, RegistryView
+from cortex.scheduler.content import new_nonce, open_tokens, prepare_submission
+from cortex.scheduler.planning import choose_driver
 from cortex.scheduler.request_events import (
-    TOP_P_SCALE,
     RequestAccepted,
     RequestCompleted,
     RequestFailed,
-    RequestSubmitted,
     RouteReplanned,
     TokenGenerated,
+    request_id_for,
 )
+from cortex.scheduler.errors import NoLiveHeadHolder
 from events import Acceptor, Event, EventWriter, Identity, LogStore, Projection, wall_clock_ms
 
 logger = logging.getLogger(__name__)
@@ -125,25 +126,25 @@ class SwarmClient:
     async def submit(
         self, model_id: str, prompt: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
     ) -> str:
-        """Publish a RequestSubmitted sealed to the live head holders; return the request id."""
-        heads = self.registry.view.holders(model_id, "head", wall_clock_ms())
-        if not heads:
-            raise ClientError(f"no live peer holds the head of model {model_id[:16]}; start a node that serves it")
-        plaintext = prompt.encode("utf-8")
-        body = RequestSubmitted(
-            model_id=model_id,
-            max_tokens=max_tokens,
-            prompt_bytes=len(plaintext),
-            sealed_prompt=seal(plaintext, [self.identity.peer_id, *heads]),
-            temperature_milli=round(temperature * 1000),
-            top_p_micro=max(1, round(top_p * TOP_P_SCALE)),
-            seed=seed,
+        """Publish a RequestSubmitted sealed to the request's driver; return the request id."""
+        me = self.identity.peer_id
+        nonce = new_nonce()
+        request_id = request_id_for(me, nonce)
+        try:
+            driver = choose_driver(self.registry.view, model_id, request_id, wall_clock_ms(), submitter=me)
+        except NoLiveHeadHolder as error:
+            raise ClientError(str(error)) from None
+        prepared = prepare_submission(
+            me, [driver], model_id, prompt, max_tokens=max_tokens, nonce=nonce, temperature=temperature, top_p=top_p, seed=seed
         )
-        event = self.writer.write(body)
-        self._queues[event.id] = asyncio.Queue()
+        if prepared.data_plane_prompt is not None:
+            # NOTE: prompts too large to seal into the event need a data-plane transfer, not written yet.
+            raise ClientError(f"a prompt of {len(prompt.encode())} bytes is too large to send inline; shorten it")
+        self._queues[request_id] = asyncio.Queue()
+        event = self.writer.write(prepared.body)
         await self.bus.publish(event)
         await self.bus.flush()
-        return event.id
+        return request_id
 
     async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, Any]]:
         """Yield (event, opened tokens or None) for the request until it completes or fails."""
@@ -155,7 +156,7 @@ class SwarmClient:
                 event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
             except TimeoutError:
                 raise ClientError(f"request {request_id[:12]} got no answer within {timeout_s} s") from None
-            opened = open_json(event.body.sealed_tokens, self.identity) if isinstance(event.body, TokenGenerated) else None
+            opened = open_tokens(event.body, self.identity) if isinstance(event.body, TokenGenerated) else None
             yield event, opened
             if isinstance(event.body, (RequestCompleted, RequestFailed)):
                 self._queues.pop(request_id, None)
@@ -164,7 +165,7 @@ class SwarmClient:
     async def run(self, request_id: str, timeout_s: float, on_text: Any = None) -> RequestResult:
         """Follow a request to its end, ordering token batches by step, and return what arrived."""
         result = RequestResult(request_id)
-        batches: dict[int, dict[str, Any]] = {}
+        batches: dict[int, tuple[list[int], str]] = {}
         async for event, opened in self.follow(request_id, timeout_s):
             body = event.body
             if isinstance(body, RequestAccepted):
@@ -176,11 +177,11 @@ class SwarmClient:
                 batches[body.step_start] = opened
                 result.token_event_times_ms.append(event.time_ms)
                 while len(result.token_ids) in batches:
-                    batch = batches.pop(len(result.token_ids))
-                    result.token_ids.extend(batch["token_ids"])
-                    result.text += batch["text"]
-                    if on_text is not None and batch["text"]:
-                        on_text(batch["text"])
+                    token_ids, text = batches.pop(len(result.token_ids))
+                    result.token_ids.extend(token_ids)
+                    result.text += text
+                    if on_text is not None and text:
+                        on_text(text)
             elif isinstance(body, RequestCompleted):
                 result.completed = body
             elif isinstance(body, RequestFailed):

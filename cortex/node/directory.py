@@ -1,75 +1,66 @@
-"""Where fragments live: replica ranking from the Registry view, and calls to their holders.
+"""Where fragments live, and calls to their holders over the data plane.
 
-`SwarmDirectory` is the node's `ReplicaDirectory` for the TokenRouter and the factory of
-remote block executors for the driver. Ranking of the live holders of a fragment:
+`SwarmDirectory` is the node's `ReplicaDirectory` for the TokenRouter and the block caller
+of its remote block executors. Holders of a fragment are ranked by:
 
-1. peers with no call failure in the last `FAILURE_MEMORY_S` seconds before those with one;
-2. this node itself (no network hop);
-3. a rendezvous hash of (fragment, peer), so different experts spread over replicas the
-   same way on every node while ties stay deterministic.
+1. no call failure in the last `FAILURE_MEMORY_S` seconds before a recent failure;
+2. the scheduler's holder cost (`rank_replicas`: latency, load, trust), which ranks this
+   node itself first (no network hop) and breaks ties by peer id.
 
-Failure times are this node's own observations, a local cache outside the views.
+Failure times and round trips are this node's own observations, a local cache outside
+the views (`PeerObservations`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from cortex.comm import CommError, DataPlane, ExpertInputSent, StageInputSent
 from cortex.driver.errors import CallFailed
-from cortex.driver.records import ExpertBatchServed, tensor_digest
-from cortex.node.channel import Channel
 from cortex.node.service import ModelService
 from cortex.registry import RegistryView
-from events import Acceptor, EventRejected, wall_clock_ms
+from cortex.scheduler import SchedulerView
+from cortex.scheduler.observations import PeerObservations
+from cortex.scheduler.planning import PlanningContext, rank_replicas
+from events import wall_clock_ms
 
 logger = logging.getLogger(__name__)
 
 FAILURE_MEMORY_S = 30.0
-
-
-def rendezvous_score(key: str, peer: str) -> bytes:
-    return hashlib.blake2b(f"{key}\n{peer}".encode(), digest_size=16).digest()
+BLOCK_TIMEOUT_FACTOR = 4  # a block call waits for its expert calls, each with its own retries
 
 
 class SwarmDirectory:
-    """Live holders of one model's fragments, ranked, and calls to them over the channel."""
+    """Live holders of one model's fragments, ranked, and data-plane calls to them."""
 
     def __init__(
         self,
         service: ModelService,
         registry: Callable[[], RegistryView],
-        channel: Channel,
-        acceptor: Acceptor,
+        scheduler: Callable[[], SchedulerView],
+        dataplane: DataPlane,
         own_peer: str,
         call_timeout_s: float,
     ) -> None:
         self.service = service
         self.registry = registry
-        self.channel = channel
-        self.acceptor = acceptor
+        self.scheduler = scheduler
+        self.dataplane = dataplane
         self.own_peer = own_peer
         self.call_timeout_s = call_timeout_s
+        self.observations = PeerObservations(local_peer=own_peer)
         self.failures: dict[str, float] = {}
-        self.records: list[str] = []  # ids of ExpertBatchServed records accepted into the log
 
-    def holders(self, fragment: str) -> list[str]:
+    def holders(self, fragment: str, context: PlanningContext | None = None) -> list[str]:
         """Return the live holders of `fragment`, best first."""
-        live = self.registry().holders(self.service.model_id, fragment, wall_clock_ms())
+        context = context or PlanningContext(self.registry(), self.scheduler(), wall_clock_ms(), self.observations)
+        ranked = rank_replicas(context, context.registry.holders(self.service.model_id, fragment, context.now_ms))
         horizon = time.monotonic() - FAILURE_MEMORY_S
-        return sorted(
-            live,
-            key=lambda peer: (
-                self.failures.get(peer, 0.0) > horizon,
-                peer != self.own_peer,
-                rendezvous_score(fragment, peer),
-            ),
-        )
+        return sorted(ranked, key=lambda peer: self.failures.get(peer, 0.0) > horizon)
 
     def replicas(self, layer: int, expert: int) -> list[str]:
         return self.holders(f"expert[{layer}][{expert}]")
@@ -80,48 +71,54 @@ class SwarmDirectory:
     def endpoint(self, peer: str) -> str:
         record = self.registry().peers.get(peer)
         if record is None or record.announcement is None:
-            raise CallFailed(peer, "lookup", "peer has not announced a data endpoint")
+            raise CallFailed(peer, "lookup", "the peer has not announced a data endpoint")
         return record.announcement.data_endpoint
 
     async def call_experts(
-        self, peer: str, segments: list[list[int]], rows: torch.Tensor, meta: dict[str, Any]
-    ) -> torch.Tensor:
-        if peer == self.own_peer:
-            return self.service.run_experts(segments, rows)
-        reply, tensors = await self.channel.call(
-            peer,
-            self.endpoint(peer),
-            "experts",
-            {"model": self.service.model_id, "segments": segments, **meta},
-            [rows],
-            self.call_timeout_s,
-        )
-        if len(tensors) != 1 or tuple(tensors[0].shape) != tuple(rows.shape):
-            raise CallFailed(peer, "experts", f"reply holds {[list(t.shape) for t in tensors]}, expected [{list(rows.shape)}]")
-        self._check_record(peer, reply, tensors[0])
-        return tensors[0]
-
-    def _check_record(self, peer: str, reply: dict[str, Any], outputs: torch.Tensor) -> None:
-        """Accept the peer's signed record of the batch into the log after checking it matches."""
-        try:
-            wire = bytes.fromhex(str(reply.get("record", "")))
-            event = self.acceptor.accept(wire)
-        except (ValueError, EventRejected) as error:
-            raise CallFailed(peer, "experts", f"the reply's record was rejected: {error}") from None
-        if event is None:
-            return
-        body = event.body
-        if event.author != peer or not isinstance(body, ExpertBatchServed) or body.output_digest != tensor_digest(outputs):
-            raise CallFailed(peer, "experts", "the reply's record does not match its author or output bytes")
-        self.records.append(event.id)
-
-    async def call_block(
-        self, peer: str, method: str, meta: dict[str, object], tensors: list[torch.Tensor]
+        self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """Call `method` (`block` or `close`) on the block holder `peer`; raise CallFailed on failure."""
+        """Run each (layer, expert, rows [N, D]) on `peer`: one data-plane call per expert, all at once."""
+        if peer == self.own_peer:
+            return [self.service.run_expert(layer, expert, rows) for layer, expert, rows in segments]
+        import asyncio
+
+        calls = [self._call_expert(peer, request_id, step, layer, expert, rows) for layer, expert, rows in segments]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
+
+    async def _call_expert(self, peer: str, request_id: str, step: int, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        fields = {"model_id": self.service.model_id, "step": step, "layer": layer, "expert": expert}
+        reply = await self._call(peer, "expert", request_id, ExpertInputSent, fields, rows, self.call_timeout_s)
+        return reply
+
+    async def call_stage(self, peer: str, request_id: str, spec: str, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run `hidden` [T, D] at `position` through block `spec` on `peer`; return its output [T, D]."""
+        start, stop = (int(part) for part in spec[len("block[") : -1].split(":"))
+        fields = {"model_id": self.service.model_id, "step": position, "start": start, "stop": stop, "position": position}
+        timeout = self.call_timeout_s * BLOCK_TIMEOUT_FACTOR
+        return await self._call(peer, "stage", request_id, StageInputSent, fields, hidden, timeout)
+
+    async def _call(
+        self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
+    ) -> torch.Tensor:
+        started = time.monotonic()
+        self.observations.call_started(peer)
         try:
-            _reply, outputs = await self.channel.call(peer, self.endpoint(peer), method, meta, tensors, self.call_timeout_s)
-        except CallFailed:
+            reply = await self.dataplane.call(
+                peer, self.endpoint(peer), kind, request_id=request_id, record=record, fields=fields,
+                tensors={"hidden": hidden}, timeout_s=timeout,
+            )
+        except CommError as error:
             self.note_failure(peer)
-            raise
-        return outputs
+            raise CallFailed(peer, kind, str(error)) from None
+        finally:
+            self.observations.call_finished(peer)
+        self.observations.record_round_trip(peer, (time.monotonic() - started) * 1000)
+        output = reply.tensors.get("hidden")
+        if output is None or tuple(output.shape) != tuple(hidden.shape):
+            self.note_failure(peer)
+            raise CallFailed(peer, kind, f"the reply holds {sorted(reply.tensors)}, expected 'hidden' of shape {list(hidden.shape)}")
+        return output

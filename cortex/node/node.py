@@ -34,20 +34,37 @@ import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex import __version__
 from cortex.bus.bus import BusConfig, GossipBus
 from cortex.bus.transport import Transport
-from cortex.driver.errors import CallFailed
+from cortex.comm import (
+    RECORD_TYPES,
+    DataPlane,
+    ExpertInputSent,
+    ExpertOutputProduced,
+    IncomingCall,
+    Rejection,
+    Response,
+    StageInputSent,
+    StageOutputProduced,
+)
 from cortex.driver.executors import BlockExecutor, worker_compute
-from cortex.driver.records import ExpertBatchServed, tensor_digest
 from cortex.driver.remote import RemoteBlockExecutor
-from cortex.driver.requests import DriverContext, RequestDriver, rank_drivers
+from cortex.driver.requests import DriverContext, RequestDriver
 from cortex.driver.router import TokenRouter
-from cortex.node.channel import Channel
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
 from cortex.node.lifecycle import NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
-from cortex.node.service import ModelService
+from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.registry import RegistryReducer, RegistryView
-from cortex.scheduler.request_events import RequestSubmitted
+from cortex.scheduler import KV_CACHE_HARDWARE_KEY, SchedulerReducer, SchedulerView
+from cortex.scheduler.admission import ModelGeometry
+from cortex.scheduler.planning import PlanningContext, driver_order
+from cortex.scheduler.request_events import (
+    RequestCancelled,
+    RequestCompleted,
+    RequestFailed,
+    RequestSubmitted,
+    request_id_for,
+)
 from events import (
     SCHEMA_MAJOR,
     Acceptor,
@@ -83,20 +100,29 @@ class Node:
         self.peer_id = self.identity.peer_id
         self.store = LogStore(config.data_dir / "events.db")
         self.registry: Projection[RegistryView] = Projection(RegistryReducer())
-        self.acceptor = Acceptor(self.store, [self.registry], own_peer_id=self.peer_id)
+        self.scheduler: Projection[SchedulerView] = Projection(SchedulerReducer())
+        self.acceptor = Acceptor(self.store, [self.registry, self.scheduler], own_peer_id=self.peer_id)
         self.writer = EventWriter(self.identity, self.acceptor)
         self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
-        self.channel = Channel(self.identity, config.data_plane.listen)
+        self.dataplane = DataPlane(
+            self.identity,
+            sign=self.writer.write,
+            is_known_request=lambda request_id: self.scheduler.view.record(request_id) is not None,
+            acceptor=self.acceptor,
+            on_reject=self._on_reject,
+        )
         self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-compute")
         self.compute = worker_compute(self.workers)
         self.services: dict[str, ModelService] = {}
         self.directories: dict[str, SwarmDirectory] = {}
         self.routers: dict[str, TokenRouter] = {}
+        self.batchers: dict[str, ExpertBatcher] = {}
         self.tokenizers: dict[str, Any] = {}
         self.stopping = asyncio.Event()
         self.drivers: set[asyncio.Task[None]] = set()
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
+        self.endpoint = ""
 
     # --- construction -----------------------------------------------------------
 
@@ -132,19 +158,19 @@ class Node:
         try:
             self.bus.add_listener(self._on_events)
             await self.bus.start()
+            listen = self.config.data_plane.listen
+            self.endpoint = await self.dataplane.start(listen[:-2] + ":*" if listen.endswith(":0") else listen)
             await self._check_join()
             self.joined = True
             self._open_models()
             await self.emit(self._announcement())
             async with asyncio.TaskGroup() as group:
                 self._task_group = group
-                serve = group.create_task(self.channel.serve())
                 heartbeat = group.create_task(self._heartbeat_loop())
                 await self._load_models()
                 self._write_status("serving")
                 await self.stopping.wait()
                 await self._drain()
-                serve.cancel()
                 heartbeat.cancel()
         finally:
             await self._shut_down()
@@ -173,9 +199,10 @@ class Node:
     def _announcement(self) -> PeerJoined:
         names = {f"model:{service.name}": service_id for service_id, service in self.services.items()}
         hardware: dict[str, int | str | bool] = {**hardware_summary(self.config), **names}
+        hardware[KV_CACHE_HARDWARE_KEY] = self.config.kv_cache_budget_mb * MIB
         return PeerJoined(
             bus_addresses=tuple(getattr(self.bus.transport, "listen_addresses", [])),
-            data_endpoint=self.channel.endpoint,
+            data_endpoint=self.endpoint,
             curve_public_key=self.identity.curve_public_key.decode(),
             hardware=hardware,
             protocol_version=PROTOCOL_VERSION,
@@ -205,7 +232,8 @@ class Node:
                 await self.bus.flush()
         with contextlib.suppress(Exception):
             await self.bus.stop()
-        self.channel.close()
+        with contextlib.suppress(Exception):
+            await self.dataplane.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         self._write_status("stopped")
@@ -217,7 +245,7 @@ class Node:
             "state": state,
             "pid": os.getpid(),
             "peer_id": self.peer_id,
-            "data_endpoint": self.channel.endpoint,
+            "data_endpoint": self.endpoint,
             "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
             "models": {model: service.fragments() for model, service in self.services.items()},
             "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
@@ -234,13 +262,18 @@ class Node:
             service = ModelService(settings.path, settings.display_name, self.config.device, self.config.dtype)
             self.services[service.model_id] = service
             directory = SwarmDirectory(
-                service, lambda: self.registry.view, self.channel, self.acceptor, self.peer_id, self.config.data_plane.call_timeout_s
+                service,
+                lambda: self.registry.view,
+                lambda: self.scheduler.view,
+                self.dataplane,
+                self.peer_id,
+                self.config.data_plane.call_timeout_s,
             )
             self.directories[service.model_id] = directory
             self.routers[service.model_id] = TokenRouter(directory)
-        self.channel.register("block", self._serve_block)
-        self.channel.register("close", self._serve_close)
-        self.channel.register("experts", self._serve_experts)
+            self.batchers[service.model_id] = ExpertBatcher(service, self.compute)
+        self.dataplane.register_handler("stage", self._serve_stage, accepts=(StageInputSent,))
+        self.dataplane.register_handler("expert", self._serve_expert, accepts=(ExpertInputSent,))
 
     async def _load_models(self) -> None:
         for settings in self.config.models:
@@ -277,34 +310,35 @@ class Node:
 
     # --- serving ------------------------------------------------------------------
 
-    def _service(self, meta: dict[str, Any]) -> ModelService:
-        service = self.services.get(str(meta.get("model")))
+    def _service(self, model_id: str) -> ModelService:
+        service = self.services.get(model_id)
         if service is None:
-            raise CallFailed(self.peer_id, "lookup", f"model {str(meta.get('model'))[:16]} is not served here")
+            raise ServiceError(f"model {model_id[:16]} is not served by this node")
         return service
 
-    async def _serve_block(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        executor = self._service(meta).executor(str(meta["spec"]))
-        hidden = await executor.run(str(meta["session"]), tensors[0], int(meta["position"]))
-        return {}, [hidden]
+    async def _serve_stage(self, call: IncomingCall) -> Response:
+        body = call.inputs[0].event.body
+        service = self._service(body.model_id)
+        spec = f"block[{body.start}:{body.stop}]"
+        hidden = await service.executor(spec).run(call.request_id, call.tensors["hidden"].clone(), body.position)
+        fields = {"model_id": body.model_id, "step": body.step, "start": body.start, "stop": body.stop}
+        return Response(StageOutputProduced, fields, {"hidden": hidden})
 
-    async def _serve_close(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        await self._service(meta).executor(str(meta["spec"])).close(str(meta["session"]))
-        return {}, []
+    async def _serve_expert(self, call: IncomingCall) -> Response:
+        body = call.inputs[0].event.body
+        self._service(body.model_id)
+        outputs = await self.batchers[body.model_id].run(body.layer, body.expert, call.tensors["hidden"])
+        fields = {"model_id": body.model_id, "step": body.step, "layer": body.layer, "expert": body.expert}
+        return Response(ExpertOutputProduced, fields, {"hidden": outputs.contiguous()})
 
-    async def _serve_experts(self, method: str, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        service = self._service(meta)
-        segments = [[int(value) for value in segment] for segment in meta["segments"]]
-        outputs: torch.Tensor = await self.compute(service.run_experts, segments, tensors[0])
-        record = ExpertBatchServed(
-            model_id=service.model_id,
-            sessions=tuple(str(session) for session in meta.get("sessions", ())),
-            segments=tuple(f"{layer}:{expert}:{rows}" for layer, expert, rows in segments),
-            output_digest=tensor_digest(outputs),
-            dtype=str(outputs.dtype).removeprefix("torch."),
-        )
-        event = self.writer.write(record)
-        return {"record": event.wire.hex()}, [outputs]
+    def _on_reject(self, rejection: Rejection) -> None:
+        # NOTE: penalties are not published as events yet; the rejection is logged by the data plane.
+        logger.debug("data-plane rejection from %s: %s", rejection.peer_id, rejection.reason)
+
+    def records_of(self, request_id: str) -> list[str]:
+        """Return the ids of the request-scoped records in this node's log for `request_id`."""
+        names = {record.__name__ for record in RECORD_TYPES}
+        return [event.id for event in self.store.events(ref=request_id) if event.type in names]
 
     # --- requests -----------------------------------------------------------------
 
@@ -312,14 +346,23 @@ class Node:
         for event in events:
             if isinstance(event.body, RequestSubmitted):
                 self._consider(event)
+            elif isinstance(event.body, (RequestCompleted, RequestFailed, RequestCancelled)):
+                self._close_sessions(event.body.request_id)
+
+    def _close_sessions(self, request_id: str) -> None:
+        """Drop the KV caches of a finished request on every block this node holds."""
+        for service in self.services.values():
+            for block in service.blocks.values():
+                block.close_session(request_id)
 
     def _consider(self, event: Event) -> None:
         request: RequestSubmitted = event.body
         service = self.services.get(request.model_id)
         if service is None or service.head is None or self.stopping.is_set() or self._task_group is None:
             return
-        heads = self.registry.view.holders(request.model_id, "head", wall_clock_ms())
-        if not heads or rank_drivers(event.id, heads)[0] != self.peer_id:
+        request_id = request_id_for(event.author, request.nonce)
+        order = driver_order(self.registry.view, request.model_id, request_id, wall_clock_ms(), submitter=event.author)
+        if not order or order[0] != self.peer_id:
             return
         driver = RequestDriver(self._driver_context(service), event)
         task = self._task_group.create_task(driver.run())
@@ -332,14 +375,15 @@ class Node:
         tokenizer = self.tokenizers[service.model_id]
         eos = {service.loader.config.eos_token_id, tokenizer.eos_token_id} - {None}
 
-        def block_holders() -> dict[str, list[str]]:
-            coverage = self.registry.view.coverage(service.model_id, wall_clock_ms())
-            return {spec: directory.holders(spec) for spec in coverage if spec.startswith("block")}
+        def planning(own_request: str) -> PlanningContext:
+            return PlanningContext(
+                self.registry.view, self.scheduler.view, wall_clock_ms(), directory.observations, own_request=own_request
+            )
 
         def executor_for(spec: str, holder: str) -> BlockExecutor:
             if holder == self.peer_id:
                 return service.executor(spec)
-            return RemoteBlockExecutor(directory, holder, service.model_id, spec)
+            return RemoteBlockExecutor(directory, holder, spec)
 
         return DriverContext(
             identity=self.identity,
@@ -348,11 +392,12 @@ class Node:
             head=service.head,
             tokenizer=tokenizer,
             eos_token_ids=sorted(int(e) for e in eos if isinstance(e, int)),
-            num_layers=service.loader.num_layers,
+            geometry=ModelGeometry.from_config(service.loader.checkpoint.config, dtype=self.config.dtype),
             compute=self.compute,
-            block_holders=block_holders,
+            planning=planning,
+            record=lambda request_id: self.scheduler.view.record(request_id),
             executor_for=executor_for,
-            records=directory.records,
+            records_of=self.records_of,
         )
 
 

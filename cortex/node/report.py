@@ -1,49 +1,60 @@
-"""What a swarm run did, read back from the node logs: which peer served which expert rows.
+"""What a swarm run did, read back from a node's log: which peer produced which expert outputs.
 
-The driver's log holds the `ExpertBatchServed` records its block holders accepted (signed
-by the expert holders), so counting them per author shows where each MoE layer's outputs
-came from. Read the logs after the nodes stopped, or while they run (SQLite WAL allows a
-second reader).
+A block holder's log holds the `ExpertOutputProduced` records that came back with the
+expert outputs of its MoE layers, each signed by the expert holder that computed it, so
+counting them per author shows where every MoE layer's outputs came from. Read the log
+after the nodes stopped, or while they run (SQLite WAL allows a second reader).
 """
 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cortex.driver.records  # noqa: F401 - registers ExpertBatchServed
 import cortex.scheduler  # noqa: F401 - registers the request event types
-from cortex.driver.records import ExpertBatchServed
+from cortex.comm import ExpertOutputProduced
 from events import LogStore
 
 
-def expert_records(data_dir: Path, sessions: set[str] | None = None) -> list[tuple[str, ExpertBatchServed, int]]:
-    """Return (author, record, time_ms) of the ExpertBatchServed records in a node's log."""
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One expert output as the log records it."""
+
+    author: str
+    request_id: str
+    step: int
+    layer: int
+    expert: int
+    rows: int
+    time_ms: int
+
+
+def expert_records(data_dir: Path, request_ids: set[str] | None = None) -> list[ExpertRecord]:
+    """Return the ExpertOutputProduced records in a node's log, for `request_ids` if given."""
     store = LogStore(data_dir / "events.db")
     try:
         found = []
-        for event in store.events(type="ExpertBatchServed"):
+        for event in store.events(type="ExpertOutputProduced"):
             body = event.body
-            if isinstance(body, ExpertBatchServed) and (sessions is None or sessions & set(body.sessions)):
-                found.append((event.author, body, event.time_ms))
+            request_id = event.refs[0] if event.refs else ""
+            if not isinstance(body, ExpertOutputProduced) or (request_ids is not None and request_id not in request_ids):
+                continue
+            rows = body.shape[0] if body.shape else 0
+            found.append(ExpertRecord(event.author, request_id, body.step, body.layer, body.expert, rows, event.time_ms))
         return found
     finally:
         store.close()
 
 
-def served_rows(records: list[tuple[str, ExpertBatchServed, int]]) -> dict[str, dict[str, Any]]:
-    """Sum expert rows and distinct experts per author."""
+def served_rows(records: list[ExpertRecord]) -> dict[str, dict[str, Any]]:
+    """Sum expert calls, rows and distinct experts per author."""
     rows: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
     experts: dict[str, set[str]] = collections.defaultdict(set)
-    batches: collections.Counter[str] = collections.Counter()
-    for author, body, _ in records:
-        batches[author] += 1
-        for segment in body.segments:
-            layer, expert, count = segment.split(":")
-            rows[author] += int(count)
-            experts[author].add(f"expert[{layer}][{expert}]")
-    return {
-        author: {"batches": batches[author], "rows": rows[author], "experts": sorted(experts[author])}
-        for author in sorted(batches)
-    }
+    for record in records:
+        calls[record.author] += 1
+        rows[record.author] += record.rows
+        experts[record.author].add(f"expert[{record.layer}][{record.expert}]")
+    return {author: {"calls": calls[author], "rows": rows[author], "experts": sorted(experts[author])} for author in sorted(calls)}

@@ -1,19 +1,20 @@
 """The fragments of one model that this node loaded, and the calls that run them.
 
-Calls arrive over the channel (`cortex.node.channel`):
+The node serves them over the data plane (`cortex.comm`):
 
-- `block`: meta `{model, spec, session, position}`, tensors `[hidden [T, D]]`; runs the
-  block for the session, dispatching its MoE layers through this node's TokenRouter, and
-  returns `[hidden [T, D]]`.
-- `close`: meta `{model, spec, session}`; drops the session's KV cache.
-- `experts`: meta `{model, segments: [[layer, expert, rows], ...], sessions}`, tensors
-  `[rows [N, D]]`; returns `[outputs [N, D]]` and a signed `ExpertBatchServed` record.
+- `stage` calls (`StageInputSent` with `hidden` [T, D]) run a block for the request's
+  session, dispatching its MoE layers through the node's TokenRouter, and reply with
+  `StageOutputProduced` and the block's output [T, D].
+- `expert` calls (`ExpertInputSent` with `hidden` [N, D]) run one routed expert and reply
+  with `ExpertOutputProduced` and its outputs [N, D]. `ExpertBatcher` merges the calls for
+  one expert that arrive together (from concurrent requests) into one forward pass.
 
 Shape legend: T = tokens, D = hidden size, N = expert rows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -65,21 +66,63 @@ class ModelService:
             raise ServiceError(f"this node does not serve {spec} of model {self.model_id[:16]}; it serves {sorted(self.executors)}")
         return executor
 
-    def run_experts(self, segments: list[list[int]], rows: torch.Tensor) -> torch.Tensor:
-        """Run each segment's rows through its expert and return the outputs [N, D] in row order."""
-        outputs = torch.empty_like(rows)
-        start = 0
-        for layer, index, count in segments:
-            expert = self.experts.get(layer, {}).get(index)
-            if expert is None:
-                raise ServiceError(f"this node does not hold expert[{layer}][{index}] of model {self.model_id[:16]}")
-            outputs[start : start + count] = expert(rows[start : start + count])  # [n, D]
-            start += count
-        if start != rows.shape[0]:
-            raise ServiceError(f"segments cover {start} rows but the call sent {rows.shape[0]}")
-        return outputs
+    def run_expert(self, layer: int, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Run rows [N, D] through expert[layer][index] and return its outputs [N, D]."""
+        expert = self.experts.get(layer, {}).get(index)
+        if expert is None:
+            raise ServiceError(f"this node does not hold expert[{layer}][{index}] of model {self.model_id[:16]}")
+        return expert(rows)
 
     def fragments(self) -> list[str]:
         names = (["head"] if self.head is not None else []) + sorted(self.blocks)
         names += [f"expert[{layer}][{index}]" for layer in sorted(self.experts) for index in sorted(self.experts[layer])]
         return names
+
+
+class ExpertBatcher:
+    """Merges the calls for one expert that arrive in one event loop iteration into one forward pass.
+
+    Rows [N, D] of every queued call are concatenated, run once in the compute worker,
+    and split back in order, so concurrent requests share each expert's matrix multiply.
+    """
+
+    def __init__(self, service: ModelService, compute: Compute) -> None:
+        self.service = service
+        self.compute = compute
+        self.forward_passes = 0
+        self.merged_calls = 0
+        self._queues: dict[tuple[int, int], list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, layer: int, index: int, rows: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        queue = self._queues.setdefault((layer, index), [])
+        queue.append((rows, future))
+        if len(queue) == 1:
+            loop.call_soon(self._flush, (layer, index))
+        return await future
+
+    def _flush(self, key: tuple[int, int]) -> None:
+        queued = self._queues.pop(key, [])
+        if queued:
+            task = asyncio.get_running_loop().create_task(self._forward(key, queued))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, key: tuple[int, int], queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]) -> None:
+        rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
+        self.forward_passes += 1
+        self.merged_calls += len(queued) - 1
+        try:
+            outputs: torch.Tensor = await self.compute(self.service.run_expert, key[0], key[1], rows)
+        except Exception as error:  # noqa: BLE001 - every waiting call gets the failure
+            for _, future in queued:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        offset = 0
+        for item, future in queued:
+            if not future.done():
+                future.set_result(outputs[offset : offset + item.shape[0]])
+            offset += item.shape[0]

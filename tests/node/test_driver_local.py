@@ -73,7 +73,7 @@ async def test_stage_replays_session_on_replacement(checkpoint: Callable[[str], 
     spare = LocalBlockExecutor(loader.load_block(0, 3), dispatcher)
     offered: list[set[str]] = []
 
-    def replace(failed: set[str]) -> LocalBlockExecutor | None:
+    async def replace(failed: set[str]) -> LocalBlockExecutor | None:
         offered.append(failed)
         return spare
 
@@ -89,7 +89,10 @@ async def test_stage_replays_session_on_replacement(checkpoint: Callable[[str], 
 async def test_stage_without_replacement_raises(checkpoint: Callable[[str], Path]) -> None:
     loader = Loader(checkpoint("llama"), device="cpu")
     dying = _FailingOnce(LocalBlockExecutor(loader.load_block(0, 2), LocalExpertDispatcher({})), fail_at=1)
-    driver = DriverLoop(loader.load_head(), [Stage(dying, lambda failed: None)])
+    async def no_replacement(failed: set[str]) -> None:
+        return None
+
+    driver = DriverLoop(loader.load_head(), [Stage(dying, no_replacement)])
 
     with pytest.raises(NoLiveHolder, match="dying-peer"):
         await driver.generate("s1", PROMPT, 5)
