@@ -7,7 +7,8 @@ For each record of a call or reply, in this order:
 3. it is a record type the receiver accepts (`unexpected_type`);
 4. dtype, size limit, shape times item size, chunk lengths (`bad_dtype`, `oversized`,
    `shape_mismatch`, `length_mismatch`);
-5. all records share one author and one request id, the first entry of `refs` (`malformed`);
+5. all records share one author and one request id, the first entry of `refs`, and have
+   distinct tensor names (`malformed`);
 6. the author is the CurveZMQ-authenticated peer (`unauthenticated`, `author_mismatch`);
 7. a reply references the call's input records after the request id (`unlinked_reply`);
 8. the request is known to this node (`unknown_request`);
@@ -85,7 +86,7 @@ def receive_records(
         for event, (_event_part, chunks) in zip(events, records):
             check_digest(event.body, chunks)
     except FrameRejected as rejection:
-        # The author matched the authenticated connection, so the sender is known.
+        # The author matched the authenticated connection or the called peer, so the sender is known.
         rejection.peer_id = events[0].author
         raise
     return [
@@ -116,6 +117,9 @@ def _check_origin(events: list[Event], expect: Expectations) -> None:
                 FrameReason.MALFORMED,
                 "every record of one message needs the same author and the same request id as its first ref",
             )
+    names = [event.body.name for event in events]
+    if len(set(names)) != len(names):
+        raise FrameRejected(FrameReason.MALFORMED, f"tensor names {names} repeat; each tensor of a message needs its own name")
     if expect.authenticated_key is not None:
         if curve_key_text(first.author) != expect.authenticated_key:
             raise FrameRejected(

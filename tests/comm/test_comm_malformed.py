@@ -85,6 +85,12 @@ def mixed_requests(raw: RawClient) -> list[bytes]:
     return [encode_header("call", 1, kind="expert", chunks=[1, 1]), *first[1:], *second[1:]]
 
 
+def repeated_names(raw: RawClient) -> list[bytes]:
+    first = build_call(raw.signer, 1, {"hidden": HIDDEN})
+    second = build_call(raw.signer, 1, {"hidden": HIDDEN})
+    return [encode_header("call", 1, kind="expert", chunks=[1, 1]), *first[1:], *second[1:]]
+
+
 def reply_instead_of_call(raw: RawClient) -> list[bytes]:
     parts = build_call(raw.signer, 1, {"hidden": HIDDEN})
     return [encode_header("reply", 1, chunks=[1]), *parts[1:]]
@@ -111,6 +117,7 @@ CASES = {
     "garbage_event": Case(garbage_event, FrameReason.MALFORMED_EVENT),
     "extra_parts": Case(extra_parts, FrameReason.MALFORMED),
     "mixed_requests": Case(mixed_requests, FrameReason.MALFORMED),
+    "repeated_names": Case(repeated_names, FrameReason.MALFORMED),
     "reply_instead_of_call": Case(reply_instead_of_call, FrameReason.MALFORMED),
 }
 
