@@ -7,10 +7,11 @@ twice, each time in its own process group:
     serve   load the experts from the weights file, serve them with hivemind's `Server`,
             print one JSON line {"maddrs": [...]} once they are declared in the DHT, and
             stop when stdin closes or after --max-lifetime-s.
-    client  join that DHT, build a `RemoteMixtureOfExperts` whose gating projection holds
-            the router weights, print {"ready": true}, wait for a line on stdin, time each
-            batch of the inputs file, save the outputs, and print one JSON line
-            {"times_ms": {"1": [...], "16": [...]}, "settings": {...}}.
+    client  read {"peers": [...]} from stdin, join that DHT, build a `RemoteMixtureOfExperts` whose gating projection is
+            the router, print {"ready": true}, then run the layer as JSON commands on
+            stdin request (see `_serve_commands`), so the bench can alternate rounds of
+            both systems. At {"done": true} it saves each batch's last output and prints
+            {"settings": {...}}.
 
 The weights file is a `torch.save` dict: "router" [E, D] and, for each expert e,
 "experts.e.up.weight" [F, D], "experts.e.up.bias" [F], "experts.e.down.weight" [D, F] and
@@ -95,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
         _wait_until_declared(dht, list(backends))
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
         print(json.dumps({"maddrs": maddrs}), flush=True)
-        # The bench closes our stdin to stop us; the lifetime bounds a bench that died first.
+        # The bench closes our stdin to stop us. The lifetime limit covers a bench that died first.
         select.select([sys.stdin], [], [], args.max_lifetime_s)
     finally:
         server.shutdown()
@@ -114,7 +115,7 @@ def _wait_until_declared(dht: object, uids: list[str]) -> None:
 
 
 def client(args: argparse.Namespace) -> int:
-    """Time RemoteMixtureOfExperts on each batch of the inputs file; print times as JSON."""
+    """Build a RemoteMixtureOfExperts, then run the calls that stdin commands request."""
     from hivemind import DHT
     from hivemind.moe import RemoteMixtureOfExperts
 
@@ -122,7 +123,12 @@ def client(args: argparse.Namespace) -> int:
     weights = torch.load(args.weights, weights_only=True)
     inputs = torch.load(args.inputs, weights_only=True)
     experts, hidden = weights["router"].shape
-    dht = DHT(initial_peers=args.peers, start=True, client_mode=True, **P2P_OPTIONS)
+    # The bench starts this client while the server boots, so the imports above overlap the
+    # boot, and sends the server's multiaddrs once the server printed them.
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    dht = DHT(initial_peers=json.loads(line)["peers"], start=True, client_mode=True, **P2P_OPTIONS)
     try:
         layer = RemoteMixtureOfExperts(
             in_features=hidden,
@@ -137,29 +143,37 @@ def client(args: argparse.Namespace) -> int:
         with torch.no_grad():
             layer.proj.weight.copy_(weights["router"])
             layer.proj.bias.zero_()
-        # Start-up (imports, DHT join) overlaps the Cortex run; the bench says "go" when it is done.
         print(json.dumps({"ready": True}), flush=True)
-        if not sys.stdin.readline():
-            return 0
-        times_ms: dict[str, list[float]] = {}
-        outputs: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, batch in inputs.items():
-                for _ in range(args.warmup):
-                    layer(batch)
-                samples = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    output = layer(batch)
-                    samples.append((time.perf_counter() - start) * 1000.0)
-                times_ms[name] = samples
-                outputs[name] = output.detach().clone()
+        outputs = _serve_commands(layer, inputs)
         torch.save(outputs, args.outputs)
     finally:
         dht.shutdown()
     settings = {"hivemind_version": _hivemind_version(), "torch_version": torch.__version__}
-    print(json.dumps({"times_ms": times_ms, "settings": settings}), flush=True)
+    print(json.dumps({"settings": settings}), flush=True)
     return 0
+
+
+def _serve_commands(layer: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run the layer as stdin commands request until {"done": true} or end of input.
+
+    A command {"batch": NAME, "calls": N} runs N calls on that batch and prints
+    {"times_ms": [...]}, one time per call. The last output of each batch is returned.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("done"):
+            break
+        batch = inputs[command["batch"]]
+        samples = []
+        with torch.no_grad():
+            for _ in range(int(command["calls"])):
+                start = time.perf_counter()
+                output = layer(batch)
+                samples.append((time.perf_counter() - start) * 1000.0)
+        outputs[command["batch"]] = output.detach().clone()
+        print(json.dumps({"times_ms": samples}), flush=True)
+    return outputs
 
 
 def _hivemind_version() -> str:
@@ -182,10 +196,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     client_parser.add_argument("--weights", required=True, help="torch.save file of router and expert tensors")
     client_parser.add_argument("--inputs", required=True, help="torch.save dict of batch name to tokens [T, D]")
     client_parser.add_argument("--outputs", required=True, help="where to torch.save the outputs per batch")
-    client_parser.add_argument("--peers", nargs="+", required=True, help="multiaddrs of the serving DHT peer")
     client_parser.add_argument("--top-k", type=int, default=2, help="experts per token")
-    client_parser.add_argument("--warmup", type=int, default=3, help="untimed calls per batch")
-    client_parser.add_argument("--repeats", type=int, default=20, help="timed calls per batch")
     client_parser.add_argument("--threads", type=int, default=1, help="torch threads")
     client_parser.set_defaults(func=client)
     return parser.parse_args(argv)

@@ -45,7 +45,7 @@ _VERSION_PROBE = (
 
 
 class HivemindUnavailable(RuntimeError):
-    """hivemind could not be installed or started; the message says why and what to do."""
+    """hivemind could not be installed or started. The message gives the cause and the fix."""
 
 
 def default_cache_dir() -> Path:
@@ -139,9 +139,9 @@ class HivemindVenv:
     def _pip_install(self, requirement: str) -> list[str]:
         return [str(self.python), "-m", "pip", "install", "--disable-pip-version-check", requirement]
 
-    def _step(self, what: str, argv: list[str], timeout_s: float = PIP_TIMEOUT_S) -> str:
+    def _step(self, step: str, argv: list[str], timeout_s: float = PIP_TIMEOUT_S) -> str:
         """Run one build step, append its output to the install log, and return its stdout."""
-        logger.info("hivemind venv: %s", what)
+        logger.info("hivemind venv: %s", step)
         with open(self.log, "a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}\n")
         try:
@@ -150,14 +150,14 @@ class HivemindVenv:
             )
         except subprocess.TimeoutExpired:
             raise HivemindUnavailable(
-                f"could not {what}: no result within {timeout_s:.0f} s; see {self.log}"
+                f"could not {step}: timed out after {timeout_s:.0f} s; see {self.log}"
             ) from None
         with open(self.log, "a", encoding="utf-8") as log:
             log.write(completed.stdout + completed.stderr + f"(exit status {completed.returncode})\n")
         if completed.returncode != 0:
             tail = (completed.stdout + completed.stderr)[-LOG_TAIL_CHARS:]
             raise HivemindUnavailable(
-                f"could not {what} (exit status {completed.returncode}); full output in {self.log}. "
+                f"could not {step} (exit status {completed.returncode}); full output in {self.log}. "
                 f"Last lines:\n{tail}"
             )
         return completed.stdout

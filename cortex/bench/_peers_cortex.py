@@ -4,16 +4,17 @@ Shape legend: T = tokens of a batch, E = experts, K = experts per token, D = hid
 F = expert intermediate size, N = token rows sent for one expert.
 
 Each expert server is its own process (`python -m cortex.bench._peers_cortex serve`) with
-the settings a node uses: a fresh Ed25519 identity, a `DataPlane` with CurveZMQ on
-127.0.0.1, every record signed by an `EventWriter` (fsynced SQLite log) and every received
-record verified and appended by an `Acceptor`. It prints one JSON line
+the settings a node uses. It has a fresh Ed25519 identity and a `DataPlane` with CurveZMQ on
+127.0.0.1. An `EventWriter` signs every record it sends and appends it to an fsynced SQLite
+log, and an `Acceptor` verifies and appends every record it receives. It prints one JSON line
 {"peer_id", "endpoint", "experts"} when it serves, and stops when stdin closes, on SIGTERM,
 or after --max-lifetime-s.
 
 The client (`CortexMoeLayer`) routes with the router weights (softmax over the top-K logits,
-as hivemind's `RemoteMixtureOfExperts` and Mixtral do), hands the tokens to Cortex's
-`TokenRouter`, which groups them per expert and sends one batch per replica, and combines
-the expert outputs with the routing weights.
+as hivemind's `RemoteMixtureOfExperts` and Mixtral do) and hands the tokens to Cortex's
+`TokenRouter`. The router groups them per expert and sends each replica its experts' rows
+as concurrent data-plane calls, one per expert. The client then combines the expert
+outputs with the routing weights.
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cortex.comm import DataPlane, ExpertInputSent, ExpertOutputProduced, IncomingCall, Rejection, Response
-from cortex.comm import CallFailed as CommCallFailed
 from cortex.comm import CommError
 from cortex.driver.errors import CallFailed
 from cortex.driver.router import TokenRouter
@@ -138,7 +137,7 @@ class CortexMoeLayer:
     async def forward(self, tokens: torch.Tensor, top_k: int) -> torch.Tensor:
         """Route, dispatch and combine one batch of tokens [T, D] -> [T, D]."""
         routing = route(self.router, tokens, top_k)
-        outputs = await self.token_router.dispatch(self.request_id, MoeCall(LAYER, tokens, routing))  # [T, K, D]
+        outputs = await self.token_router.dispatch(self.request_id, MoeCall(LAYER, tokens, routing), self.step)  # [T, K, D]
         self.step += 1
         return (routing.weights.unsqueeze(-1) * outputs).sum(dim=1)  # [T, D]
 
@@ -151,39 +150,34 @@ class CortexMoeLayer:
     def note_failure(self, peer: str) -> None:
         logger.warning("expert call to %s failed", peer)
 
-    async def call_experts(self, peer: str, segments: list[list[int]], rows: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-        """Send each expert's rows of the replica's batch as its own data-plane call, concurrently.
+    async def call_experts(
+        self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Send each expert's rows [N, D] to `peer` as its own data-plane call, all in flight at once.
 
-        NOTE: `DataPlane.call` signs every tensor of a call with the same record fields, so
-        one message cannot carry rows of several experts with a correct `expert` field in
-        each record. A replica that holds several experts therefore gets one call per
-        expert, all in flight on its one channel at once.
+        One call per expert lets each tensor's signed record name its expert, because
+        `DataPlane.call` gives every tensor of one call the same record fields.
         """
-        starts = [0]
-        for _layer, _expert, count in segments:
-            starts.append(starts[-1] + count)
-        calls = [
-            self._call_expert(peer, layer, expert, rows[start : start + count])
-            for (layer, expert, count), start in zip(segments, starts, strict=False)
-        ]
-        outputs = await asyncio.gather(*calls)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # [N, D]
+        calls = [self._call_expert(peer, request_id, step, layer, expert, rows) for layer, expert, rows in segments]
+        return list(await asyncio.gather(*calls))
 
-    async def _call_expert(self, peer: str, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    async def _call_expert(
+        self, peer: str, request_id: str, step: int, layer: int, expert: int, rows: torch.Tensor
+    ) -> torch.Tensor:
         assert self._dataplane is not None, "call start() before forward()"
-        fields = {"model_id": MODEL_ID, "step": self.step, "layer": layer, "expert": expert}
+        fields = {"model_id": MODEL_ID, "step": step, "layer": layer, "expert": expert}
         try:
             reply = await self._dataplane.call(
                 peer,
                 self.endpoints[peer],
                 EXPERT_KIND,
-                request_id=self.request_id,
+                request_id=request_id,
                 record=ExpertInputSent,
                 fields=fields,
                 tensors={"hidden": rows},
                 timeout_s=self.call_timeout_s,
             )
-        except (CommCallFailed, CommError) as error:
+        except CommError as error:
             raise CallFailed(peer, f"expert[{layer}][{expert}]", str(error)) from error
         record = reply.outputs[0].event.body
         output = reply.outputs[0].tensor
@@ -203,7 +197,7 @@ async def serve(args: argparse.Namespace) -> int:
         received = call.inputs[0]
         body = received.event.body
         if body.expert not in experts:
-            raise ValueError(f"this server holds experts {list(experts)}, not expert {body.expert}")
+            raise ValueError(f"expert {body.expert} not found: this server runs experts {list(experts)}")
         with torch.no_grad():
             output = expert_forward(weights, body.expert, received.tensor)  # [N, D]
         fields = {"model_id": body.model_id, "step": body.step, "layer": body.layer, "expert": body.expert}
@@ -212,7 +206,7 @@ async def serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # A daemon thread waits for stdin to close, so the interpreter never waits for it at exit.
+    # A daemon thread waits for stdin to close, because interpreter exit does not join daemon threads.
     threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
     dataplane.register_handler(EXPERT_KIND, run_expert, accepts=(ExpertInputSent,))
     try:

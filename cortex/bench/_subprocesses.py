@@ -1,7 +1,7 @@
 """Child processes of a bench: each in its own process group, read line by line, always stopped.
 
-A child reports to the bench by printing JSON objects, one per line, on stdout; its stderr
-goes to a file that is quoted when it fails. Stopping a child closes its stdin (the polite
+A child reports to the bench by printing JSON objects, one per line, on stdout. Its stderr
+goes to a file, whose last lines go into the error when the child fails. Stopping a child closes its stdin (the polite
 request every bench child obeys), then sends SIGTERM and, if needed, SIGKILL to its whole
 process group, so helpers it forked (hivemind's p2pd daemon and pool processes) stop too.
 """
@@ -50,7 +50,7 @@ class Child:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            line = self._read_line(deadline, key)
+            line = self._read_line(deadline, key, timeout_s)
             try:
                 message = json.loads(line)
             except ValueError:
@@ -59,13 +59,13 @@ class Child:
             if isinstance(message, dict) and key in message:
                 return message
 
-    def _read_line(self, deadline: float, key: str) -> str:
+    def _read_line(self, deadline: float, key: str, timeout_s: float) -> str:
         assert self.process.stdout is not None
         descriptor = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ChildFailed(f"{self.name} did not report {key!r} in time. {self.stderr_tail()}")
+                raise ChildFailed(f"{self.name} timed out: no {key!r} report within {timeout_s:.0f} s. {self.stderr_tail()}")
             readable, _, _ = select.select([descriptor], [], [], remaining)
             if not readable:
                 continue
@@ -112,7 +112,7 @@ class Child:
                 logger.warning("%s ignored SIGTERM for %.1f s; sending SIGKILL", self.name, self.graceful_stop_s)
                 self._signal_group(signal.SIGKILL)
                 self.process.wait(timeout=FORCED_STOP_S)
-        # Helpers the child forked may outlive it in its process group; stop them too.
+        # Processes the child forked may outlive it in its process group, so they are killed too.
         self._signal_group(signal.SIGKILL)
         if self.process.stdout is not None:
             self.process.stdout.close()

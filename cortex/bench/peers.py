@@ -7,31 +7,38 @@ bench times the whole layer (routing, dispatch, gather, weighted sum) for batche
 16 tokens, checks both systems' outputs against a computation in this process, and reports
 the ratio hivemind ms / Cortex ms for 16 tokens.
 
-- Cortex: `--servers` expert server processes on the data plane with a node's settings
-  (CurveZMQ, signed records, verification and an fsynced SQLite log on both ends); the
-  client groups tokens per expert with the TokenRouter (see `_peers_cortex`).
+- Cortex: `--servers` expert server processes on the data plane, with a node's settings on
+  both ends: CurveZMQ, signed and verified records, and an fsynced SQLite log. The client
+  groups tokens per expert with the TokenRouter (see `_peers_cortex`).
 - hivemind: one `Server` with a `ModuleBackend` per expert and a `RemoteMixtureOfExperts`
   client, each in a process of the hivemind venv (see `_hivemind_side` and
   `_hivemind_venv`), with its NAT, relay and IPFS options off.
 
-Start-up overlaps: the hivemind server and client start while the Cortex servers start and
-the Cortex layer runs, but each system is timed while the other one is idle, and the Cortex
-servers are stopped before hivemind is timed.
+The servers of both systems start in parallel. The two systems are then timed in
+alternating rounds of layer calls (see `_peers_rounds`), each while the other is idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import secrets
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cortex.bench._common import BenchReport, Goal, add_common_arguments, emit
 from cortex.bench._hivemind_venv import HivemindUnavailable, HivemindVenv, clean_environment, default_cache_dir
 from cortex.bench._subprocesses import Child, ChildFailed, ChildProcesses
+
+if TYPE_CHECKING:
+    import torch
+
+    from cortex.bench._peers_cortex import ExpertServer
+    from cortex.bench._peers_rounds import HivemindClient, Measurement
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +93,15 @@ def run(args: argparse.Namespace) -> int:
     repeats = 8 if args.quick and args.repeats == 30 else args.repeats
     warmup = 2 if args.quick and args.warmup == 5 else args.warmup
     if repeats < 1 or warmup < 0 or not 1 <= args.servers <= EXPERTS or args.hivemind_handlers < 1:
-        raise SystemExit(f"need --repeats >= 1, --warmup >= 0, 1 <= --servers <= {EXPERTS}, --hivemind-handlers >= 1")
+        raise SystemExit(
+            f"invalid options: need --repeats >= 1, --warmup >= 0, 1 <= --servers <= {EXPERTS} and "
+            f"--hivemind-handlers >= 1; got {repeats}, {warmup}, {args.servers} and {args.hivemind_handlers}"
+        )
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
     report = BenchReport("peers")
+    load_before = os.getloadavg()[0]
     try:
         with tempfile.TemporaryDirectory(prefix="cortex-bench-peers-") as work:
             outcome = _compare(args, Path(work), repeats, warmup)
@@ -99,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     report.results.update(outcome.results)
     report.results.update(_settings(args, repeats, warmup))
+    # Other processes on the machine delay every wake-up of both systems' processes.
+    report.results["load_average_1min_before"] = round(load_before, 2)
+    report.results["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     if outcome.hivemind_reason is None:
         value = report.results[f"hivemind_batch_{GOAL_BATCH}_median_ms"] / report.results[f"cortex_batch_{GOAL_BATCH}_median_ms"]
         report.goals.append(Goal(GOAL_NAME, value, SPEEDUP_TARGET))
@@ -129,7 +143,7 @@ def _settings(args: argparse.Namespace, repeats: int, warmup: int) -> dict[str, 
 
 
 class Outcome:
-    """What `_compare` measured, and why hivemind was not measured if it was not."""
+    """Figures measured by `_compare`, and the reason hivemind was not measured, if it was not."""
 
     def __init__(self) -> None:
         self.results: dict[str, Any] = {}
@@ -137,9 +151,11 @@ class Outcome:
 
 
 def _compare(args: argparse.Namespace, work: Path, repeats: int, warmup: int) -> Outcome:
+    import asyncio
+
     import torch
 
-    from cortex.bench._peers_cortex import reference_layer
+    from cortex.bench._peers_cortex import ExpertServer, reference_layer
 
     weights = make_weights(args.seed)
     inputs = make_inputs(args.seed)
@@ -153,30 +169,65 @@ def _compare(args: argparse.Namespace, work: Path, repeats: int, warmup: int) ->
         else:
             hivemind_server, outcome.hivemind_reason = _start_hivemind_server(args, children, work)
         cortex_servers = _start_cortex_servers(args, children, work)
-        hivemind_client = None
-        if hivemind_server is not None:
-            hivemind_client, outcome.hivemind_reason = _start_hivemind_client(args, children, work, hivemind_server, repeats, warmup)
-        cortex = _run_cortex(args, cortex_servers, work, weights["router"], inputs, repeats, warmup)
-        for child in cortex_servers:
-            children.stop(child)
         hivemind = None
-        if hivemind_client is not None:
-            hivemind, outcome.hivemind_reason = _run_hivemind(args, hivemind_client, work, repeats, warmup)
+        if hivemind_server is not None:
+            hivemind, outcome.hivemind_reason = _start_hivemind_client(args, children, work, hivemind_server)
+        announced = [server.read_json("endpoint", READY_TIMEOUT_S) for server in cortex_servers]
+        servers = [ExpertServer(item["peer_id"], item["endpoint"], tuple(item["experts"])) for item in announced]
+        logger.info("all servers are ready; timing %s", "Cortex" if hivemind is None else "Cortex and hivemind")
+        measurement = asyncio.run(_measure(args, servers, work, weights["router"], inputs, hivemind, repeats, warmup))
+        if hivemind is not None and hivemind.failure is None:
+            try:
+                hivemind_settings, hivemind_outputs = hivemind.finish(work / "hivemind-outputs.pt")
+            except (ChildFailed, BrokenPipeError, OSError) as error:
+                hivemind.failure = f"client failed to finish: {error}"
+        if hivemind is not None and hivemind.failure is not None:
+            outcome.hivemind_reason, hivemind = hivemind.failure, None
+        logger.info("timing done; stopping the servers")
     references = {name: reference_layer(weights, batch, TOP_K) for name, batch in inputs.items()}
-    outcome.results.update(_summarize("cortex", cortex["times_ms"]))
-    outcome.results[f"cortex_batch_{GOAL_BATCH}_data_plane_calls"] = cortex["calls_per_goal_batch"]
-    outcome.results["cortex_max_abs_error"] = _check_outputs("Cortex", cortex["outputs"], references)
+    outcome.results.update(_summarize("cortex", measurement.cortex_times_ms))
+    calls = measurement.cortex_calls_per_layer[str(GOAL_BATCH)]
+    outcome.results[f"cortex_batch_{GOAL_BATCH}_data_plane_calls"] = calls
+    outcome.results["cortex_max_abs_error"] = _check_outputs("Cortex", measurement.cortex_outputs, references)
     if hivemind is not None:
-        outcome.results.update(_summarize("hivemind", hivemind["times_ms"]))
-        outcome.results["hivemind_max_abs_error"] = _check_outputs("hivemind", hivemind["outputs"], references)
-        outcome.results["hivemind_version"] = hivemind["settings"].get("hivemind_version", "unknown")
+        outcome.results.update(_summarize("hivemind", measurement.hivemind_times_ms))
+        outcome.results["hivemind_max_abs_error"] = _check_outputs("hivemind", hivemind_outputs, references)
+        outcome.results["hivemind_version"] = hivemind_settings.get("hivemind_version", "unknown")
         outcome.results["hivemind_status"] = "measured"
     else:
         outcome.results["hivemind_status"] = f"not measured: hivemind {outcome.hivemind_reason}"
     return outcome
 
 
-def make_weights(seed: int) -> dict[str, Any]:
+async def _measure(
+    args: argparse.Namespace,
+    servers: list[ExpertServer],
+    work: Path,
+    router: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    hivemind: HivemindClient | None,
+    repeats: int,
+    warmup: int,
+) -> Measurement:
+    import asyncio
+
+    from cortex.bench._peers_cortex import CortexMoeLayer
+    from cortex.bench._peers_rounds import measure_alternating
+
+    layer = CortexMoeLayer(router, servers, _request_id(work), args.call_timeout_s)
+    await layer.start(work / "cortex-client")
+    # Bounds the Cortex calls only: hivemind's replies have their own time limits.
+    budget_s = (repeats + warmup) * len(BATCH_SIZES) * args.call_timeout_s
+    try:
+        async with asyncio.timeout(budget_s):
+            return await measure_alternating(layer, hivemind, inputs, TOP_K, repeats, warmup)
+    except TimeoutError:
+        raise PeersBenchError(f"the layer calls did not finish within {budget_s:.0f} s") from None
+    finally:
+        await layer.close()
+
+
+def make_weights(seed: int) -> dict[str, torch.Tensor]:
     """Generate the router [E, D] and each expert's tensors from `seed`.
 
     The scales keep outputs of order 1 and router logits well apart, so a float32 rounding
@@ -194,7 +245,7 @@ def make_weights(seed: int) -> dict[str, Any]:
     return weights
 
 
-def make_inputs(seed: int) -> dict[str, Any]:
+def make_inputs(seed: int) -> dict[str, torch.Tensor]:
     """Generate one batch of tokens [T, D] per batch size, keyed by T as text."""
     import torch
 
@@ -218,41 +269,30 @@ def _start_hivemind_server(args: argparse.Namespace, children: ChildProcesses, w
 
 
 def _start_hivemind_client(
-    args: argparse.Namespace, children: ChildProcesses, work: Path, server: Child, repeats: int, warmup: int
-) -> tuple[Child | None, str | None]:
-    try:
-        maddrs = server.read_json("maddrs", READY_TIMEOUT_S)["maddrs"]
-    except ChildFailed as error:
-        return None, f"server failed to start: {error}"
-    venv = _hivemind_venv(args)
+    args: argparse.Namespace, children: ChildProcesses, work: Path, server: Child
+) -> tuple[HivemindClient | None, str | None]:
+    """Start the hivemind client, pass it the server's address once known, and wait until it is ready."""
+    from cortex.bench._peers_rounds import HivemindClient
+
     argv = [
-        str(venv.python), str(_hivemind_script()), "client",
+        str(_hivemind_venv(args).python), str(_hivemind_script()), "client",
         "--weights", str(work / "weights.pt"),
         "--inputs", str(work / "inputs.pt"),
         "--outputs", str(work / "hivemind-outputs.pt"),
         "--top-k", str(TOP_K),
-        "--warmup", str(warmup),
-        "--repeats", str(repeats),
         "--threads", str(TORCH_THREADS),
-        "--peers", *maddrs,
     ]  # fmt: skip
-    return children.start("hivemind-client", argv, env=_hivemind_env()), None
-
-
-def _run_hivemind(
-    args: argparse.Namespace, client: Child, work: Path, repeats: int, warmup: int
-) -> tuple[dict[str, Any] | None, str | None]:
-    import torch
-
+    child = children.start("hivemind-client", argv, env=_hivemind_env())
     try:
-        client.read_json("ready", READY_TIMEOUT_S)
-        client.send_line("go")
-        calls = (repeats + warmup) * len(BATCH_SIZES)
-        result = client.read_json("times_ms", READY_TIMEOUT_S + calls * args.call_timeout_s)
+        maddrs = server.read_json("maddrs", READY_TIMEOUT_S)["maddrs"]
+    except ChildFailed as error:
+        return None, f"server failed to start: {error}"
+    try:
+        child.send_line(json.dumps({"peers": maddrs}))
+        child.read_json("ready", READY_TIMEOUT_S)
     except (ChildFailed, BrokenPipeError) as error:
-        return None, f"client failed: {error}"
-    result["outputs"] = torch.load(work / "hivemind-outputs.pt", weights_only=True)
-    return result, None
+        return None, f"client failed to start: {error}"
+    return HivemindClient(child, args.call_timeout_s), None
 
 
 def _start_cortex_servers(args: argparse.Namespace, children: ChildProcesses, work: Path) -> list[Child]:
@@ -278,65 +318,6 @@ def _request_id(work: Path) -> str:
     if not path.exists():
         path.write_text(secrets.token_hex(32), encoding="utf-8")
     return path.read_text(encoding="utf-8")
-
-
-def _run_cortex(
-    args: argparse.Namespace,
-    servers: list[Child],
-    work: Path,
-    router: Any,
-    inputs: dict[str, Any],
-    repeats: int,
-    warmup: int,
-) -> dict[str, Any]:
-    import asyncio
-
-    from cortex.bench._peers_cortex import ExpertServer
-
-    announced = [server.read_json("endpoint", READY_TIMEOUT_S) for server in servers]
-    experts = [ExpertServer(item["peer_id"], item["endpoint"], tuple(item["experts"])) for item in announced]
-    return asyncio.run(_time_cortex(args, experts, work, router, inputs, repeats, warmup))
-
-
-async def _time_cortex(
-    args: argparse.Namespace,
-    servers: list[Any],
-    work: Path,
-    router: Any,
-    inputs: dict[str, Any],
-    repeats: int,
-    warmup: int,
-) -> dict[str, Any]:
-    import asyncio
-    import time
-
-    from cortex.bench._peers_cortex import CortexMoeLayer
-
-    layer = CortexMoeLayer(router, servers, _request_id(work), args.call_timeout_s)
-    await layer.start(work / "cortex-client")
-    times_ms: dict[str, list[float]] = {}
-    outputs: dict[str, Any] = {}
-    calls_per_goal_batch = 0.0
-    try:
-        async with asyncio.timeout((repeats + warmup) * len(BATCH_SIZES) * args.call_timeout_s):
-            for name, batch in inputs.items():
-                for _ in range(warmup):
-                    await layer.forward(batch, TOP_K)
-                calls_before = layer.counters.get("calls_sent", 0)
-                samples = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    output = await layer.forward(batch, TOP_K)
-                    samples.append((time.perf_counter() - started) * 1000.0)
-                if name == str(GOAL_BATCH):
-                    calls_per_goal_batch = (layer.counters.get("calls_sent", 0) - calls_before) / repeats
-                times_ms[name] = samples
-                outputs[name] = output
-    except TimeoutError:
-        raise PeersBenchError("the Cortex layer calls did not finish within their combined call timeouts") from None
-    finally:
-        await layer.close()
-    return {"times_ms": times_ms, "outputs": outputs, "calls_per_goal_batch": calls_per_goal_batch}
 
 
 def _summarize(system: str, times_ms: dict[str, list[float]]) -> dict[str, float]:

@@ -40,7 +40,7 @@ def run_bench(*arguments: str, timeout_s: float) -> subprocess.CompletedProcess[
 
 
 def test_bench_peers_cortex_only_json() -> None:
-    completed = run_bench("--skip-hivemind", "--quick", "--repeats", "3", "--warmup", "1", timeout_s=120)
+    completed = run_bench("--skip-hivemind", "--quick", "--repeats", "3", "--warmup", "1", "--servers", "1", timeout_s=120)
     assert completed.returncode == 0, completed.stderr.decode()[-3000:]
     report = orjson.loads(completed.stdout)
     results = report["results"]
@@ -55,6 +55,8 @@ def test_bench_peers_cortex_only_json() -> None:
     assert results["cortex_batch_16_data_plane_calls"] >= 1
     assert 0 <= results["cortex_max_abs_error"] <= ATOL * 10
     assert results["timed_calls_per_batch"] == 3
+    assert results["cortex_expert_servers"] == 1
+    assert results["load_average_1min_before"] >= 0
     assert results["experts"] == EXPERTS
     assert results["top_k"] == 2
     assert "CurveZMQ" in results["cortex_settings"]
