@@ -50,6 +50,7 @@ Signer = Callable[[Any, tuple[str, ...]], Event]
 
 DEFAULT_HANDLER_TIMEOUT_S = 30.0
 MAX_CONCURRENT_CALLS = 256
+MAX_CALLS_PER_PEER = 64
 CLOSE_TIMEOUT_S = 2.0
 TRACKER_TIMEOUT_S = 5.0
 
@@ -60,7 +61,8 @@ class DataPlane:
     `sign(body, refs)` signs a record as this node's next event and appends it to the node's
     log; pass `EventWriter.write`. `is_known_request(request_id)` returns whether a request may
     use this node (the Scheduler view decides). Received records are appended to the log
-    through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook.
+    through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook. Calls
+    beyond `max_concurrent_calls` in flight, or `max_calls_per_peer` from one peer, get `busy`.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class DataPlane:
         limits: FrameLimits = FrameLimits(),
         handler_timeout_s: float = DEFAULT_HANDLER_TIMEOUT_S,
         max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
+        max_calls_per_peer: int = MAX_CALLS_PER_PEER,
     ) -> None:
         self.identity = identity
         self.limits = limits
@@ -85,6 +88,8 @@ class DataPlane:
         self._on_reject = on_reject
         self._handler_timeout_s = handler_timeout_s
         self._max_concurrent_calls = max_concurrent_calls
+        self._max_calls_per_peer = max_calls_per_peer
+        self._calls_by_peer: collections.Counter[str | None] = collections.Counter()
         self._handlers: dict[str, tuple[Handler, tuple[type, ...]]] = {}
         self._channels: dict[tuple[str, str], PeerChannel] = {}
         self._call_ids = itertools.count(1)
@@ -281,10 +286,10 @@ class DataPlane:
         except FrameRejected as rejection:
             self._reject(rejection, None, curve_key)
             return
-        if len(self._handler_tasks) >= self._max_concurrent_calls:
+        busy = self._busy_message(curve_key)
+        if busy:
             self.counters["busy"] += 1
-            message = f"{len(self._handler_tasks)} calls in flight, the limit is {self._max_concurrent_calls}; retry later"
-            await self._send(routing_id, encode_error(header.call_id, "busy", message))
+            await self._send(routing_id, encode_error(header.call_id, "busy", busy))
             return
         try:
             call = self._check_call(header, frames[2:], curve_key)
@@ -303,7 +308,21 @@ class DataPlane:
             self._serve_call(routing_id, header.call_id, call, handler), name=f"comm-call-{header.call_id}"
         )
         self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
+        self._calls_by_peer[curve_key] += 1
+        task.add_done_callback(lambda done: self._call_finished(done, curve_key))
+
+    def _busy_message(self, curve_key: str | None) -> str:
+        if len(self._handler_tasks) >= self._max_concurrent_calls:
+            return f"{len(self._handler_tasks)} calls in flight, the limit is {self._max_concurrent_calls}; retry later"
+        if self._calls_by_peer[curve_key] >= self._max_calls_per_peer:
+            return f"this peer has {self._calls_by_peer[curve_key]} calls in flight, the limit per peer is {self._max_calls_per_peer}; retry later"
+        return ""
+
+    def _call_finished(self, task: asyncio.Task[None], curve_key: str | None) -> None:
+        self._handler_tasks.discard(task)
+        self._calls_by_peer[curve_key] -= 1
+        if self._calls_by_peer[curve_key] <= 0:
+            del self._calls_by_peer[curve_key]
 
     def _check_call(self, header: Header, parts: Sequence[zmq.Frame], curve_key: str | None) -> IncomingCall:
         if header.op != "call":

@@ -56,6 +56,7 @@ def make_node(
     handler_timeout_s: float = 10.0,
     is_known_request: Callable[[str], bool] | None = None,
     on_reject: Callable[[Rejection], None] | None = None,
+    max_calls_per_peer: int = 64,
 ) -> Node:
     """Build a node whose data plane signs with a real EventWriter and logs through an Acceptor.
 
@@ -76,6 +77,7 @@ def make_node(
         on_reject=on_reject or rejections.append,
         limits=limits,
         handler_timeout_s=handler_timeout_s,
+        max_calls_per_peer=max_calls_per_peer,
     )
     return Node(identity, store, acceptor, writer, dataplane, known, rejections)
 

@@ -318,3 +318,41 @@ async def test_node_can_call_its_own_handler(server: Node) -> None:
     assert torch.equal(reply.tensors["hidden"], torch.arange(3.0))
     assert server.rejections == []
     assert server.acceptor.counters["own_identity_conflict"] == 0
+
+
+async def test_calls_over_peer_limit_get_busy(nodes: NodeFactory, client: Node) -> None:
+    release = asyncio.Event()
+    started = asyncio.Condition()
+    started_count = 0
+
+    async def gated(call: IncomingCall) -> Response:
+        nonlocal started_count
+        async with started:
+            started_count += 1
+            started.notify_all()
+        await asyncio.wait_for(release.wait(), timeout=10.0)
+        return await echo_expert(call)
+
+    async def wait_started(count: int) -> None:
+        async with started:
+            await asyncio.wait_for(started.wait_for(lambda: started_count >= count), timeout=10.0)
+
+    holder = nodes(max_calls_per_peer=2)
+    holder.dataplane.register_handler("expert", gated)
+    await holder.dataplane.start()
+    other = nodes()
+    await other.dataplane.start()
+    held = [asyncio.create_task(call_expert(client, holder, {"hidden": torch.ones(2)})) for _ in range(2)]
+    await wait_started(2)
+
+    with pytest.raises(CallFailed) as caught:
+        await call_expert(client, holder, {"hidden": torch.ones(2)})
+    third_party = asyncio.create_task(call_expert(other, holder, {"hidden": torch.ones(2)}))
+    await wait_started(3)
+    release.set()
+    replies = await asyncio.gather(*held, third_party)
+
+    assert caught.value.reason == "busy"
+    assert holder.dataplane.counters["busy"] == 1
+    for reply in replies:
+        assert torch.equal(reply.tensors["hidden"], torch.ones(2))
