@@ -24,14 +24,20 @@ import zmq
 from cortex.comm.frames import DTYPES
 
 MAX_POOLED_BUFFERS = 8
+MAX_POOLED_BYTES = 256 * 1024 * 1024
 
 
 class BufferPool:
-    """Up to `max_buffers` reusable receive buffers, most recently used first."""
+    """Reusable receive buffers, most recently used first, at most `max_buffers` and `max_bytes`.
 
-    def __init__(self, max_buffers: int = MAX_POOLED_BUFFERS) -> None:
+    A buffer larger than `max_bytes` is handed out without being kept.
+    """
+
+    def __init__(self, max_buffers: int = MAX_POOLED_BUFFERS, max_bytes: int = MAX_POOLED_BYTES) -> None:
         self.max_buffers = max_buffers
+        self.max_bytes = max_bytes
         self._buffers: collections.deque[bytearray] = collections.deque()
+        self.pooled_bytes = 0
         self.reused = 0
         self.allocated = 0
 
@@ -47,10 +53,12 @@ class BufferPool:
                 self.reused += 1
                 return torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, count=nbytes))
         buffer = bytearray(nbytes)
-        self._buffers.appendleft(buffer)
-        if len(self._buffers) > self.max_buffers:
-            self._buffers.pop()
         self.allocated += 1
+        if nbytes <= self.max_bytes:
+            self._buffers.appendleft(buffer)
+            self.pooled_bytes += nbytes
+            while len(self._buffers) > self.max_buffers or self.pooled_bytes > self.max_bytes:
+                self.pooled_bytes -= len(self._buffers.pop())
         return torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, count=nbytes))
 
     def __len__(self) -> int:

@@ -204,7 +204,20 @@ def test_pool_keeps_at_most_max_buffers() -> None:
     held = [pool.take(100 * (index + 1)) for index in range(4)]
 
     assert len(pool) == 2
+    assert pool.pooled_bytes == 300 + 400
     assert len(held) == 4
+
+
+def test_pool_keeps_at_most_max_bytes() -> None:
+    pool = BufferPool(max_bytes=1000)
+    held = [pool.take(400), pool.take(400), pool.take(400)]
+    too_large = pool.take(2000)
+
+    assert len(pool) == 2
+    assert pool.pooled_bytes == 800
+    assert too_large.numel() == 2000
+    assert pool.allocated == 4
+    assert len(held) == 3
 
 
 @pytest.mark.parametrize(
