@@ -5,7 +5,7 @@ several chunks is copied chunk by chunk into one contiguous buffer. Allocating a
 buffer for each large tensor costs a page fault per 4 KiB page on first write, so the pool
 keeps a few buffers and hands one out again once no tensor uses it any more.
 
-Reuse is safe because a pooled buffer is a `bytearray` wrapped through numpy: numpy keeps a
+Reuse is safe because a pooled buffer is a `bytearray` wrapped through numpy. Numpy keeps a
 buffer export on the bytearray for as long as any tensor or view made from it lives, and
 a bytearray with an export cannot be resized. The pool probes that (pop one byte, push it
 back) before it reuses a buffer, so a tensor a caller still holds is never overwritten.
