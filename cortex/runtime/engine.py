@@ -76,16 +76,15 @@ class LocalModel:
         """Load a whole checkpoint as a head, blocks of `block_size` layers (default: one block) and all experts."""
         loader = Loader(checkpoint_dir, device=device, dtype=dtype, terminal=terminal)
         step = block_size or loader.num_layers
-        checkpoint = loader.checkpoint
-        total = sum(checkpoint.info(name).nbytes for name in checkpoint.weight_map)
+        specs = ["head"] + [f"block[{a}:{min(a + step, loader.num_layers)}]" for a in range(0, loader.num_layers, step)]
+        specs += [f"expert[{layer}][{index}]" for layer in loader.moe_layers for index in range(loader.num_experts)]
+        total = sum(loader.fragment_nbytes(spec) for spec in specs)
         with loader.shared_progress(Path(checkpoint_dir).name, total):
-            head = loader.load_head()
-            blocks = [loader.load_block(a, min(a + step, loader.num_layers)) for a in range(0, loader.num_layers, step)]
-            experts = {
-                (layer, index): loader.load_expert(layer, index)
-                for layer in loader.moe_layers
-                for index in range(loader.num_experts)
-            }
+            fragments = [loader.load(spec) for spec in specs]
+        head = fragments[0]
+        blocks = [f for f in fragments if isinstance(f, Block)]
+        experts = {(f.layer, f.index): f for f in fragments if isinstance(f, Expert)}
+        assert isinstance(head, Head)
         model = cls(head, blocks, experts, loader.config)
         logger.info(
             "loaded %s: %d blocks, %d experts, %.2f MiB", Path(checkpoint_dir).name, len(blocks), len(experts), model.nbytes / MIB
