@@ -249,6 +249,9 @@ class DataPlane:
         """Sign one record per tensor and lay out the message; return its parts, send trackers and record ids."""
         if not tensors:
             raise ValueError("a data-plane message needs at least one tensor")
+        if record not in RECORD_TYPES:
+            names = sorted(record_type.__name__ for record_type in RECORD_TYPES)
+            raise ValueError(f"{record!r} is not a record type; use one of {names}")
         overlap = TENSOR_FIELDS & fields.keys()
         if overlap:
             raise ValueError(f"fields {sorted(overlap)} are filled from each tensor; leave them out of `fields`")

@@ -24,7 +24,7 @@ from cortex.comm import (
     StageOutputProduced,
 )
 from cortex.comm.sockets import configure_client
-from events import Identity
+from events import Identity, PeerLeft
 
 from comm_helpers import EXPERT_FIELDS, REQUEST_ID, Node, NodeFactory, echo_expert, ipv6_loopback_works
 
@@ -356,3 +356,13 @@ async def test_calls_over_peer_limit_get_busy(nodes: NodeFactory, client: Node) 
     assert holder.dataplane.counters["busy"] == 1
     for reply in replies:
         assert torch.equal(reply.tensors["hidden"], torch.ones(2))
+
+
+async def test_call_rejects_non_record_type(client: Node, server: Node) -> None:
+    with pytest.raises(ValueError, match="not a record type"):
+        await client.dataplane.call(
+            server.peer_id, server.dataplane.endpoint, "expert", request_id=REQUEST_ID, record=PeerLeft,
+            fields={"reason": ""}, tensors={"hidden": torch.ones(2)}, timeout_s=5.0,
+        )
+
+    assert client.dataplane.counters["calls_sent"] == 0
