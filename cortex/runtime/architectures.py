@@ -62,7 +62,7 @@ def _deepseek_shared_size(config: Any) -> int:
 
 @dataclass(frozen=True)
 class Architecture:
-    """What Cortex needs to know about one `model_type`."""
+    """The facts Cortex needs about one `model_type`: classes, router rule and tensor names."""
 
     model_type: str
     class_prefix: str  # transformers class prefix, e.g. "DeepseekV3" for DeepseekV3Attention

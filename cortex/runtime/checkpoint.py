@@ -1,6 +1,6 @@
 """Lazy, per-tensor access to a Hugging Face checkpoint folder.
 
-A checkpoint folder holds `config.json`, one `model.safetensors` or several
+A checkpoint folder contains `config.json`, one `model.safetensors` or several
 shards listed in `model.safetensors.index.json` (`{"metadata": ..., "weight_map":
 {tensor name: shard file}}`), and usually `tokenizer.json`. `Checkpoint` opens a
 shard only when a tensor in it is first requested and reads tensors one by one
@@ -94,14 +94,14 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(
-                f"checkpoint folder {self.path} not found; pass the folder that holds config.json and *.safetensors"
+                f"checkpoint folder {self.path} not found; pass the folder that contains config.json and *.safetensors"
             )
         self.bytes_read = 0
         self._handles: dict[str, Any] = {}
         self._infos: dict[str, TensorInfo] = {}
         self.config: dict[str, Any] = _read_json(self.path / CONFIG_FILE)
         if not isinstance(self.config, dict):
-            raise CheckpointError(f"{self.path / CONFIG_FILE} holds {type(self.config).__name__}, expected an object")
+            raise CheckpointError(f"{self.path / CONFIG_FILE} contains a JSON {type(self.config).__name__}, expected an object")
         self.weight_map: dict[str, str] = {}
         self.weight_map = self._read_weight_map()
         self.fp8_block = self._read_quantization()

@@ -17,7 +17,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """Turn `auto`, `cpu`, `cuda` or `cuda:N` into a torch device.
 
-    `auto` picks CUDA when torch sees a GPU and the CPU otherwise.
+    `auto` picks CUDA when torch finds a GPU and the CPU otherwise.
     """
     if isinstance(name, torch.device):
         return name

@@ -1,6 +1,6 @@
 """Errors of the model runtime.
 
-Every message names the file, tensor or value at fault and says what to do.
+Every message names the file, tensor or value at fault and the fix.
 `ModelRuntimeError` is the base, so a caller can catch the whole subsystem.
 """
 
@@ -12,7 +12,7 @@ class ModelRuntimeError(Exception):
 
 
 class CheckpointError(ModelRuntimeError):
-    """A checkpoint folder is missing a file or holds an unreadable index."""
+    """A checkpoint folder with a missing file or an unreadable index."""
 
 
 class MissingTensorError(CheckpointError):

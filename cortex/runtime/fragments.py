@@ -23,7 +23,7 @@ Every call handles one session; hidden states carry no batch dimension.
       hidden = step.hidden
 
 - `Expert`: routed expert e of layer l, `expert(x [N, D]) -> [N, D]` for any
-  batch of N token vectors. It keeps no state, so any replica gives the same answer.
+  batch of N token vectors. It keeps no state, so every replica returns the same output.
 """
 
 from __future__ import annotations

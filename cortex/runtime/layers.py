@@ -5,9 +5,9 @@ Shape legend: T = tokens in this call, S = tokens in the session so far
 H = attention heads, Dh = per-head size of a cached tensor.
 
 Attention, rotary embeddings and RMSNorm are the transformers 5.25 modules of
-each architecture (MLA for DeepSeek, grouped-query attention with q/k norms for
-Qwen3-MoE and OLMoE, YaRN scaling where the config requests it), built on the
-meta device and filled with the checkpoint's tensors. MLPs are Cortex's own,
+each architecture: MLA for DeepSeek, grouped-query attention with q/k norms for
+Qwen3-MoE and OLMoE, and YaRN scaling where the config requests it. They are
+built on the meta device and filled with the checkpoint's tensors. MLPs are Cortex's own,
 because transformers 5.x fuses all experts of a layer into one tensor while a
 Cortex node holds any subset of them.
 """

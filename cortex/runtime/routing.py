@@ -6,12 +6,12 @@ K = experts per token (`num_experts_per_tok`), G = expert groups (`n_group`).
 Each rule follows the transformers 5.25 module of its architecture, operation
 for operation, so that the same checkpoint gives the same experts and weights:
 
-- `SigmoidGroupRouter` (DeepSeek-V3): sigmoid scores in float32; the
-  `e_score_correction_bias` is added for selection only; a group's score is the
-  sum of its two best biased scores; the best `topk_group` groups stay; K experts
-  are picked among them by biased score with an unsorted top-k; the weights are
-  the unbiased scores, normalized to sum 1 if `norm_topk_prob`, then multiplied
-  by `routed_scaling_factor`.
+- `SigmoidGroupRouter` (DeepSeek-V3): sigmoid scores in float32. The
+  `e_score_correction_bias` is added for selection only. A group's score is the
+  sum of its two best biased scores, and the best `topk_group` groups stay. K
+  experts are picked among them by biased score with an unsorted top-k. The
+  weights are the unbiased scores, normalized to sum 1 if `norm_topk_prob`, then
+  multiplied by `routed_scaling_factor`.
 - `SoftmaxGroupRouter` (DeepSeek-V2, V2-Lite): softmax scores in float32, then
   `greedy` top-k or `group_limited_greedy` (a group's score is its best expert),
   times `routed_scaling_factor`, not normalized.

@@ -3,9 +3,9 @@
 Each case loads a model and plants one bug in its fragments, by changing a
 loaded tensor or field or by monkeypatching a router. It then runs the same
 comparison that `test_runtime_reference.py` asserts on, and requires it to fail
-on both counts. The logits must be off by more than `MIN_ERROR` relative (1000
-times the tolerance; the planted bugs measured 0.2 to 0.9), and the greedy
-tokens must differ.
+on both counts: the greedy tokens must differ, and the logits must be off by
+more than `MIN_ERROR` relative. That is 1000 times the tolerance, and the
+planted bugs measured 0.2 to 0.9.
 """
 
 from __future__ import annotations
