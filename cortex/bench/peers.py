@@ -230,8 +230,9 @@ async def _measure(
 def make_weights(seed: int) -> dict[str, torch.Tensor]:
     """Generate the router [E, D] and each expert's tensors from `seed`.
 
-    The scales keep outputs of order 1 and router logits well apart, so a float32 rounding
-    difference cannot flip which experts a token picks.
+    The scales keep outputs of order 1 and router logits far apart, which makes a near tie,
+    where float32 rounding could change a token's experts, unlikely. The output check
+    would report one as a mismatch.
     """
     import torch
 
@@ -264,6 +265,7 @@ def _start_hivemind_server(args: argparse.Namespace, children: ChildProcesses, w
         "--weights", str(work / "weights.pt"),
         "--handlers", str(args.hivemind_handlers),
         "--threads", str(TORCH_THREADS),
+        "--max-lifetime-s", str(_server_lifetime_s(args)),
     ]  # fmt: skip
     return children.start("hivemind-server", argv, env=_hivemind_env()), None
 
@@ -307,9 +309,20 @@ def _start_cortex_servers(args: argparse.Namespace, children: ChildProcesses, wo
             "--request-id", _request_id(work),
             "--threads", str(TORCH_THREADS),
             "--handler-timeout-s", str(args.call_timeout_s),
+            "--max-lifetime-s", str(_server_lifetime_s(args)),
         ]  # fmt: skip
         servers.append(children.start(f"cortex-server-{index}", argv))
     return servers
+
+
+def _server_lifetime_s(args: argparse.Namespace) -> float:
+    """Return a time limit for servers that outlasts any bench run that keeps making progress.
+
+    Servers stop when the bench closes their stdin, which also happens when the bench dies.
+    The limit only covers a bench that hangs without dying.
+    """
+    calls = (args.repeats + args.warmup) * len(BATCH_SIZES)
+    return 2 * READY_TIMEOUT_S + calls * args.call_timeout_s
 
 
 def _request_id(work: Path) -> str:

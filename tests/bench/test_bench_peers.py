@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from cortex.bench._peers_cortex import expert_forward, reference_layer, route
 from cortex.bench._subprocesses import ChildFailed, ChildProcesses
 from cortex.bench.peers import (
     ATOL,
+    _start_hivemind_server,
     BATCH_SIZES,
     EXPERTS,
     GOAL_NAME,
@@ -162,6 +164,20 @@ def test_venv_build_rejects_non_venv_directory(tmp_path: Path) -> None:
     with pytest.raises(HivemindUnavailable, match="is not a virtualenv"):
         HivemindVenv(tmp_path / "venv").ensure()
     assert (tmp_path / "venv" / "notes.txt").exists()
+
+
+def test_uninstallable_hivemind_gives_reason(tmp_path: Path) -> None:
+    (tmp_path / "hivemind-venv").mkdir()
+    (tmp_path / "hivemind-venv" / "notes.txt").write_text("not a venv")
+    args = argparse.Namespace(cache_dir=tmp_path, hivemind_handlers=1, repeats=1, warmup=0, call_timeout_s=1.0)
+
+    with ChildProcesses(tmp_path) as children:
+        server, reason = _start_hivemind_server(args, children, tmp_path)
+
+    assert server is None
+    assert reason is not None
+    assert reason.startswith("could not be installed: ")
+    assert "is not a virtualenv" in reason
 
 
 def _alive(pid: int) -> bool:
