@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="node processes (default: 3)")
     parser.add_argument("--events", type=int, default=1500, help="events each node publishes in the throughput window (default: 1500)")
     parser.add_argument("--latency-events", type=int, default=200, help="events each node publishes in the latency phase (default: 200)")
-    parser.add_argument("--latency-rate", type=float, default=50.0, help="events/s per node in the latency phase (default: 50)")
+    parser.add_argument("--latency-rate", type=float, default=20.0, help="events/s per node in the latency phase (default: 20)")
     parser.add_argument("--drop", type=float, default=0.0, help="share of inbound frames each node drops (default: 0)")
     parser.set_defaults(func=run)
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes < 2 or args.events < 1 or args.latency_events < 1 or args.latency_rate <= 0:
         raise SystemExit("--nodes must be at least 2; --events, --latency-events and --latency-rate positive")
     report = BenchReport("bus")
+    load_before = os.getloadavg()[0]
     ceiling = measure_accept_ceiling(1000 if args.quick else 3000)
     with tempfile.TemporaryDirectory(prefix="cortex-bench-bus-") as directory:
         swarm = run_swarm(args, Path(directory))
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
             "events_per_node": args.events,
             **swarm,
             "ceiling_accept_events_per_s": ceiling,
+            # Other processes on the machine slow the swarm and the ceiling alike, but not equally.
+            "load_average_1m_before": load_before,
+            "load_average_1m_after": os.getloadavg()[0],
         }
     )
     target = GOAL_RATIO["nats" if args.backend == "nats" else "libp2p"]

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +244,12 @@ class GossipBus:
                 if author not in before:
                     before[author] = self.store.max_seq(author)
             admitted.append(wire)
+        started = time.perf_counter()
         result = self.acceptor.accept_many(admitted)
+        logger.debug(
+            "from %s: %d events, %d accepted, %d duplicates in %.1f ms",
+            source, len(wires), len(result.accepted), result.duplicates, (time.perf_counter() - started) * 1000,
+        )
         self.counters["accepted_events"] += len(result.accepted)
         self.counters["duplicate_events"] += result.duplicates
         if result.rejected:

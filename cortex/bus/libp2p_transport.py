@@ -66,6 +66,7 @@ OUTSTANDING_PUBLISHES = 16
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 REDIAL_INTERVAL_S = 1.0
+REDIAL_GRACE_S = 3.0
 HOUSEKEEPING_INTERVAL_S = 30.0
 
 
@@ -131,11 +132,11 @@ class Libp2pTransport(Transport):
         logger.info("libp2p transport %s stopped", self.peer_id)
 
     async def _publish(self, topic: str, data: bytes) -> None:
-        await self._publish_slots.acquire()
-        future = self._trio.call(self._trio_publish, topic, data)
-        future.add_done_callback(lambda _: self._publish_slots.release())
-        # The frame is handed to trio; failures are logged there, because gossip is best effort.
-        future.add_done_callback(_log_failure)
+        # Returns once gossipsub has queued the frame for every peer. A caller that publishes
+        # in sequence (the bus's flush loop) so sends fewer, larger frames when libp2p is
+        # slow, instead of piling up small ones.
+        async with self._publish_slots:
+            await self._trio.call(self._trio_publish, topic, data)
 
     async def _subscribe(self, topic: str) -> None:
         await self._trio.call(self._trio_subscribe, topic)
@@ -188,7 +189,8 @@ class Libp2pTransport(Transport):
                     await pubsub.wait_until_ready()
                     self.listen_addresses = [str(address) for address in host.get_addrs()]
                     for address in self.config.bootstrap:
-                        await self._trio_dial_quietly(address)
+                        if self._dials_first(address):
+                            await self._trio_dial_quietly(address)
                     # Background loops and subscription readers live in their own nursery, so
                     # they end before pubsub and the host shut down (no dial into a closing host).
                     async with trio.open_nursery() as loops:
@@ -271,14 +273,26 @@ class Libp2pTransport(Transport):
         except Exception as error:  # noqa: BLE001 - the redial loop tries again
             logger.debug("dial %s failed: %r", address, error)
 
+    def _dials_first(self, address: str) -> bool:
+        # When two peers list each other, both dialing at once leaves two connections, and
+        # gossipsub then delivered many frames only through IHAVE/IWANT a heartbeat later.
+        # So the smaller peer id dials at once and the other waits REDIAL_GRACE_S.
+        return self.peer_id < address.rsplit("/p2p/", 1)[-1]
+
     async def _trio_redial_loop(self) -> None:
-        assert self._host is not None
+        assert self._host is not None and self._loop is not None
+        disconnected_since: dict[str, float] = {}
         while True:
             connected = {peer.to_base58() for peer in self._host.get_connected_peers()}
-            assert self._loop is not None
             self._loop.call_soon_threadsafe(self._set_connected, connected)
+            now = trio.current_time()
             for address in self.config.bootstrap:
-                if address.rsplit("/p2p/", 1)[-1] not in connected:
+                peer = address.rsplit("/p2p/", 1)[-1]
+                if peer in connected:
+                    disconnected_since.pop(peer, None)
+                    continue
+                since = disconnected_since.setdefault(peer, now)
+                if self._dials_first(address) or now - since >= REDIAL_GRACE_S:
                     await self._trio_dial_quietly(address)
             await trio.sleep(REDIAL_INTERVAL_S)
 
@@ -292,14 +306,6 @@ class Libp2pTransport(Transport):
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL_S)
             self._gossipsub.equivocation_detection.clear()
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if future.cancelled():
-        return
-    error = future.exception()
-    if error is not None:
-        logger.warning("libp2p publish failed: %r", error)
 
 
 def free_port_address(quic: bool) -> str:
