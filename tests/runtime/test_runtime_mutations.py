@@ -20,7 +20,7 @@ from runtime_reference import Reference, compare_with_reference
 
 from cortex.runtime.engine import LocalModel
 from cortex.runtime.layers import DecoderLayer
-from cortex.runtime.routing import RoutingDecision, SigmoidGroupRouter, SoftmaxTopkRouter
+from cortex.runtime.routing import RoutingDecision, SigmoidGroupRouter, SoftmaxGroupRouter, SoftmaxTopkRouter
 
 MIN_ERROR = 0.1
 
@@ -53,7 +53,7 @@ def biased_scores_as_weights(model: LocalModel, monkeypatch: pytest.MonkeyPatch)
 
 def skip_group_limit(model: LocalModel, monkeypatch: pytest.MonkeyPatch) -> None:
     for layer in _moe_layers(model):
-        assert isinstance(layer.router, SigmoidGroupRouter)
+        assert isinstance(layer.router, SigmoidGroupRouter | SoftmaxGroupRouter)
         layer.router.topk_group = layer.router.n_group
 
 
@@ -101,6 +101,7 @@ def skip_shared_expert_gate(model: LocalModel, monkeypatch: pytest.MonkeyPatch) 
 def skip_renormalization(model: LocalModel, monkeypatch: pytest.MonkeyPatch) -> None:
     for layer in _moe_layers(model):
         assert isinstance(layer.router, SoftmaxTopkRouter)
+        assert layer.router.normalize
         layer.router.normalize = False
 
 
@@ -120,9 +121,11 @@ CASES: list[tuple[str, Mutation]] = [
     ("deepseek_v3", skip_routed_scaling),
     ("deepseek_v3", skip_shared_expert),
     ("deepseek_v3", swap_gate_and_up),
+    ("deepseek_v2", skip_group_limit),
     ("deepseek_v2_lite", skip_shared_expert),
     ("qwen2_moe", skip_shared_expert),
     ("qwen2_moe", skip_shared_expert_gate),
+    ("qwen3_moe", skip_renormalization),
     ("mixtral", skip_renormalization),
     ("mixtral", swap_gate_and_up),
 ]
