@@ -52,12 +52,20 @@ def _run_start(args: argparse.Namespace) -> int:
     from cortex.node.lifecycle import NodeRefused
     from cortex.node.node import Node
 
+    status = 0
     try:
         asyncio.run(Node(config).run())
     except NodeRefused as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    # NOTE: libp2p can leave a non-daemon thread behind after a clean stop, which would keep
+    # the process alive; the node has closed its log and sockets, so exit without waiting.
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _run_stop(args: argparse.Namespace) -> int:
