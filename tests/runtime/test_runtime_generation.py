@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,18 @@ def test_cli_generate_json(checkpoint: CheckpointFactory, capsys: pytest.Capture
     assert len(record["model_id"]) == 64
     reference = LocalModel.load(folder, device="cpu")
     assert record["generated_token_ids"] == list(generate_tokens(reference, record["prompt_token_ids"], 8))
+
+
+@pytest.mark.slow
+def test_cli_generate_in_subprocess(checkpoint: CheckpointFactory) -> None:
+    folder = checkpoint("qwen2_moe")
+    command = [sys.executable, "-m", "cortex", "generate", "--model", str(folder), "--max-tokens", "5", "--json", "x"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr
+    record = json.loads(completed.stdout)
+    assert len(record["generated_token_ids"]) == 5
+    reference = LocalModel.load(folder, device="cpu")
+    assert record["generated_token_ids"] == list(generate_tokens(reference, record["prompt_token_ids"], 5))
 
 
 def test_cli_generate_streams_text(checkpoint: CheckpointFactory, capsys: pytest.CaptureFixture[str]) -> None:
