@@ -30,7 +30,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         # tested on a GPU; only the CPU path is covered by the test suite.
         if not torch.cuda.is_available():
             raise UnsupportedModelError(
-                f"device {name!r} requested but torch {torch.__version__} sees no CUDA GPU; "
+                f"device {name!r} requested but torch {torch.__version__} finds no CUDA GPU; "
                 "use device 'cpu' or 'auto'"
             )
         return torch.device(name)

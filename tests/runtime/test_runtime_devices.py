@@ -17,7 +17,7 @@ def test_auto_picks_cuda_only_when_present() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_is_rejected() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"device 'cuda' requested but torch .* sees no CUDA GPU"):
+    with pytest.raises(UnsupportedModelError, match=r"device 'cuda' requested but torch .* finds no CUDA GPU"):
         resolve_device("cuda")
 
 
