@@ -18,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from replay.arguments import add_log_arguments
 
-    # NOTE: there is no live tail from the gossip bus (--bus) yet, because the bus API was
-    # still changing when this command was written. Every event a node accepts from the bus
-    # lands in its log first, so following the log of a running node shows the same events.
     add_log_arguments(parser)
+    parser.add_argument(
+        "--bus",
+        metavar="ADDRESS",
+        help="print events live from the gossip bus instead of a log: nats://HOST:PORT, or a libp2p node's "
+        "multiaddr with /p2p/PEER_ID; shows only events published from now on",
+    )
     count = parser.add_mutually_exclusive_group()
     count.add_argument("-n", type=int, default=10, metavar="N", help="print the last N matching events (default: 10)")
     count.add_argument("--all", action="store_true", help="print every matching event")
@@ -66,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         return report_error(f"-n {args.n} is negative; give a count of 0 or more")
     if args.interval <= 0:
         return report_error(f"--interval {args.interval} must be a positive number of seconds")
+    if args.bus:
+        if args.log is not None or args.data_dir is not None:
+            return report_error("--bus reads the bus, not a log; leave out --log and --data-dir")
+        return _run_bus(args)
     try:
         reader = LogReader(log_path(args))
         types = tuple(name.strip() for value in args.type for name in value.split(",") if name.strip())
@@ -99,4 +106,50 @@ def run(args: argparse.Namespace) -> int:
         quiet_broken_pipe()
     finally:
         reader.close()
+    return EXIT_OK
+
+
+def _run_bus(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from events.codec import Event
+    from events.writer import wall_clock_ms
+    from replay.arguments import EXIT_OK, quiet_broken_pipe, report_error
+    from replay.bus_tail import BusTail, follow_bus
+    from replay.errors import ReplayError
+    from replay.reader import EventFilter
+    from replay.render import event_json, event_line, json_line, make_console
+    from replay.times import parse_time_ms
+    from replay.views import available_views
+
+    if args.request is not None and len(args.request) != 64:
+        return report_error(f"--request {args.request!r}: with --bus give the whole 64-digit id")
+    try:
+        since_ms = parse_time_ms(args.since, wall_clock_ms()) if args.since else None
+    except ReplayError as error:
+        return report_error(error)
+    types = tuple(name.strip() for value in args.type for name in value.split(",") if name.strip())
+    event_filter = EventFilter(types=types, author=args.author, request=args.request, since_ms=since_ms)
+    console = make_console()
+
+    def sink(event: Event) -> None:
+        if args.json:
+            sys.stdout.write(json_line(event_json(event)) + "\n")
+        else:
+            console.print(event_line(event))
+        sys.stdout.flush()
+
+    def on_ready() -> None:
+        print(f"following the bus at {args.bus}; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    available_views()  # registers the event types of every view, so lines show their family colour
+    tail = BusTail(event_filter, sink)
+    try:
+        asyncio.run(follow_bus(args.bus, tail, args.duration, on_ready))
+    except ReplayError as error:
+        return report_error(error)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        quiet_broken_pipe()
     return EXIT_OK
