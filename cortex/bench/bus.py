@@ -1,9 +1,9 @@
 """`cortex bench bus`: events/s accepted on every node of a swarm, and publish-to-accepted latency.
 
 A swarm of `--nodes` node processes (`python -m cortex.bus.testnode`) runs on
-loopback over the chosen backend with the settings a node uses: libp2p with
-Noise (or NATS with a JetStream stream), Ed25519 verification of every event,
-SQLite logs in WAL mode with fsynced own events.
+loopback over the chosen backend with the settings a node uses. That means
+libp2p with Noise (or NATS with a JetStream stream), Ed25519 verification of
+every event, and SQLite logs in WAL mode with fsynced own events.
 
 1. Ceiling: this process times the event core's accept path (decode, verify,
    append, fold into the Registry view) on one core, batch by batch.
@@ -36,6 +36,7 @@ from cortex.bench._common import BenchReport, Goal, add_common_arguments, emit
 logger = logging.getLogger(__name__)
 
 GOAL_RATIO = {"libp2p": 0.25, "nats": 0.50}
+TRANSPORT_SECURITY = {"libp2p": "noise", "libp2p-quic": "tls 1.3 (quic)", "nats": "none (nats on loopback)"}
 BACKEND_PROCESS = {"libp2p": "libp2p-tcp", "libp2p-quic": "libp2p-quic", "nats": "nats"}
 
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     report.results.update(
         {
             "backend": args.backend,
-            "transport_security": "noise" if args.backend == "libp2p" else ("tls (quic)" if args.backend == "libp2p-quic" else "none (loopback nats)"),
+            "transport_security": TRANSPORT_SECURITY[args.backend],
             "nodes": args.nodes,
             "events_per_node": args.events,
             **swarm,

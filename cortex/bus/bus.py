@@ -10,10 +10,10 @@ event does not spoil the others of its frame.
 
 Repair (anti-entropy): every node gossips a HEADS frame (its highest seq per
 author) each `heads_interval_s`. An author whose events have a gap, or whose
-announced head is above what this node holds, is checked each
-`repair_interval_s`; ranges still missing on two checks in a row (so not just
-in flight) are fetched from peers with the sync protocol (`cortex.bus.sync`),
-the author itself first. At start the node syncs with one peer: all history
+announced head is above what this node stores, is checked each
+`repair_interval_s`. Ranges still missing on two checks in a row are not just
+in flight, so they are fetched from peers with the sync protocol
+(`cortex.bus.sync`), from the author itself first. At start the node syncs with one peer: all history
 (`join_mode="full"`) or a snapshot of what the live views need
 (`join_mode="live"`, see `cortex.bus.retention`).
 """
@@ -77,7 +77,7 @@ class BusConfig:
 
 
 def peek_author(wire: bytes) -> str | None:
-    """Return the author of an event without decoding it, or None if the bytes do not say.
+    """Return the author of an event without decoding it, or None if the payload does not start with it.
 
     The codec requires canonical JSON with sorted keys, so `author` is the first key of every
     valid payload. The acceptance path checks the whole event afterwards.
@@ -244,6 +244,7 @@ class GossipBus:
                 if author not in before:
                     before[author] = self.store.max_seq(author)
             admitted.append(wire)
+
         started = time.perf_counter()
         result = self.acceptor.accept_many(admitted)
         logger.debug(
@@ -255,6 +256,7 @@ class GossipBus:
         if result.rejected:
             self.counters["rejected_events"] += len(result.rejected)
             self.rejected_by_sender[source] += len(result.rejected)
+
         self._note_accepted(result.accepted, before)
         for event in result.accepted:
             admitted_by_author[event.author] -= 1
@@ -295,7 +297,7 @@ class GossipBus:
     def local_heads(self) -> dict[str, int]:
         """Return the highest stored seq per author, for this node only up to what it published.
 
-        Own events written but not yet handed to `publish` are not announced; the ones left
+        Own events written but not yet handed to `publish` are not announced. Own events left
         unpublished by a crash are announced after the restart, so peers fetch them.
         """
         heads = {author: self.store.max_seq(author) for author in self.store.authors()}

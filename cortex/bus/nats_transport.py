@@ -49,7 +49,7 @@ PEER_FORGET_AFTER_S = 30.0
 
 @dataclass
 class NatsConfig:
-    """Where the NATS server is and how long the JetStream stream keeps frames."""
+    """NATS server location and the retention limits of the JetStream stream."""
 
     url: str | None = None
     """Server URL; None starts a local nats-server with its store under `data_dir`."""
@@ -168,9 +168,9 @@ class NatsTransport(Transport):
                 f"{self.config.prefix}.sync.{peer}", data, timeout=timeout, headers={SENDER_HEADER: self.peer_id}
             )
         except NoRespondersError:
-            raise TransportError(f"no node answers sync requests as peer {peer} on NATS") from None
+            raise TransportError(f"no node serves sync requests as peer {peer} on NATS; check that it runs") from None
         except NatsTimeoutError:
-            raise TimeoutError(f"peer {peer} did not answer a sync request within {timeout} s") from None
+            raise TimeoutError(f"sync request to peer {peer} timed out after {timeout} s") from None
         return reply.data
 
     async def _on_request(self, message: Msg) -> None:

@@ -1,7 +1,7 @@
 """Retention policy: which events a joining node needs, and which are bulky history.
 
-A node that joins (or rejoins after a long absence) in `live` mode asks one
-peer for a snapshot instead of every author's whole history. The snapshot
+A node that joins (or rejoins after a long absence) in `live` mode requests a
+snapshot from one peer instead of every author's whole history. The snapshot
 holds every event the live views need and leaves out bulky history:
 
 * `PeerHeartbeat`: only each author's latest one (liveness needs no more);
@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from events.codec import Event
 
 LATEST_ONLY_TYPES = frozenset({"PeerHeartbeat"})
-# NOTE: the request and token event types are defined by the scheduler; these names are the
-# contract the snapshot filter relies on until those types exist, and only then does it skip them.
+# NOTE: the scheduler defines the request and token event types. The filter matches these names,
+# so it skips no token events until types with these exact names exist.
 TOKEN_STREAM_TYPES = frozenset({"TokenGenerated"})
 TERMINAL_REQUEST_TYPES = frozenset({"RequestCompleted", "RequestFailed", "RequestCancelled"})
 
@@ -37,8 +37,8 @@ TERMINAL_REQUEST_TYPES = frozenset({"RequestCompleted", "RequestFailed", "Reques
 def live_events(events: Iterable[Event]) -> list[Event]:
     """Return the events of a log that a joining node needs, in the input order.
 
-    `events` is the whole log in canonical order; the result drops all but each author's
-    latest event of a `LATEST_ONLY_TYPES` type, and the token stream events whose
+    `events` is the whole log in canonical order. The result drops all but each author's
+    latest event of a `LATEST_ONLY_TYPES` type. It also drops the token stream events whose
     referenced request has a terminal event.
     """
     history = list(events)

@@ -1,4 +1,4 @@
-"""The sync protocol: a node asks one peer for events it lacks.
+"""The sync protocol: a node requests the events it lacks from one peer.
 
 Requests and replies travel over `Transport.request` (a libp2p stream
 `/cortex/sync/1.0.0`, NATS request/reply, or a direct call in memory); their
@@ -45,7 +45,7 @@ Range = tuple[str, int, int]
 
 
 def contiguous_heads(store: LogStore) -> dict[str, int]:
-    """Return, per author, the highest seq s such that the store holds every seq 1..s."""
+    """Return, per author, the highest seq s such that the store contains every seq 1..s."""
     heads: dict[str, int] = {}
     for author in store.authors():
         gaps = store.missing_ranges(author)

@@ -3,7 +3,7 @@
 `BusNode` wires the event core to a GossipBus over any transport. Run as
 `python -m cortex.bus.testnode`, it is the node process of the multi-process
 bus tests: it prints one JSON line when ready and then serves commands read
-line by line from stdin, each answered with one JSON line on stdout:
+line by line from stdin, and replies to each with one JSON line on stdout:
 
     publish N         write and publish N events (a PeerJoined first, then shard
                       events with a heartbeat every 50); returns {"published": N}
@@ -92,7 +92,7 @@ class BusNode:
                     self._count_waiters.remove((target, future))
 
     async def wait_count(self, target: int) -> int:
-        """Wait until the log holds `target` events; return the time (ns) that happened."""
+        """Wait until the log contains `target` events; return that moment as time.time_ns()."""
         if len(self.store) >= target:
             return time.time_ns()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()

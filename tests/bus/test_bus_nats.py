@@ -59,7 +59,7 @@ async def test_request_to_absent_peer_fails(nats_server: LocalNatsServer) -> Non
     transport = NatsTransport(Identity.generate().peer_id, NatsConfig(url=nats_server.url))
     await transport.start()
     try:
-        with pytest.raises(TransportError, match="no node answers"):
+        with pytest.raises(TransportError, match="no node serves sync requests"):
             await transport.request(Identity.generate().peer_id, b"x", timeout=2)
     finally:
         await transport.stop()
