@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from cortex.runtime.errors import (
     CheckpointError,
@@ -160,7 +160,7 @@ class Checkpoint:
                 )
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own SafetensorError
+            except (SafetensorError, OSError) as error:
                 raise CheckpointError(f"{path} is not a readable safetensors file ({error}); re-download it") from None
             self._handles[file] = handle
         return handle
@@ -183,7 +183,7 @@ class Checkpoint:
         handle = self._handle(file)
         try:
             tensor_slice = handle.get_slice(name)
-        except Exception:
+        except SafetensorError:
             raise MissingTensorError(
                 f"tensor {name!r} is mapped to {self.path / file} by {INDEX_FILE} but that file does not contain it; "
                 "re-download the checkpoint"

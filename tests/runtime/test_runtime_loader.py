@@ -269,6 +269,14 @@ def test_missing_shard_names_file_and_tensor(checkpoint: CheckpointFactory, tmp_
     assert "model.layers." in str(raised.value)
 
 
+def test_corrupt_shard_names_file(checkpoint: CheckpointFactory, tmp_path: Path) -> None:
+    folder = _copy(checkpoint, "llama", tmp_path)
+    shard = _index(folder)["model.norm.weight"]
+    (folder / shard).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=rf"{shard} is not a readable safetensors file .*re-download it"):
+        Loader(folder, device="cpu").load("head")
+
+
 def test_missing_tensor_names_tensor(checkpoint: CheckpointFactory, tmp_path: Path) -> None:
     folder = _copy(checkpoint, "mixtral", tmp_path)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
