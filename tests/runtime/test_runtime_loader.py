@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CheckpointFactory
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import cortex.runtime.checkpoint as checkpoint_module
 from cortex.runtime import progress as progress_module
@@ -27,6 +27,7 @@ from cortex.runtime.errors import (
 )
 from cortex.runtime.fragments import Block, Expert, Head
 from cortex.runtime.loader import Loader
+from cortex.runtime.routing import SigmoidGroupRouter
 
 MIB = 1024 * 1024
 
@@ -177,6 +178,30 @@ def test_lazy_read_keeps_resident_memory_small(tmp_path: Path) -> None:
     everything = [checkpoint.tensor(f"expert.{i}.weight") for i in range(8)]
     assert sum(float(t.sum()) for t in everything) == 28.0 * 4 * MIB
     assert _rss_bytes() - before > 96 * MIB
+
+
+def test_bfloat16_load_keeps_deepseek_router_float32(checkpoint: CheckpointFactory) -> None:
+    block = Loader(checkpoint("deepseek_v3"), device="cpu", dtype="bfloat16").load("block[1:2]")
+    assert isinstance(block, Block)
+    (layer,) = block.layers
+    assert isinstance(layer.router, SigmoidGroupRouter)
+    assert layer.router.weight.dtype == torch.float32
+    assert layer.router.e_score_correction_bias.dtype == torch.float32
+    assert layer.input_layernorm.weight.dtype == torch.bfloat16
+    assert layer.shared_expert is not None
+    assert layer.shared_expert.gate_up.dtype == torch.bfloat16
+
+
+def test_bfloat16_checkpoint_loads_as_float32(checkpoint: CheckpointFactory, tmp_path: Path) -> None:
+    folder = _copy(checkpoint, "llama", tmp_path)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        save_file({name: t.to(torch.bfloat16) for name, t in tensors.items()}, str(shard))
+    head = Loader(folder, device="cpu", dtype="float32").load("head")
+    assert isinstance(head, Head)
+    assert head.embed_tokens.dtype == torch.float32
+    original = Checkpoint(checkpoint("llama")).tensor("model.embed_tokens.weight")
+    assert torch.equal(head.embed_tokens, original.to(torch.bfloat16).float())
 
 
 def test_load_logs_fragment_memory(checkpoint: CheckpointFactory, caplog: pytest.LogCaptureFixture) -> None:
