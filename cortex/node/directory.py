@@ -9,10 +9,16 @@ of its remote block executors. Holders of a fragment are ranked by:
 
 Failure times and round trips are this node's own observations, a local cache outside
 the views (`PeerObservations`).
+
+A call that waits longer than `PROBE_AFTER_S` probes the peer's TCP endpoint every
+`PROBE_INTERVAL_S`: a refused connection means the process is gone (a crash sends no
+`PeerLeft`), and the call fails at once instead of after its timeout, so the router or
+the driver moves to another holder within about a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +37,8 @@ from events import wall_clock_ms
 logger = logging.getLogger(__name__)
 
 FAILURE_MEMORY_S = 30.0
+PROBE_AFTER_S = 0.5  # a call still waiting this long starts probing its peer's endpoint
+PROBE_INTERVAL_S = 0.5
 BLOCK_TIMEOUT_FACTOR = 4  # a block call waits for its expert calls, each with its own retries
 
 
@@ -80,8 +88,6 @@ class SwarmDirectory:
         """Run each (layer, expert, rows [N, D]) on `peer`: one data-plane call per expert, all at once."""
         if peer == self.own_peer:
             return [self.service.run_expert(layer, expert, rows) for layer, expert, rows in segments]
-        import asyncio
-
         calls = [self._call_expert(peer, request_id, step, layer, expert, rows) for layer, expert, rows in segments]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
@@ -105,16 +111,29 @@ class SwarmDirectory:
         self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
     ) -> torch.Tensor:
         started = time.monotonic()
+        endpoint = self.endpoint(peer)
         self.observations.call_started(peer)
-        try:
-            reply = await self.dataplane.call(
-                peer, self.endpoint(peer), kind, request_id=request_id, record=record, fields=fields,
+        call = asyncio.ensure_future(
+            self.dataplane.call(
+                peer, endpoint, kind, request_id=request_id, record=record, fields=fields,
                 tensors={"hidden": hidden}, timeout_s=timeout,
             )
+        )
+        probe = asyncio.ensure_future(_probe_until_refused(endpoint))
+        try:
+            await asyncio.wait((call, probe), return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                call.cancel()
+                self.note_failure(peer)
+                raise CallFailed(peer, kind, f"its endpoint {endpoint} refuses connections: the process is gone")
+            reply = call.result()
         except CommError as error:
             self.note_failure(peer)
             raise CallFailed(peer, kind, str(error)) from None
         finally:
+            probe.cancel()
+            if not call.done():
+                call.cancel()
             self.observations.call_finished(peer)
         self.observations.record_round_trip(peer, (time.monotonic() - started) * 1000)
         output = reply.tensors.get("hidden")
@@ -122,3 +141,20 @@ class SwarmDirectory:
             self.note_failure(peer)
             raise CallFailed(peer, kind, f"the reply holds {sorted(reply.tensors)}, expected 'hidden' of shape {list(hidden.shape)}")
         return output
+
+
+async def _probe_until_refused(endpoint: str) -> None:
+    """Return once a TCP connection to `endpoint` (tcp://host:port) is refused; probe forever otherwise."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    await asyncio.sleep(PROBE_AFTER_S)
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PROBE_INTERVAL_S)
+        except ConnectionRefusedError:
+            return
+        except (OSError, TimeoutError, ValueError):
+            pass
+        else:
+            writer.close()
+        await asyncio.sleep(PROBE_INTERVAL_S)

@@ -89,7 +89,6 @@ def assert_served_by_plan(swarm: LocalSwarm, result: RequestResult) -> None:
     assert result.failed is None, result.failed
     assert result.completed is not None
     assert result.completed.degraded is False
-    driver = next(node for node in swarm.nodes if node.peer_id == result.driver)
     fragments_of = {node.peer_id: set(node.fragments) for node in swarm.nodes}
     block_holders = {holder for holder in result.route.values()}
     records = [r for node in swarm.nodes if node.peer_id in block_holders for r in expert_records(node.data_dir, {result.request_id})]
@@ -98,4 +97,5 @@ def assert_served_by_plan(swarm: LocalSwarm, result: RequestResult) -> None:
     for record in records:
         assert record.author not in block_holders
         assert f"expert[{record.layer}][{record.expert}]" in fragments_of[record.author]
-    assert result.completed.records_count >= len(expert_records(driver.data_dir, {result.request_id}))
+    if result.driver in block_holders:
+        assert result.completed.records_count > 0
