@@ -103,8 +103,10 @@ class KVCache:
         needed: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         capacity = max(64, 2 * needed)
-        key_buffer = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
-        value_buffer = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
+        # Normal tensors even under torch.inference_mode, so a session can continue outside it.
+        with torch.inference_mode(False):
+            key_buffer = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
+            value_buffer = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
         if old is not None:
             key_buffer[..., :length, :] = old[0][..., :length, :]
             value_buffer[..., :length, :] = old[1][..., :length, :]

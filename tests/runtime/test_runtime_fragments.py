@@ -142,6 +142,17 @@ def test_chunked_prefill_matches_single_pass(checkpoint: CheckpointFactory) -> N
     assert model.session_length("chunked") == 110
 
 
+def test_session_continues_across_inference_mode(checkpoint: CheckpointFactory) -> None:
+    model = LocalModel.load(checkpoint("deepseek_v3"), device="cpu")
+    tokens = _tokens(12, seed=8)
+    whole = model.forward("whole", tokens, all_logits=True)
+    with torch.inference_mode():
+        model.forward("mixed", tokens[:8])
+    with torch.no_grad():
+        rest = model.forward("mixed", tokens[8:], all_logits=True)  # appends to caches made in inference mode
+    torch.testing.assert_close(rest, whole[8:], rtol=1e-4, atol=1e-4)
+
+
 def test_sessions_keep_separate_caches(checkpoint: CheckpointFactory) -> None:
     model = LocalModel.load(checkpoint("qwen3_moe"), device="cpu")
     a, b = _tokens(5, seed=6), _tokens(9, seed=7)
