@@ -35,6 +35,7 @@ from events import Acceptor, Event, EventWriter, Identity, LogStore, Projection,
 
 logger = logging.getLogger(__name__)
 
+LATE_TOKENS_S = 10.0
 _MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -147,20 +148,35 @@ class SwarmClient:
         return request_id
 
     async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, Any]]:
-        """Yield (event, opened tokens or None) for the request until it completes or fails."""
+        """Yield (event, opened tokens or None) for the request until it completes or fails.
+
+        Gossip does not keep one author's events in order, so after `RequestCompleted` the
+        client keeps reading until it holds `completion_tokens` tokens (or `LATE_TOKENS_S`
+        passed, for batches that anti-entropy has to fetch).
+        """
         queue = self._queues[request_id]
         deadline = time.monotonic() + timeout_s
-        while True:
+        tokens = 0
+        expected: int | None = None
+        while expected is None or tokens < expected:
             remaining = deadline - time.monotonic()
             try:
                 event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
             except TimeoutError:
+                if expected is not None:
+                    logger.warning("request %s: %d of %d tokens arrived", request_id[:12], tokens, expected)
+                    break
                 raise ClientError(f"request {request_id[:12]} got no answer within {timeout_s} s") from None
-            opened = open_tokens(event.body, self.identity) if isinstance(event.body, TokenGenerated) else None
+            body = event.body
+            opened = open_tokens(body, self.identity) if isinstance(body, TokenGenerated) else None
+            tokens += len(opened[0]) if opened is not None else 0
             yield event, opened
-            if isinstance(event.body, (RequestCompleted, RequestFailed)):
-                self._queues.pop(request_id, None)
-                return
+            if isinstance(body, RequestFailed):
+                break
+            if isinstance(body, RequestCompleted):
+                expected = body.completion_tokens
+                deadline = min(deadline, time.monotonic() + LATE_TOKENS_S)
+        self._queues.pop(request_id, None)
 
     async def run(self, request_id: str, timeout_s: float, on_text: Any = None) -> RequestResult:
         """Follow a request to its end, ordering token batches by step, and return what arrived."""

@@ -42,7 +42,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
 
 @functools.lru_cache(maxsize=8)
 def reference_greedy(folder: Path, prompt: str, max_tokens: int) -> tuple[int, ...]:
-    """Return transformers' greedy tokens for `prompt` (never stopping at EOS)."""
+    """Return transformers' greedy tokens for `prompt`, up to and including the first EOS token.
+
+    transformers generates past EOS here (`eos_token_id=None`, so the run cannot stop
+    early for another reason); the cut at EOS matches the driver, which stops after it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -53,7 +57,11 @@ def reference_greedy(folder: Path, prompt: str, max_tokens: int) -> tuple[int, .
         # An explicit mask: the BOS id may equal the pad id, which generate would mask out.
         mask = torch.ones_like(ids)
         output = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None)
-    return tuple(int(token) for token in output[0, ids.shape[1] :])
+    tokens = [int(token) for token in output[0, ids.shape[1] :]]
+    eos = model.config.eos_token_id
+    if isinstance(eos, int) and eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    return tuple(tokens)
 
 
 def start_swarm(root: Path, folder: Path, layout: list[list[str]], backend: str = "libp2p") -> LocalSwarm:
