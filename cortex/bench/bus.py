@@ -7,9 +7,10 @@ every event, and SQLite logs in WAL mode with fsynced own events.
 
 1. Ceiling: this process times the event core's accept path (decode, verify,
    append, fold into the Registry view) on one core, batch by batch.
-2. Throughput: each node writes `--events` own events (EventWriter, one fsync
-   each) before the timed window, then publishes them all at once. The window
-   ends when every node holds every node's events; nothing may be missing.
+2. Throughput: each node writes its own events (EventWriter, one fsync each)
+   before the timed windows. In each of `--rounds` windows every node publishes
+   `--events` of them at once, and the window ends when every node stores every
+   node's events. The shortest window counts; nothing may be missing.
 3. Latency: each node publishes `--latency-events` more at `--latency-rate`
    events/s; an event's latency runs from its publish call to its acceptance
    on the last other node.
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=sorted(BACKEND_PROCESS), default="libp2p", help="bus backend (default: libp2p, TCP with Noise)")
     parser.add_argument("--nodes", type=int, default=3, help="node processes (default: 3)")
     parser.add_argument("--events", type=int, default=1500, help="events each node publishes in the throughput window (default: 1500)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput windows; the best one counts (default: 3)")
     parser.add_argument("--latency-events", type=int, default=200, help="events each node publishes in the latency phase (default: 200)")
     parser.add_argument("--latency-rate", type=float, default=20.0, help="events/s per node in the latency phase (default: 20)")
     parser.add_argument("--drop", type=float, default=0.0, help="share of inbound frames each node drops (default: 0)")
@@ -65,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.events = min(args.events, 400)
         args.latency_events = min(args.latency_events, 60)
-    if args.nodes < 2 or args.events < 1 or args.latency_events < 1 or args.latency_rate <= 0:
-        raise SystemExit("--nodes must be at least 2; --events, --latency-events and --latency-rate positive")
+        args.rounds = 1
+    if args.nodes < 2 or min(args.events, args.latency_events, args.rounds) < 1 or args.latency_rate <= 0:
+        raise SystemExit("--nodes must be at least 2; --events, --rounds, --latency-events and --latency-rate positive")
     report = BenchReport("bus")
     load_before = os.getloadavg()[0]
     ceiling = measure_accept_ceiling(1000 if args.quick else 3000)
@@ -141,15 +144,21 @@ def run_swarm(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def _measure(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
     nodes = cluster.nodes
-    total_events = args.nodes * (args.events + args.latency_events)
-    write_seconds = _broadcast(nodes, f"prewrite {args.events + args.latency_events}", "seconds")
-    own_write_rate = (args.events + args.latency_events) / max(write_seconds)
+    own_events = args.rounds * args.events + args.latency_events
+    total_events = args.nodes * own_events
+    write_seconds = _broadcast(nodes, f"prewrite {own_events}", "seconds")
+    own_write_rate = own_events / max(write_seconds)
 
-    started = min(_broadcast(nodes, f"blast {args.events}", "started_ns"))
-    for node in nodes:
-        node.send(f"wait_count {args.nodes * args.events}")
-    reached = [node.read_reply(600.0)["reached_ns"] for node in nodes]
-    window_s = (max(reached) - started) / 1e9
+    # Best of several windows, because other processes on a shared machine stretch some of them.
+    windows_s = []
+    for round_index in range(1, args.rounds + 1):
+        started = min(_broadcast(nodes, f"blast {args.events}", "started_ns"))
+        for node in nodes:
+            # A node's log already contains all its own events, so count the peers' events on top.
+            node.send(f"wait_count {own_events + round_index * (args.nodes - 1) * args.events}")
+        reached = [node.read_reply(600.0)["reached_ns"] for node in nodes]
+        windows_s.append((max(reached) - started) / 1e9)
+    window_s = min(windows_s)
 
     published: dict[str, tuple[int, int]] = {}
     for index, node in enumerate(nodes):
@@ -171,6 +180,7 @@ def _measure(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "swarm_events_per_s": args.nodes * args.events / window_s,
         "throughput_window_s": window_s,
+        "throughput_rounds": args.rounds,
         "lost_events": lost if len(digests) == 1 else max(lost, 1),
         "latency_rate_per_node_events_per_s": args.latency_rate,
         "latency_p50_ms": statistics.quantiles(latencies, n=100)[49],

@@ -1,8 +1,9 @@
 """GossipBus: publishes a node's signed events and brings every peer's events in.
 
 Outgoing: the node's own events (already appended to its log by EventWriter)
-are coalesced into EVENTS frames of at most `max_frame_bytes`, sent when a
-frame is full or `flush_delay_s` after its first event.
+are coalesced into EVENTS frames of at most `max_frame_bytes`. A frame is sent
+when it is full, or at once if the previous frame left at least
+`flush_delay_s` ago, else when that much time has passed since the previous one.
 
 Incoming: each event of a frame passes admission (allowlist, per-author rate
 limit) and then the event core's acceptance path on its own, so one forged
@@ -112,6 +113,7 @@ class GossipBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._subscription: Subscription | None = None
         self._own_announced = 0
+        self._last_frame_at = 0.0
         self._client = SyncClient(transport, self.config.sync_timeout_s)
         self._server: SyncServer | None = None
         self._random = random.Random()
@@ -197,10 +199,17 @@ class GossipBus:
         self.counters["published_frames"] += 1
 
     async def _flush_loop(self) -> None:
+        # Frames go out at most every flush_delay_s: at once when the previous frame is older,
+        # so a lone event waits for nothing, and events that come faster share frames.
+        loop = asyncio.get_running_loop()
         while True:
             await self._has_pending.wait()
-            await asyncio.sleep(self.config.flush_delay_s)
+            await asyncio.sleep(0)  # let the events queued in this loop iteration join
+            wait = self._last_frame_at + self.config.flush_delay_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             if self._pending:
+                self._last_frame_at = loop.time()
                 await self._send_pending()
 
     # --- incoming ---------------------------------------------------------------
