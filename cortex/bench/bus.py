@@ -15,9 +15,9 @@ every event, and SQLite logs in WAL mode with fsynced own events.
    events/s; an event's latency runs from its publish call to its acceptance
    on the last other node.
 
-Own events are written before the window because one fsync per event (about
-3.5 ms on this machine's disk) caps a single author at a few hundred events/s,
-which would measure the disk, not the bus; `own_write_events_per_s` reports it.
+Own events are written before the windows so that the windows measure the bus
+(gossip, verification and acceptance on every node), not the writer's disk
+syncs. `own_write_events_per_s` reports the writer's rate from the same run.
 """
 
 from __future__ import annotations
