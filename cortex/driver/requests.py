@@ -41,7 +41,7 @@ Emit = Callable[[Any, tuple[str, ...]], Awaitable[Event]]
 
 @dataclass
 class DriverContext:
-    """What a driver needs from its node: identity, publishing, the head, planning and executors."""
+    """The node services a driver uses: identity, publishing, the head, planning and executors."""
 
     identity: Identity
     emit: Emit
@@ -108,7 +108,7 @@ class RequestDriver:
                 planning, self.context.model_id, self.context.geometry, prompt_tokens=len(prompt_ids), max_tokens=self.request.max_tokens
             )
         except PlanError as error:
-            logger.warning("request %s refused at admission (%s): %s", self.request_id[:12], error.code, error)
+            logger.warning("request %s rejected at admission (%s): %s", self.request_id[:12], error.code, error)
             await self.context.emit(request_failed_for(self.request_id, error), self.refs)
             return None
         await self.context.emit(self.plan.accepted(self.request_id), self.refs)

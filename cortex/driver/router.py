@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +67,8 @@ class RouterStats:
     batches: int = 0
     messages: int = 0
     retries: int = 0
+    single_token_dispatches: int = 0
+    single_token_dispatch_s: float = 0.0  # wall time of dispatches of one token (decode steps)
 
 
 class TokenRouter:
@@ -77,6 +80,14 @@ class TokenRouter:
         self._in_flight: collections.Counter[str] = collections.Counter()
 
     async def dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
+        started = time.perf_counter()
+        outputs = await self._dispatch(session_id, call, step)
+        if call.hidden.shape[0] == 1:
+            self.stats.single_token_dispatches += 1
+            self.stats.single_token_dispatch_s += time.perf_counter() - started
+        return outputs
+
+    async def _dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
         expert_ids = call.routing.expert_ids  # [T, K]
         tokens, top_k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # [T*K]

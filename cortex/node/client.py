@@ -45,7 +45,7 @@ class ClientError(Exception):
 
 @dataclass
 class RequestResult:
-    """What a client saw of one request."""
+    """The events a client received for one request: tokens, text, route and outcome."""
 
     request_id: str
     token_ids: list[int] = field(default_factory=list)
@@ -166,7 +166,7 @@ class SwarmClient:
                 if expected is not None:
                     logger.warning("request %s: %d of %d tokens arrived", request_id[:12], tokens, expected)
                     break
-                raise ClientError(f"request {request_id[:12]} got no answer within {timeout_s} s") from None
+                raise ClientError(f"request {request_id[:12]} received no response within {timeout_s} s; check that a node serving the model is live") from None
             body = event.body
             opened = open_tokens(body, self.identity) if isinstance(body, TokenGenerated) else None
             tokens += len(opened[0]) if opened is not None else 0

@@ -1,4 +1,4 @@
-"""Where fragments live, and calls to their holders over the data plane.
+"""Fragment holders: their ranking, and calls to them over the data plane.
 
 `SwarmDirectory` is the node's `ReplicaDirectory` for the TokenRouter and the block caller
 of its remote block executors. Holders of a fragment are ranked by:

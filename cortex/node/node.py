@@ -249,6 +249,18 @@ class Node:
             "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
             "models": {model: service.fragments() for model, service in self.services.items()},
             "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
+            "router": {
+                model: {
+                    "single_token_dispatches": router.stats.single_token_dispatches,
+                    "single_token_dispatch_s": router.stats.single_token_dispatch_s,
+                    "retries": router.stats.retries,
+                }
+                for model, router in self.routers.items()
+            },
+            "expert_batching": {
+                model: {"forward_passes": batcher.forward_passes, "merged_calls": batcher.merged_calls}
+                for model, batcher in self.batchers.items()
+            },
         }
         path = self.config.data_dir / "node.status.json"
         temporary = path.with_suffix(".tmp")
