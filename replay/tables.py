@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
@@ -13,6 +13,7 @@ from cortex.registry import RegistryView
 from replay.render import format_value, json_line, short_hex, short_peer_id
 from replay.status import swarm_status
 from replay.times import format_time_ms
+from replay.views import view_json
 
 
 def status_tables(status: dict[str, Any]) -> list[RenderableType]:
@@ -73,7 +74,7 @@ def _coverage_table(model: dict[str, Any]) -> RenderableType:
     gaps = Text("gaps:\n", style="red bold")
     for gap in model["gaps"]:
         gaps.append(f"  {gap}\n", style="red")
-    return _group(table, gaps)
+    return Group(table, gaps)
 
 
 def _requests_table(requests: list[dict[str, Any]]) -> Table:
@@ -86,12 +87,6 @@ def _requests_table(requests: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _group(*renderables: RenderableType) -> RenderableType:
-    from rich.console import Group
-
-    return Group(*renderables)
-
-
 def view_tables(name: str, view: Any, now_ms: int, digest: str) -> list[RenderableType]:
     """Return tables for a rebuilt view; views without their own layout print as JSON."""
     header = Text(f"view {name}, digest {digest}")
@@ -99,8 +94,6 @@ def view_tables(name: str, view: Any, now_ms: int, digest: str) -> list[Renderab
         status = swarm_status({name: view}, {}, now_ms)
         status["notes"] = []
         return [header, *status_tables(status), _shards_table(view)]
-    from replay.views import view_json
-
     return [header, JSON(json_line(view_json(view)))]
 
 

@@ -7,7 +7,8 @@ Problems (any of them makes `cortex replay --verify` exit with status 1):
     id_mismatch        the stored id is not BLAKE2b-256 of the payload
     column_mismatch    an indexed column (author, seq, lamport, time_ms, type) differs from the payload
     refs_mismatch      the refs table differs from the payload's refs
-    sequence_gap       an author's seqs skip numbers: events were missed
+    sequence_gap       an author's seqs skip numbers that the author did not void: events
+                       were missed
     equivocation       two different events with one author and seq
     unrecorded_equivocation  an equivocation that the equivocations table does not list
     lamport_order      an event's Lamport clock is not above that of an event it refs, or an
@@ -16,6 +17,8 @@ Problems (any of them makes `cortex replay --verify` exit with status 1):
 
 Warnings (reported, exit status unchanged):
 
+    voided_seqs        seqs the author declared void with `SequenceSkipped` (it will never
+                       sign them, after losing its last events to a power failure)
     dangling_ref       a ref to an event this log does not hold; request-scoped records
                        reach only the nodes on a request's route, so this can be normal
 """
@@ -27,8 +30,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
+
 from events.codec import Event, event_id, parse_event, verify_event
 from events.errors import EventRejected
+from events.identity import SIGNATURE_BYTES
 from replay.reader import LogReader, StoredRow
 
 MAX_LISTED = 1000
@@ -129,10 +135,14 @@ def _check_row(row: StoredRow, report: VerifyReport) -> Event | None:
 def _check_sequences(reader: LogReader, report: VerifyReport) -> None:
     seqs_by_author = reader.author_seqs()
     report.authors = len(seqs_by_author)
+    voided = _voided_ranges(reader)
+    for author, first, last in sorted((author, *span) for author, spans in voided.items() for span in spans):
+        report.add(Finding("voided_seqs", f"{_seqs_text(first, last)} declared void by the author", author, first), warning=True)
     for author, seqs in seqs_by_author.items():
         for first, last in _gaps(seqs):
-            missing = f"seq {first}" if first == last else f"seqs {first} to {last}"
-            report.add(Finding("sequence_gap", f"{missing} missing ({last - first + 1} events)", author, first))
+            for gap_first, gap_last in _subtract(first, last, voided.get(author, [])):
+                missing = _seqs_text(gap_first, gap_last)
+                report.add(Finding("sequence_gap", f"{missing} missing ({gap_last - gap_first + 1} events)", author, gap_first))
     recorded = {(item.author, item.seq, item.first_id, item.second_id) for item in reader.recorded_equivocations()}
     rows = reader.query(
         "SELECT author, seq, id FROM events WHERE (author, seq) IN "
@@ -149,6 +159,35 @@ def _check_sequences(reader: LogReader, report: VerifyReport) -> None:
                     report.add(Finding("unrecorded_equivocation",
                                        f"events {first_id} and {second_id} share seq {seq} but the equivocations table lacks them",
                                        author, seq))
+
+
+def _seqs_text(first: int, last: int) -> str:
+    return f"seq {first}" if first == last else f"seqs {first} to {last}"
+
+
+def _voided_ranges(reader: LogReader) -> dict[str, list[tuple[int, int]]]:
+    """Return the seq ranges each author voided with SequenceSkipped events (read from the payload)."""
+    voided: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    for author, wire in reader.query("SELECT author, wire FROM events WHERE type = 'SequenceSkipped'"):
+        try:
+            body = orjson.loads(bytes(wire)[:-SIGNATURE_BYTES])["body"]
+            voided[author].append((int(body["first"]), int(body["last"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # An undecodable row is reported by the row checks.
+    return voided
+
+
+def _subtract(first: int, last: int, spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Yield the parts of the range first..last (inclusive) that no span covers."""
+    position = first
+    for span_first, span_last in sorted(spans):
+        if span_last < position or span_first > last:
+            continue
+        if span_first > position:
+            yield position, span_first - 1
+        position = max(position, span_last + 1)
+    if position <= last:
+        yield position, last
 
 
 def _gaps(seqs: list[int]) -> Iterator[tuple[int, int]]:

@@ -28,13 +28,14 @@ from typing import Any
 
 import orjson
 
+from events.errors import EventError
 from events.views import Reducer
 from replay.errors import ViewUnavailable
 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Where a view's reducer lives: `module.reducer` is a class (or factory) with no arguments."""
+    """A view's name and the location of its reducer: `module.reducer`, called with no arguments."""
 
     name: str
     module: str
@@ -65,8 +66,8 @@ def register_view(name: str, module: str, reducer: str, description: str) -> Non
     VIEW_SPECS[name] = ViewSpec(name, module, reducer, description)
 
 
-# NOTE: the modules of the scheduler, router and quorum views are named here as their
-# subsystems are planned; when one lands under another name, change its line.
+# NOTE: the router and quorum modules are named as planned, before they exist. When one
+# lands under another name, change its line here.
 register_view("registry", "cortex.registry", "RegistryReducer", "peers, shard claims and loads, coverage of each model")
 register_view("scheduler", "cortex.scheduler", "SchedulerReducer", "requests and their lifecycle")
 register_view("router", "cortex.router", "RouterReducer", "per-layer routing: experts to ranked live replicas")
@@ -94,6 +95,11 @@ def load_view(name: str) -> LoadedView:
             f"the {name} view is not available: {spec.module} has no reducer {spec.reducer}; "
             "update its line in replay/views.py"
         )
+    try:
+        factory()
+    except EventError as error:
+        # A reducer checks at construction that it handles every type of its families.
+        raise ViewUnavailable(f"the {name} view is not available: building its reducer failed: {error}") from error
     return LoadedView(spec, factory)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replay.reader import LogReader
 
 USAGE = """cortex replay LOG [--until X] [--view NAME] [--json]     the views after folding the log
        cortex replay LOG timeline REQUEST_ID                  every event of one request
@@ -112,7 +115,7 @@ def _unavailable(names: list[str]) -> dict[str, str]:
     return {spec.name: reason for spec, reason in view_availability() if reason is not None and spec.name not in names}
 
 
-def _views(args: argparse.Namespace, reader: Any) -> int:
+def _views(args: argparse.Namespace, reader: LogReader) -> int:
     from events.writer import wall_clock_ms
     from replay.fold import Folder
     from replay.render import json_line, make_console
@@ -155,7 +158,7 @@ def _views(args: argparse.Namespace, reader: Any) -> int:
     return 0
 
 
-def _timeline(args: argparse.Namespace, reader: Any, request: str) -> int:
+def _timeline(args: argparse.Namespace, reader: LogReader, request: str) -> int:
     from replay.render import json_line, make_console
     from replay.reports import print_timeline
     from replay.timeline import build_timeline
@@ -168,7 +171,7 @@ def _timeline(args: argparse.Namespace, reader: Any, request: str) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace, reader: Any) -> int:
+def _verify(args: argparse.Namespace, reader: LogReader) -> int:
     from replay.arguments import EXIT_OK, EXIT_PROBLEMS
     from replay.render import json_line, make_console
     from replay.reports import print_verify
@@ -182,7 +185,7 @@ def _verify(args: argparse.Namespace, reader: Any) -> int:
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _step(args: argparse.Namespace, reader: Any) -> int:
+def _step(args: argparse.Namespace, reader: LogReader) -> int:
     from replay.fold import Folder
     from replay.render import make_console
     from replay.step import Stepper

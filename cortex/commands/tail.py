@@ -37,14 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --follow: how often to check the log for new events (default: 0.2)",
     )
     parser.add_argument(
-        "--duration", type=float, metavar="SECONDS", help="with --follow: stop after this many seconds (default: never)"
+        "--duration", type=float, metavar="SECONDS", help="with --follow or --bus: stop after this many seconds (default: never)"
     )
     parser.add_argument(
         "--type", action="append", default=[], metavar="TYPE", help="only events of this type (repeat or comma-separate)"
     )
     parser.add_argument("--author", metavar="PEER", help="only events by this peer: its id, or the id's start or end")
     parser.add_argument(
-        "--request", metavar="ID", help="only the event with this id (or id prefix) and the events whose refs contain it"
+        "--request",
+        metavar="ID",
+        help="only the event with this id (or id prefix), the events whose refs contain it, and the events whose "
+        "body names it as request_id",
     )
     parser.add_argument(
         "--since",

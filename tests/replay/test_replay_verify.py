@@ -11,7 +11,7 @@ import orjson
 import pytest
 from conftest import MODEL, Author, Scenario, run_cli
 
-from events import Acceptor, LogStore, ShardClaimed
+from events import Acceptor, Identity, LogStore, PeerHeartbeat, ShardClaimed, sign_event
 from replay.reader import LogReader
 from replay.verify import verify_log
 
@@ -135,3 +135,24 @@ def test_verify_finds_undecodable_rows(tmp_path: Path, scenario_log: Path, scena
     assert human.status == 1
     assert "PROBLEMS FOUND" in human.stdout
     assert "undecodable" in human.stdout
+
+
+def test_verify_honours_voided_seqs(tmp_path: Path, identities: list[Identity]) -> None:
+    """Seqs an author voided with SequenceSkipped are a warning, not a gap."""
+    author = identities[0]
+    wires = [sign_event(author, PeerHeartbeat(latest_seq=seq - 1), seq=seq, lamport=seq, time_ms=seq).wire for seq in (1, 4)]
+    envelope = {
+        "author": author.peer_id, "body": {"first": 2, "last": 3}, "lamport": 5, "refs": [], "seq": 5,
+        "time_ms": 5, "type": "SequenceSkipped", "version": "1.0",
+    }
+    payload = orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
+    wires.append(payload + author.sign(payload))
+    wires.append(sign_event(author, PeerHeartbeat(latest_seq=6), seq=7, lamport=7, time_ms=7).wire)
+    with LogStore(tmp_path / "events.db") as store:
+        result = Acceptor(store).accept_many(wires)
+    assert not result.rejected
+    status, report = verify_json(tmp_path)
+    assert status == 1
+    assert report["counts"] == {"voided_seqs": 1, "sequence_gap": 1}
+    assert report["warnings"][0]["message"] == "seqs 2 to 3 declared void by the author"
+    assert report["problems"][0]["seq"] == 6
