@@ -18,16 +18,18 @@ from events.errors import (
     SchemaError,
 )
 from events.identity import Identity, curve_public_key_from_peer_id, peer_id_from_public_key, public_key_from_peer_id
-from events.membership import PeerHeartbeat, PeerJoined, PeerLeft
+from events.membership import PeerHeartbeat, PeerJoined, PeerLeft, SequenceSkipped
 from events.model import SCHEMA_MAJOR, UnknownBody, event_type, registered_types
 from events.shards import Fragment, ShardClaimed, ShardLoaded, ShardReleased, parse_fragment
-from events.store import Equivocation, LogStore
+from events.store import Equivocation, LogStore, SeqReservation
 from events.views import Dispatcher, Projection, Reducer
-from events.writer import EventWriter, wall_clock_ms
+from events.writer import LAMPORT_RESERVATION_BLOCK, SEQ_RESERVATION_BLOCK, EventWriter, current_boot_id, wall_clock_ms
 
 __all__ = [
+    "LAMPORT_RESERVATION_BLOCK",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_MAJOR",
+    "SEQ_RESERVATION_BLOCK",
     "AcceptResult",
     "Acceptor",
     "Dispatcher",
@@ -51,11 +53,14 @@ __all__ = [
     "ReducerError",
     "RejectReason",
     "SchemaError",
+    "SeqReservation",
+    "SequenceSkipped",
     "ShardClaimed",
     "ShardLoaded",
     "ShardReleased",
     "UnknownBody",
     "curve_public_key_from_peer_id",
+    "current_boot_id",
     "decode_event",
     "event_id",
     "event_type",

@@ -95,14 +95,16 @@ class Acceptor:
         return result
 
     def accept_own(self, event: Event) -> None:
-        """Append an event this node signed, durably (fsync), and fold it into the views.
+        """Append an event this node signed (synchronous=NORMAL) and fold it into the views.
 
-        Only `EventWriter` calls this, before it publishes the event.
+        Only `EventWriter` calls this, before it publishes the event. The commit is not
+        fsynced: the writer's fsynced seq reservation is what keeps seqs from being reused
+        after power loss (see `events.writer`).
         """
         if event.author != self.own_peer_id:
             raise ValueError(f"accept_own got an event by {event.author}, but this node is {self.own_peer_id}")
         result = AcceptResult()
-        with self.store.transaction(durable=True):
+        with self.store.transaction():
             earlier = [stored_id for stored_id, _wire in self.store.stored_at(event.author, event.seq)]
             self._insert(event, earlier, result)
         self.counters["own"] += 1

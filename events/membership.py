@@ -1,4 +1,4 @@
-"""Membership events: a peer joins the swarm, proves it is alive, and leaves.
+"""Membership events: a peer joins the swarm, proves it is alive, leaves, or voids seqs.
 
 Family `membership`. The Registry view projects them into the peer table and liveness.
 """
@@ -69,3 +69,30 @@ class PeerLeft:
     """A peer left the swarm on purpose; `reason` is free text for operators."""
 
     reason: str = field(default="")
+
+
+@event_type(version="1.0", family=MEMBERSHIP)
+@dataclass(frozen=True, slots=True)
+class SequenceSkipped:
+    """The author declares its seqs `first` to `last` (inclusive) void: it will never sign them.
+
+    `EventWriter` writes this after an unclean stop in an earlier OS boot (power loss or an
+    OS crash), when events with seqs in that range may have been signed and published but
+    are missing from the author's log. The writer resumes above the range, so no seq is
+    reused. Peers that hold events from the range keep them as ordinary events, and
+    `LogStore.missing_ranges` stops reporting the range, so nobody asks for the rest.
+    The range must end below the event's own seq.
+    """
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if self.first < 1:
+            raise ValueError(f"first must be >= 1, got {self.first}")
+        if self.last < self.first:
+            raise ValueError(f"last must be >= first, got first {self.first} and last {self.last}")
+
+    def check_envelope(self, author: str, seq: int) -> None:
+        if self.last >= seq:
+            raise ValueError(f"last is {self.last}, but a SequenceSkipped with seq {seq} may void only seqs below {seq}")

@@ -5,24 +5,33 @@ File format (SQLite, `PRAGMA user_version = 1`):
     events(rowid, id BLOB UNIQUE, author, seq, lamport, time_ms, type, wire BLOB)
     refs(ref BLOB, event_rowid)           one row per id in an event's refs
     equivocations(author, seq, first_id, second_id)
+    seq_reservations(author PRIMARY KEY, seq_up_to, lamport_up_to, boot_id)
 
 `id` is the 32-byte BLAKE2b-256 of the payload (see `events.codec`), `wire` the exact bytes
 received, from which every Event is decoded again. `(author, seq)` is not unique, because
 two events with one author and seq (equivocation) are both kept as evidence. Iteration is in
 the canonical order (lamport, author, seq), which is also the replay order.
+`seq_reservations` holds the node's own `EventWriter` reservation (see `events.writer`). It
+was added to format version 1 as a new table, created when missing, so files written before
+it still open and readers of the other tables need no change.
 
 Durability settings, chosen for crash safety at the lowest cost:
 
 - `journal_mode=WAL`: readers do not block the writer, and a commit appends to the WAL, so
   a process killed at any point (SIGKILL included) leaves a database that opens cleanly
   and holds every committed transaction.
-- `synchronous=NORMAL` for events received from peers: a commit is not fsynced, so it
-  survives a process crash but may be lost on power failure or a kernel crash. A lost
-  peer event shows up as a gap (`missing_ranges`) and is fetched again from peers.
-- `synchronous=FULL` for transactions opened with `durable=True`, which `EventWriter` uses
-  for the node's own events. The WAL is fsynced before the commit returns. So a sequence
-  number that was signed and published is on disk even after power loss, and the writer
-  never reuses it. The fsync also covers the NORMAL commits before it.
+- `synchronous=NORMAL` for every event, the node's own included: a commit is not fsynced.
+  It survives a process crash and SIGKILL, because the WAL write is in the OS page cache,
+  but power loss or an OS crash may drop the last commits. SQLite's WAL recovery keeps
+  only a prefix of the commits, because each frame's checksum covers every frame before
+  it (the header comment of SQLite's src/wal.c describes this), so what survives has no
+  holes.
+  A lost peer event shows up as a gap (`missing_ranges`) and is fetched again from peers.
+- `synchronous=FULL` for transactions opened with `durable=True`, which `reserve_seqs`
+  uses. The WAL is fsynced before the commit returns, which also makes every earlier
+  NORMAL commit durable. `EventWriter` reserves a block of seqs this way before it signs
+  any of them, so a seq that was published is covered by a reservation even after power
+  loss, and the writer never reuses it.
 
 One LogStore is one connection. It is not thread-safe: use it from one thread at a time.
 """
@@ -39,6 +48,7 @@ from typing import Any
 
 from events.codec import Event, parse_event
 from events.errors import EventRejected, LogStoreError
+from events.membership import SequenceSkipped
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +84,30 @@ CREATE TABLE IF NOT EXISTS equivocations (
     second_id BLOB NOT NULL,
     PRIMARY KEY (author, seq, first_id, second_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seq_reservations (
+    author TEXT PRIMARY KEY,
+    seq_up_to INTEGER NOT NULL,
+    lamport_up_to INTEGER NOT NULL,
+    boot_id TEXT
+) WITHOUT ROWID;
 """
 
 _INSERT_EVENT = "INSERT OR IGNORE INTO events (id, author, seq, lamport, time_ms, type, wire) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_REF = "INSERT OR IGNORE INTO refs (ref, event_rowid) VALUES (?, ?)"
 _CANONICAL = " ORDER BY e.lamport, e.author, e.seq"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqReservation:
+    """The seqs and Lamport clocks an author's writer may sign without another fsync.
+
+    Every own event the writer signed has `seq <= seq_up_to` and `lamport <= lamport_up_to`.
+    `boot_id` is the OS boot the reservation was made in (None where the OS has no boot id).
+    """
+
+    seq_up_to: int
+    lamport_up_to: int
+    boot_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +170,8 @@ class LogStore:
         return {
             "journal_mode": self._connection.execute("PRAGMA journal_mode").fetchone()[0],
             "synchronous_peer_events": SYNCHRONOUS,
-            "synchronous_own_events": SYNCHRONOUS_DURABLE,
+            "synchronous_own_events": SYNCHRONOUS,
+            "synchronous_seq_reservations": SYNCHRONOUS_DURABLE,
         }
 
     @contextmanager
@@ -186,6 +216,25 @@ class LogStore:
         """Insert one event in its own transaction; return False if it was already stored."""
         with self.transaction(durable=durable):
             return self.insert(event)
+
+    def seq_reservation(self, author: str) -> SeqReservation | None:
+        """Return the stored reservation of `author`'s writer, None if it never reserved."""
+        row = self._connection.execute(
+            "SELECT seq_up_to, lamport_up_to, boot_id FROM seq_reservations WHERE author = ?", (author,)
+        ).fetchone()
+        return None if row is None else SeqReservation(row[0], row[1], row[2])
+
+    def reserve_seqs(self, author: str, reservation: SeqReservation) -> None:
+        """Store `author`'s reservation in its own durable (fsynced) transaction.
+
+        It replaces the previous one, lower bounds included: `EventWriter.close` lowers it to
+        release the seqs it did not use.
+        """
+        with self.transaction(durable=True):
+            self._connection.execute(
+                "INSERT OR REPLACE INTO seq_reservations (author, seq_up_to, lamport_up_to, boot_id) VALUES (?, ?, ?, ?)",
+                (author, reservation.seq_up_to, reservation.lamport_up_to, reservation.boot_id),
+            )
 
     def record_equivocation(self, author: str, seq: int, id_a: str, id_b: str) -> Equivocation:
         """Record that two events share one author and seq (idempotent)."""
@@ -274,7 +323,10 @@ class LogStore:
         """Return the seq ranges (first, last), inclusive, missing from `author`'s events.
 
         Seqs start at 1. Without `up_to` only gaps below the highest stored seq count; with
-        it (the `latest_seq` of a heartbeat, say) missing trailing events count too.
+        it (the `latest_seq` of a heartbeat, say) missing trailing events count too. Ranges
+        that the author voided with a stored `SequenceSkipped` event (`skipped_ranges`) are
+        not missing: the author will never sign them, and the events from them that it did
+        publish before losing them are ordinary events wherever they are stored.
         """
         rows = self._connection.execute(
             "SELECT seq, LEAD(seq) OVER (ORDER BY seq) FROM (SELECT DISTINCT seq FROM events WHERE author = ?)",
@@ -289,7 +341,25 @@ class LogStore:
         highest = rows[-1][0] if rows else 0
         if up_to is not None and up_to > highest:
             ranges.append((highest + 1, up_to))
-        return ranges
+        if not ranges:
+            return ranges
+        return _subtract_ranges(ranges, self.skipped_ranges(author))
+
+    def skipped_ranges(self, author: str) -> list[tuple[int, int]]:
+        """Return the seq ranges (first, last) that `author` voided, merged and sorted.
+
+        Only the author's own stored `SequenceSkipped` events count, because no other peer can
+        sign for it.
+        """
+        rows = self._connection.execute(
+            "SELECT wire FROM events WHERE author = ? AND type = ?", (author, SequenceSkipped.__name__)
+        )
+        declared: list[tuple[int, int]] = []
+        for (wire,) in rows:
+            body = _decode_stored(wire).body
+            if isinstance(body, SequenceSkipped):
+                declared.append((body.first, body.last))
+        return _merge_ranges(declared)
 
     def integrity_check(self) -> str:
         """Run SQLite's integrity check; return "ok" or the problems it found."""
@@ -319,6 +389,34 @@ def _select_events(
     if conditions:
         query += " WHERE " + " AND ".join(conditions)
     return query + _CANONICAL, parameters
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort inclusive ranges and merge those that overlap or touch."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _subtract_ranges(ranges: list[tuple[int, int]], removed: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return the parts of sorted, disjoint inclusive `ranges` outside sorted, disjoint `removed`."""
+    result: list[tuple[int, int]] = []
+    for first, last in ranges:
+        for removed_first, removed_last in removed:
+            if removed_last < first or removed_first > last:
+                continue
+            if removed_first > first:
+                result.append((first, removed_first - 1))
+            first = removed_last + 1
+            if first > last:
+                break
+        if first <= last:
+            result.append((first, last))
+    return result
 
 
 def _decode_stored(wire: bytes) -> Event:

@@ -22,7 +22,7 @@ import orjson
 
 from events.codec import Event
 from events.identity import curve_public_key_from_peer_id
-from events.membership import MEMBERSHIP, PeerHeartbeat, PeerJoined, PeerLeft
+from events.membership import MEMBERSHIP, PeerHeartbeat, PeerJoined, PeerLeft, SequenceSkipped
 from events.shards import SHARDS, ShardClaimed, ShardLoaded, ShardReleased
 from events.views import Dispatcher
 
@@ -225,6 +225,15 @@ def _apply_peer_left(view: RegistryView, event: Event) -> RegistryView:
     return view
 
 
+def _apply_sequence_skipped(view: RegistryView, event: Event) -> RegistryView:
+    # The view keeps no per-seq state, so the voided range changes nothing. The event is the
+    # author's latest like any other, so only latest_seq follows it. A skip does not count as
+    # a heartbeat: the node that writes it is starting, and its PeerJoined proves liveness.
+    record = view.peer(event.author)
+    record.latest_seq = max(record.latest_seq, event.seq)
+    return view
+
+
 def _apply_shard_state(view: RegistryView, event: Event, state: str, memory_bytes: int) -> RegistryView:
     body = event.body
     key = (event.author, body.model_id, body.fragment)
@@ -260,6 +269,7 @@ class RegistryReducer:
                 PeerJoined: _apply_peer_joined,
                 PeerHeartbeat: _apply_peer_heartbeat,
                 PeerLeft: _apply_peer_left,
+                SequenceSkipped: _apply_sequence_skipped,
                 ShardClaimed: _apply_shard_claimed,
                 ShardLoaded: _apply_shard_loaded,
                 ShardReleased: _apply_shard_released,

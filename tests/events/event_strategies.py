@@ -11,6 +11,7 @@ from events import (
     PeerHeartbeat,
     PeerJoined,
     PeerLeft,
+    SequenceSkipped,
     ShardClaimed,
     ShardLoaded,
     ShardReleased,
@@ -32,6 +33,14 @@ def fragments() -> st.SearchStrategy[str]:
 HARDWARE = st.dictionaries(TEXT, st.one_of(INT64, TEXT, st.booleans()), max_size=5)
 MODEL_IDS = st.text(min_size=1, max_size=64)
 
+def skipped_ranges(seq: int) -> st.SearchStrategy[SequenceSkipped]:
+    """Return SequenceSkipped bodies valid at `seq`: 1 <= first <= last < seq (none at seq 1)."""
+    if seq < 2:
+        return st.nothing()
+    below = st.integers(min_value=1, max_value=seq - 1)
+    return st.tuples(below, below).map(lambda pair: SequenceSkipped(first=min(pair), last=max(pair)))
+
+
 def body_strategies(identity: Identity, seq: int) -> dict[type, st.SearchStrategy[Any]]:
     """Return a strategy per event type for bodies that `identity` may sign at `seq`."""
     return {
@@ -46,6 +55,7 @@ def body_strategies(identity: Identity, seq: int) -> dict[type, st.SearchStrateg
         ),
         PeerHeartbeat: st.just(PeerHeartbeat(seq - 1)),
         PeerLeft: st.builds(PeerLeft, reason=TEXT),
+        SequenceSkipped: skipped_ranges(seq),
         ShardClaimed: st.builds(ShardClaimed, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
         ShardLoaded: st.builds(ShardLoaded, model_id=MODEL_IDS, fragment=fragments(), memory_bytes=NON_NEGATIVE),
         ShardReleased: st.builds(ShardReleased, model_id=MODEL_IDS, fragment=fragments(), reason=TEXT),

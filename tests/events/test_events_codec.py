@@ -20,6 +20,7 @@ from events import (
     PeerLeft,
     RejectReason,
     SchemaError,
+    SequenceSkipped,
     ShardLoaded,
     UnknownBody,
     decode_event,
@@ -100,6 +101,30 @@ def test_heartbeat_with_wrong_latest_seq_rejected() -> None:
     assert "must carry 2" in str(error.value)
     with pytest.raises(SchemaViolation, match="must carry 2"):
         sign_event(IDENTITY, PeerHeartbeat(3), seq=3, lamport=1, time_ms=0)
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "seq", "message"),
+    [
+        (0, 3, 5, "first must be >= 1"),
+        (4, 3, 5, "last must be >= first"),
+        (2, 5, 5, "only seqs below 5"),
+        (2, 9, 5, "only seqs below 5"),
+    ],
+)
+def test_invalid_sequence_skipped_rejected(first: int, last: int, seq: int, message: str) -> None:
+    envelope = envelope_for(IDENTITY, type="SequenceSkipped", body={"first": first, "last": last}, seq=seq)
+
+    with pytest.raises(EventRejected) as error:
+        decode_event(sign_envelope(IDENTITY, envelope))
+    assert error.value.reason is RejectReason.MALFORMED
+    assert message in str(error.value)
+
+
+def test_sequence_skipped_below_own_seq_accepted() -> None:
+    event = sign_event(IDENTITY, SequenceSkipped(first=2, last=4), seq=5, lamport=1, time_ms=0)
+
+    assert decode_event(event.wire).body == SequenceSkipped(2, 4)
 
 
 def test_joined_with_foreign_curve_key_rejected() -> None:

@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events import Event, Identity, LogStore, LogStoreError, PeerHeartbeat, PeerLeft, ShardClaimed, sign_event
+from events import (
+    Event,
+    Identity,
+    LogStore,
+    LogStoreError,
+    PeerHeartbeat,
+    PeerLeft,
+    SeqReservation,
+    SequenceSkipped,
+    ShardClaimed,
+    sign_event,
+)
 
 AUTHORS = [Identity.generate() for _ in range(3)]
 
@@ -19,7 +30,12 @@ def heartbeat(identity: Identity, seq: int, lamport: int | None = None, time_ms:
 
 
 def test_store_uses_wal(store: LogStore) -> None:
-    assert store.settings == {"journal_mode": "wal", "synchronous_peer_events": "NORMAL", "synchronous_own_events": "FULL"}
+    assert store.settings == {
+        "journal_mode": "wal",
+        "synchronous_peer_events": "NORMAL",
+        "synchronous_own_events": "NORMAL",
+        "synchronous_seq_reservations": "FULL",
+    }
 
 
 def test_append_is_idempotent(store: LogStore, alice: Identity) -> None:
@@ -82,6 +98,91 @@ def test_missing_ranges(store: LogStore, alice: Identity, bob: Identity) -> None
     assert store.missing_ranges(alice.peer_id, up_to=5) == [(1, 1), (4, 5), (7, 8)]
     assert store.missing_ranges(bob.peer_id) == []
     assert store.missing_ranges(bob.peer_id, up_to=3) == [(1, 3)]
+
+
+def skipped(identity: Identity, seq: int, first: int, last: int) -> Event:
+    return sign_event(identity, SequenceSkipped(first, last), seq=seq, lamport=seq, time_ms=0)
+
+
+def test_missing_ranges_exclude_skipped(store: LogStore, alice: Identity, bob: Identity) -> None:
+    for seq in (1, 2, 9, 12):
+        store.append(heartbeat(alice, seq))
+    store.append(skipped(alice, 10, 3, 7))
+
+    assert store.skipped_ranges(alice.peer_id) == [(3, 7)]
+    assert store.missing_ranges(alice.peer_id) == [(8, 8), (11, 11)]
+    assert store.missing_ranges(alice.peer_id, up_to=15) == [(8, 8), (11, 11), (13, 15)]
+
+
+def test_skip_by_other_author_ignored(store: LogStore, alice: Identity, bob: Identity) -> None:
+    store.append(heartbeat(alice, 5))
+    store.append(skipped(bob, 5, 1, 4))
+
+    assert store.skipped_ranges(alice.peer_id) == []
+    assert store.missing_ranges(alice.peer_id) == [(1, 4)]
+    assert store.missing_ranges(bob.peer_id) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), up_to=st.none() | st.integers(min_value=1, max_value=40))
+def test_missing_ranges_match_naive(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, up_to: int | None) -> None:
+    author = AUTHORS[0]
+    stored_seqs = data.draw(st.sets(st.integers(min_value=1, max_value=30), min_size=1, max_size=20))
+    declared: set[int] = set()
+    events = []
+    for seq in sorted(stored_seqs):
+        if seq > 1 and data.draw(st.booleans()):
+            first = data.draw(st.integers(min_value=1, max_value=seq - 1))
+            last = data.draw(st.integers(min_value=first, max_value=seq - 1))
+            declared.update(range(first, last + 1))
+            events.append(skipped(author, seq, first, last))
+        else:
+            events.append(heartbeat(author, seq))
+    top = max(max(stored_seqs), up_to or 0)
+    absent = [seq for seq in range(1, top + 1) if seq not in stored_seqs and seq not in declared]
+    expected: list[tuple[int, int]] = []
+    for seq in absent:
+        if expected and expected[-1][1] == seq - 1:
+            expected[-1] = (expected[-1][0], seq)
+        else:
+            expected.append((seq, seq))
+
+    with LogStore(tmp_path_factory.mktemp("skips") / "log.db") as store:
+        with store.transaction():
+            for event in events:
+                store.insert(event)
+        missing = store.missing_ranges(author.peer_id, up_to=up_to)
+
+    assert missing == expected
+
+
+def test_seq_reservation_round_trip(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+    path = tmp_path / "log.db"
+    with LogStore(path) as store:
+        assert store.seq_reservation(alice.peer_id) is None
+        store.reserve_seqs(alice.peer_id, SeqReservation(1024, 65_536, "boot-a"))
+        store.reserve_seqs(alice.peer_id, SeqReservation(7, 65_536, None))
+        store.reserve_seqs(bob.peer_id, SeqReservation(3, 9, "boot-b"))
+
+    with LogStore(path) as store:
+        assert store.seq_reservation(alice.peer_id) == SeqReservation(7, 65_536, None)
+        assert store.seq_reservation(bob.peer_id) == SeqReservation(3, 9, "boot-b")
+
+
+def test_file_without_reservation_table_opens(tmp_path: Path, alice: Identity) -> None:
+    path = tmp_path / "log.db"
+    with LogStore(path) as store:
+        store.append(heartbeat(alice, 1))
+    connection = sqlite3.connect(path)
+    connection.execute("DROP TABLE seq_reservations")
+    connection.close()
+
+    with LogStore(path) as store:
+        assert store.max_seq(alice.peer_id) == 1
+        assert store.seq_reservation(alice.peer_id) is None
+        store.reserve_seqs(alice.peer_id, SeqReservation(5, 5, None))
+        assert store.seq_reservation(alice.peer_id) == SeqReservation(5, 5, None)
+        assert store.integrity_check() == "ok"
 
 
 def test_no_gaps_for_contiguous_author(store: LogStore, alice: Identity) -> None:

@@ -16,6 +16,7 @@ from events import (
     PeerLeft,
     Projection,
     ReducerError,
+    SequenceSkipped,
     ShardLoaded,
     decode_event,
     event_type,
@@ -39,7 +40,12 @@ def membership_dispatcher() -> Dispatcher[list[str]]:
     return Dispatcher(
         "Counting",
         families={"membership"},
-        handlers={PeerHeartbeat: count_heartbeat, PeerJoined: count_heartbeat, PeerLeft: count_heartbeat},
+        handlers={
+            PeerHeartbeat: count_heartbeat,
+            PeerJoined: count_heartbeat,
+            PeerLeft: count_heartbeat,
+            SequenceSkipped: count_heartbeat,
+        },
     )
 
 

@@ -1,6 +1,9 @@
 """Child process for the SIGKILL test: writes heartbeats and prints each acknowledged seq.
 
 Usage: python writer_child.py DATA_DIR COUNT
+
+The first line is `ready LAST_SEQ SKIPPED`: the seq the writer resumed after, and the id of
+the SequenceSkipped event it wrote at start, or `-` if it wrote none.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ def main() -> None:
     store = LogStore(data_dir / "events.db")
     acceptor = Acceptor(store, [Projection(RegistryReducer())], own_peer_id=identity.peer_id)
     writer = EventWriter(identity, acceptor)
-    print("ready", flush=True)
+    skipped = writer.skipped.id if writer.skipped is not None else "-"
+    print("ready", writer.last_seq, skipped, flush=True)
     for _ in range(count):
         event = writer.write(PeerHeartbeat(writer.last_seq))
         # A line on stdout is the acknowledgement: the event may be published from here on.

@@ -18,6 +18,7 @@ from events import (
     PeerJoined,
     PeerLeft,
     Projection,
+    SequenceSkipped,
     ShardClaimed,
     ShardLoaded,
     ShardReleased,
@@ -48,6 +49,7 @@ def bodies(draw: st.DrawFn, identity: Identity, seq: int) -> object:
                 ShardLoaded(model, fragment, size),
                 ShardReleased(model, fragment),
             ]
+            + ([SequenceSkipped(max(1, seq - 1 - size), seq - 1)] if seq > 1 else [])
         )
     )
 

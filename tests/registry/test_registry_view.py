@@ -13,6 +13,7 @@ from events import (
     PeerHeartbeat,
     PeerJoined,
     PeerLeft,
+    SequenceSkipped,
     ShardClaimed,
     ShardLoaded,
     ShardReleased,
@@ -175,3 +176,15 @@ def test_apply_returns_view(body: Any) -> None:
     view = REDUCER.empty()
 
     assert REDUCER.apply(view, event(ALICE, body, 1)) is view
+
+
+def test_sequence_skipped_only_raises_latest_seq() -> None:
+    before = fold(joined(ALICE, time_ms=1_000))
+    view = fold(joined(ALICE, time_ms=1_000), event(ALICE, SequenceSkipped(2, 9), 10, time_ms=90_000))
+    record = view.peers[ALICE.peer_id]
+
+    assert record.latest_seq == 10
+    assert record.last_heartbeat_ms == 1_000
+    assert record.present
+    record.latest_seq = 1
+    assert view.digest() == before.digest()
