@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -50,8 +52,30 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
         served.add_column("author")
         served.add_column("parts")
         for author, parts in sorted(timeline.served_by.items()):
-            served.add_row(short_peer_id(author), "; ".join(format_value(part) for part in parts))
+            labels = collections.Counter(part_label(part) for part in parts)
+            served.add_row(short_peer_id(author), ", ".join(
+                label if count == 1 else f"{label} x{count}" for label, count in labels.items()
+            ))
         console.print(served)
+
+
+_ROLES = {"ExpertInputSent": "input", "StageInputSent": "input", "ExpertOutputProduced": "output",
+          "StageOutputProduced": "output", "RequestAccepted": "on route"}
+
+
+def part_label(part: dict[str, object]) -> str:
+    """Name one served part compactly, such as `expert[29][11] output` or `block[0:8] on route`."""
+    fields = {key: value for key, value in part.items() if key not in ("type", "step")}
+    if "layer" in fields and "expert" in fields:
+        where = f"expert[{fields.pop('layer')}][{fields.pop('expert')}]"
+    elif "start" in fields and "stop" in fields:
+        where = f"block[{fields.pop('start')}:{fields.pop('stop')}]"
+    else:
+        where = " ".join(str(value) for value in fields.values())
+        fields = {}
+    role = _ROLES.get(str(part.get("type")), str(part.get("type")))
+    extra = " ".join(f"{key}={format_value(value)}" for key, value in fields.items())
+    return " ".join(text for text in (where, role, extra) if text)
 
 
 def print_verify(console: Console, report: VerifyReport) -> None:

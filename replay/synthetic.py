@@ -8,9 +8,15 @@ accepted by a head holder with a route over the block holders, streamed as token
 of 8 tokens, and completed. Request content is sealed to the submitter and the driver
 with `cortex.privacy`, as nodes do.
 
-Request events exist only when the Scheduler's event types import (`cortex.scheduler`);
-otherwise the mix is membership and shard events alone. `mix_types()` returns the types a
-generated log can contain. Events are signed with real keys (seeded, so the peers are the
+With each token batch come the request-scoped records of one decoding step, as the log
+of a node on the request's route holds them: the output of one block (`StageOutputProduced`)
+and, for two routed experts of one MoE layer, the input sent (`ExpertInputSent`) and the
+output produced (`ExpertOutputProduced`).
+
+Request events exist only when the Scheduler's event types import (`cortex.scheduler`),
+and records only when the data plane's do (`cortex.comm.records`); otherwise the mix is
+membership and shard events alone. `mix_types()` returns the types a generated log can
+contain. Quorum votes are not in the mix: their event types do not exist yet. Events are signed with real keys (seeded, so the peers are the
 same in every run) and stored with `LogStore.insert` without the acceptance checks, since
 the generator is trusted; `cortex replay LOG --verify` passes on the result.
 """
@@ -30,10 +36,10 @@ import orjson
 from events.codec import Event, sign_event
 from events.identity import Identity
 from events.membership import PeerHeartbeat, PeerJoined
-from events.shards import ShardClaimed, ShardLoaded, ShardReleased
+from events.shards import ShardClaimed, ShardLoaded, ShardReleased, parse_fragment
 from events.store import LogStore
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the mix changes, so cached logs of the old mix are not reused."""
 
 MODEL_ID = hashlib.blake2b(b"synthetic moe model", digest_size=32).hexdigest()
@@ -57,11 +63,22 @@ def scheduler_types() -> Any:
     return scheduler
 
 
+def record_types() -> Any:
+    """Return the `cortex.comm.records` module if the data plane's record types import, else None."""
+    try:
+        import cortex.comm.records as records
+    except ImportError:
+        return None
+    return records
+
+
 def mix_types() -> list[str]:
     """Return the event types a generated log contains in this build."""
     names = ["PeerJoined", "PeerHeartbeat", "ShardClaimed", "ShardLoaded", "ShardReleased"]
     if scheduler_types() is not None:
         names += ["RequestSubmitted", "RequestAccepted", "TokenGenerated", "RequestCompleted"]
+        if record_types() is not None:
+            names += ["StageOutputProduced", "ExpertInputSent", "ExpertOutputProduced"]
     return names
 
 
@@ -105,6 +122,7 @@ class SwarmSimulator:
         self._random = random.Random(seed)
         self.peers = [_Peer(Identity(self._random.randbytes(32))) for _ in range(peers)]
         self._scheduler = scheduler_types()
+        self._records = record_types()
         self._lamport = 0
         self._now_ms = START_MS
         self._sealed: dict[tuple[str, str, str], str] = {}
@@ -189,6 +207,8 @@ class SwarmSimulator:
         tokens = self._sealed_text("tokens", submitter, driver, orjson.dumps({"token_ids": list(range(TOKENS_PER_BATCH)), "text": " routed tokens"}))
         for batch in range(BATCHES_PER_REQUEST):
             start = batch * TOKENS_PER_BATCH
+            if self._records is not None:
+                yield from self._step_records(route, refs, step=start)
             yield self._sign(driver, scheduler.TokenGenerated(
                 request_id=request_id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
             ), refs)
@@ -197,6 +217,31 @@ class SwarmSimulator:
             finish_reason="length", timings_ms={"prefill": 40, "decode": 900, "total": 950},
             records_digest=hashlib.blake2b(request_id.encode(), digest_size=32).hexdigest(), records_count=96,
         ), refs)
+
+    def _step_records(self, route: dict[str, str], refs: tuple[str, ...], step: int) -> Iterator[Event]:
+        """Yield one step's records: a block's output, and two experts' inputs and outputs."""
+        records = self._records
+        by_id = {peer.identity.peer_id: peer for peer in self.peers}
+        fragment, holder_id = self._random.choice(sorted(route.items()))
+        holder = by_id[holder_id]
+        block = parse_fragment(fragment)
+        tensor = {"model_id": MODEL_ID, "step": step, "dtype": "bfloat16", "shape": (1, 4096), "nbytes": 8192}
+        yield self._sign(holder, records.StageOutputProduced(
+            start=block.start, stop=block.stop, name="hidden", digest=self._digest(), **tensor,
+        ), refs)
+        layer = self._random.randrange(block.start, block.stop)
+        for expert in self._random.sample(range(EXPERTS_PER_LAYER), 2):
+            sent = self._sign(holder, records.ExpertInputSent(
+                layer=layer, expert=expert, name="hidden", digest=self._digest(), **tensor,
+            ), refs)
+            yield sent
+            expert_holder = self._random.choice(self.peers)
+            yield self._sign(expert_holder, records.ExpertOutputProduced(
+                layer=layer, expert=expert, name="output", digest=self._digest(), **tensor,
+            ), (*refs, sent.id))
+
+    def _digest(self) -> str:
+        return self._random.randbytes(32).hex()
 
     def _holder(self, start: int) -> str:
         fragment = f"block[{start}:{start + BLOCK_SIZE}]"

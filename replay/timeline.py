@@ -29,7 +29,7 @@ from events.shards import parse_fragment
 from replay.reader import LogReader, decode_stored
 from replay.render import body_fields
 
-SERVING_FIELDS = ("fragment", "stage", "block", "layer", "layers", "start_layer", "stop_layer", "expert", "experts", "step")
+SERVING_FIELDS = ("fragment", "stage", "block", "layer", "layers", "start", "stop", "expert", "experts", "step")
 """Body fields that name the part of a model an event's author worked on."""
 
 MAX_DEPTH = 32

@@ -10,8 +10,9 @@ import pytest
 from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 
 from events import Event, Identity, ShardLoaded
-from replay.reader import LogReader
-from replay.synthetic import submission
+from replay.reader import EventFilter, LogReader
+from replay.reports import part_label
+from replay.synthetic import generate_log, submission
 from replay.timeline import build_timeline
 
 T0 = 1_764_900_000_000
@@ -107,3 +108,28 @@ def test_timeline_of_event_without_request_event(scenario_log: Path, scenario: S
     assert timeline.entries == []
     missing = run_cli("replay", str(scenario_log), "timeline", "0" * 64)
     assert "no events of this request" in missing.stdout
+
+
+def test_timeline_of_generated_request_with_records(tmp_path: Path) -> None:
+    pytest.importorskip("cortex.comm.records")
+    generate_log(tmp_path / "events.db", 800, peers=4)
+    with LogReader(tmp_path) as reader:
+        submitted = next(reader.canonical(EventFilter(types=("RequestSubmitted",))))
+        timeline = build_timeline(reader, submitted.id)
+    types = [entry.event.type for entry in timeline.entries]
+    assert types[0] == "RequestSubmitted"
+    assert types[-1] == "RequestCompleted"
+    assert types.count("TokenGenerated") == 12
+    assert types.count("ExpertOutputProduced") == types.count("ExpertInputSent") == 24
+    outputs = [entry for entry in timeline.entries if entry.event.type == "ExpertOutputProduced"]
+    assert all(entry.depth == 1 for entry in outputs), "outputs ref the submission and their input record"
+    labels = {part_label(part) for parts in timeline.served_by.values() for part in parts}
+    assert any(label.startswith("expert[") and label.endswith(" output") for label in labels)
+    assert any(label.endswith(" on route") for label in labels)
+
+
+def test_part_label_forms() -> None:
+    assert part_label({"type": "ExpertInputSent", "layer": 3, "expert": 7, "step": 8}) == "expert[3][7] input"
+    assert part_label({"type": "StageOutputProduced", "start": 0, "stop": 8, "step": 0}) == "block[0:8] output"
+    assert part_label({"type": "RequestAccepted", "route": "block[0:8]"}) == "block[0:8] on route"
+    assert part_label({"type": "ShardLoaded", "fragment": "head"}) == "head ShardLoaded"
