@@ -11,7 +11,7 @@ from rich.text import Text
 
 from cortex.registry import RegistryView
 from replay.render import format_value, json_line, short_hex, short_peer_id
-from replay.status import swarm_status
+from replay.status import requests_in_flight, swarm_status
 from replay.times import format_time_ms
 from replay.views import view_json
 
@@ -79,7 +79,7 @@ def _coverage_table(model: dict[str, Any]) -> RenderableType:
 
 def _requests_table(requests: list[dict[str, Any]]) -> Table:
     table = Table(title="requests in flight", title_justify="left")
-    columns = sorted({key for request in requests for key in request})
+    columns = list(dict.fromkeys(key for request in requests for key in request))
     for column in columns or ["(none)"]:
         table.add_column(column)
     for request in requests:
@@ -94,7 +94,23 @@ def view_tables(name: str, view: Any, now_ms: int, digest: str) -> list[Renderab
         status = swarm_status({name: view}, {}, now_ms)
         status["notes"] = []
         return [header, *status_tables(status), _shards_table(view)]
+    if callable(getattr(view, "in_flight", None)) and isinstance(getattr(view, "requests", None), dict):
+        return [header, *_scheduler_tables(view, now_ms)]
     return [header, JSON(json_line(view_json(view)))]
+
+
+def _scheduler_tables(view: Any, now_ms: int) -> list[RenderableType]:
+    """Return the Scheduler view as a count of requests by state and the requests in flight."""
+    states: dict[str, int] = {}
+    for record in view.requests.values():
+        states[record.state] = states.get(record.state, 0) + 1
+    counts = Table(title=f"requests: {len(view.requests)}", title_justify="left")
+    counts.add_column("state")
+    counts.add_column("requests", justify="right")
+    for state, count in sorted(states.items()):
+        counts.add_row(state, f"{count:,}")
+    in_flight = requests_in_flight({"scheduler": view}, now_ms) or []
+    return [counts, _requests_table(in_flight)]
 
 
 def _shards_table(view: RegistryView) -> Table:
