@@ -80,7 +80,7 @@ class SequenceSkipped:
     OS crash), when events with seqs in that range may have been signed and published but
     are missing from the author's log. The writer resumes above the range, so no seq is
     reused. Peers that hold events from the range keep them as ordinary events, and
-    `LogStore.missing_ranges` stops reporting the range, so nobody asks for the rest.
+    `LogStore.missing_ranges` stops reporting the range, so peers stop requesting the rest.
     The range must end below the event's own seq.
     """
 

@@ -11,7 +11,7 @@ File format (SQLite, `PRAGMA user_version = 1`):
 received, from which every Event is decoded again. `(author, seq)` is not unique, because
 two events with one author and seq (equivocation) are both kept as evidence. Iteration is in
 the canonical order (lamport, author, seq), which is also the replay order.
-`seq_reservations` holds the node's own `EventWriter` reservation (see `events.writer`). It
+`seq_reservations` contains the node's own `EventWriter` reservation (see `events.writer`). It
 was added to format version 1 as a new table, created when missing, so files written before
 it still open and readers of the other tables need no change.
 

@@ -109,7 +109,12 @@ def test_writer_reserves_one_block_at_a_time(tmp_path: Path, alice: Identity) ->
         writer = _writer(store, alice, "boot-a")
         reservations: list[SeqReservation] = []
         reserve = store.reserve_seqs
-        store.reserve_seqs = lambda author, reservation: (reservations.append(reservation), reserve(author, reservation))[1]  # type: ignore[method-assign]
+
+        def record_and_reserve(author: str, reservation: SeqReservation) -> None:
+            reservations.append(reservation)
+            reserve(author, reservation)
+
+        store.reserve_seqs = record_and_reserve  # type: ignore[method-assign]
         for _ in range(SEQ_RESERVATION_BLOCK + 1):
             writer.write(PeerHeartbeat(writer.last_seq))
 
