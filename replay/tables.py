@@ -16,6 +16,10 @@ from replay.times import format_time_ms
 from replay.views import view_json
 
 
+MAX_SHARD_ROWS = 200
+"""Shard records printed in the registry table; `--json` has them all."""
+
+
 def status_tables(status: dict[str, Any]) -> list[RenderableType]:
     """Return the peers table, one coverage table per model, requests in flight and notes."""
     renderables: list[RenderableType] = [
@@ -117,7 +121,10 @@ def _shards_table(view: RegistryView) -> Table:
     table = Table(title="shard records (released ones are kept as tombstones)", title_justify="left")
     for column in ("peer", "model", "fragment", "state", "memory", "stamp (lamport, seq)"):
         table.add_column(column)
-    for key in sorted(view.shards):
+    keys = sorted(view.shards)
+    if len(keys) > MAX_SHARD_ROWS:
+        table.caption = f"first {MAX_SHARD_ROWS} of {len(keys):,} records; --json lists all"
+    for key in keys[:MAX_SHARD_ROWS]:
         record = view.shards[key]
         lamport, _author, seq = record.stamp
         table.add_row(
