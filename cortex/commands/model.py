@@ -1,4 +1,4 @@
-"""`cortex model`: make test checkpoints and describe checkpoints."""
+"""`cortex model`: make test checkpoints, write tensor manifests and describe checkpoints."""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ TEST_ARCHITECTURES = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "model",
-        help="make tiny test checkpoints and describe checkpoints",
-        description="Make tiny seeded test checkpoints, print a checkpoint's model id, or describe its fragments.",
+        help="make tiny test checkpoints, write tensor manifests and describe checkpoints",
+        description=(
+            "Make tiny seeded test checkpoints, write or check a checkpoint's tensor manifest, print its model id, "
+            "or describe its fragments."
+        ),
     )
     commands = parser.add_subparsers(dest="model_command", metavar="COMMAND")
 
@@ -47,8 +50,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make.set_defaults(func=_run_make_test)
 
+    manifest = commands.add_parser(
+        "manifest",
+        help="write or check the tensor manifest that makes the model id cover the weights",
+        description=(
+            "Read every tensor of the checkpoint once and write DIR/cortex-manifest.json with each tensor's name, "
+            "dtype, shape and SHA-256 of its stored bytes (and of each row block for tensors of rank 3 or more). "
+            "With a manifest, the model id covers the weights and every load is verified against it. Run it once "
+            "when publishing a model and ship the file with the weights."
+        ),
+    )
+    manifest.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    manifest.add_argument(
+        "--check",
+        action="store_true",
+        help="verify the existing manifest against the shards and list every tensor that differs (exit status 1)",
+    )
+    manifest.set_defaults(func=_run_manifest)
+
     ident = commands.add_parser(
-        "id", help="print a checkpoint's model id", description="Print the digest of config.json and the tensor index."
+        "id",
+        help="print a checkpoint's model id",
+        description=(
+            "Print the digest of config.json and the tensor index: names, dtypes and shapes, plus the SHA-256 of "
+            "every tensor when the folder has a cortex-manifest.json."
+        ),
     )
     ident.add_argument("checkpoint", type=Path, help="checkpoint folder")
     ident.set_defaults(func=_run_id)
@@ -72,6 +98,41 @@ def _run_make_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_manifest(args: argparse.Namespace) -> int:
+    from cortex.runtime.checkpoint import Checkpoint
+    from cortex.runtime.errors import ModelRuntimeError
+    from cortex.runtime.manifest import MANIFEST_FILE, compare_manifests, compute_manifest, read_manifest, write_manifest
+    from cortex.runtime.model_id import model_id
+
+    try:
+        checkpoint = Checkpoint(args.checkpoint)
+        if not args.check:
+            written = write_manifest(checkpoint)
+            print(f"wrote {checkpoint.path / MANIFEST_FILE} ({len(written.tensors)} tensors)")
+            print(f"model id: {model_id(checkpoint)}")
+            return 0
+        listed = read_manifest(checkpoint.path)
+        if listed is None:
+            print(
+                f"error: {checkpoint.path / MANIFEST_FILE} not found; run `cortex model manifest {checkpoint.path}` "
+                "to write one",
+                file=sys.stderr,
+            )
+            return 1
+        problems = compare_manifests(listed, compute_manifest(checkpoint))
+    except ModelRuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"{checkpoint.path / MANIFEST_FILE} differs from the shards in {len(problems)} tensors:")
+        for line in problems:
+            print(f"  {line}")
+        print("re-download the checkpoint, or regenerate the manifest if the weights changed on purpose")
+        return 1
+    print(f"{checkpoint.path / MANIFEST_FILE}: all {len(listed.tensors)} tensors match")
+    return 0
+
+
 def _run_id(args: argparse.Namespace) -> int:
     from cortex.runtime.errors import ModelRuntimeError
     from cortex.runtime.model_id import model_id
@@ -87,16 +148,22 @@ def _run_id(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from cortex.runtime.errors import ModelRuntimeError
     from cortex.runtime.loader import Loader
+    from cortex.runtime.manifest import MANIFEST_FILE
     from cortex.runtime.model_id import model_id
 
     try:
         loader = Loader(args.checkpoint, device="cpu")
         identity = model_id(loader.checkpoint)
+        manifest = loader.checkpoint.manifest
     except ModelRuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     moe = loader.moe_layers
     print(f"model id:       {identity}")
+    if manifest is not None:
+        print(f"weights:        covered by the id ({MANIFEST_FILE}, {len(manifest.tensors)} tensors)")
+    else:
+        print(f"weights:        not covered by the id (no {MANIFEST_FILE}; run `cortex model manifest`)")
     print(f"architecture:   {loader.arch.model_type}")
     print(f"layers:         {loader.num_layers} (fragments block[a:b] with 0 <= a < b <= {loader.num_layers})")
     print(f"hidden size:    {loader.hidden_size}")

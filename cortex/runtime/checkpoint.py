@@ -14,6 +14,12 @@ block of `weight_block_size` (128 x 128 in DeepSeek-V3) and declare
 `quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128], ...}`
 in `config.json`. They are dequantized here, at load time:
 `weight[i, j] = fp8[i, j] * scale_inv[i // block_rows, j // block_cols]`.
+
+When the folder has a tensor manifest (`cortex-manifest.json`, see
+`cortex.runtime.manifest`), every tensor or row block read here is checked
+against its SHA-256 in the manifest before dequantization. The check hashes the
+bytes already read, so it adds no I/O, and a tampered or corrupt tensor raises
+`DigestMismatchError`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from cortex.runtime import manifest as manifest_module
 from cortex.runtime.errors import (
     CheckpointError,
     MissingTensorError,
@@ -87,7 +94,8 @@ class Checkpoint:
     """A checkpoint folder whose tensors are read on request, one at a time.
 
     `bytes_read` counts the tensor bytes handed out so far (before dequantization),
-    which is what a lazy load costs in I/O.
+    which is what a lazy load costs in I/O. `manifest` is the folder's tensor
+    manifest, or None when it has none.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -105,6 +113,23 @@ class Checkpoint:
         self.weight_map: dict[str, str] = {}
         self.weight_map = self._read_weight_map()
         self.fp8_block = self._read_quantization()
+        self._manifest: manifest_module.Manifest | None = None
+        self._manifest_read = False
+
+    @property
+    def manifest(self) -> manifest_module.Manifest | None:
+        """The folder's tensor manifest, read on first use; None when the folder has none."""
+        if not self._manifest_read:
+            self._manifest = manifest_module.read_manifest(self.path)
+            self._manifest_read = True
+        return self._manifest
+
+    def _verify(self, name: str, info: TensorInfo, tensor: torch.Tensor, row: int | None = None) -> None:
+        manifest = self.manifest
+        if manifest is None:
+            return
+        entry = manifest_module.check_entry(manifest, name, info.dtype, info.shape, self.path)
+        manifest_module.verify_tensor(entry, tensor, name, self.path / info.file, row)
 
     def _read_weight_map(self) -> dict[str, str]:
         index_path = self.path / INDEX_FILE
@@ -222,6 +247,7 @@ class Checkpoint:
         self._check_shape(name, info.shape, expected_shape)
         tensor = self._handle(info.file).get_tensor(name)
         self.bytes_read += info.nbytes
+        self._verify(name, info, tensor)
         if info.dtype == FP8_DTYPE:
             scale = self.tensor(name + "_scale_inv")
             tensor = dequantize_fp8_blockwise(tensor, scale, self.fp8_block or (128, 128))
@@ -247,6 +273,7 @@ class Checkpoint:
         self._check_shape(name, info.shape[1:], expected_shape)
         tensor = self._handle(info.file).get_slice(name)[index : index + 1][0]
         self.bytes_read += tensor.numel() * tensor.element_size()
+        self._verify(name, info, tensor, row=index)
         logger.debug("read %s[%d] %s from %s", name, index, list(tensor.shape), info.file)
         return tensor
 

@@ -23,6 +23,14 @@ class ShapeMismatchError(CheckpointError):
     """A tensor's shape on disk differs from the shape that config.json implies."""
 
 
+class ManifestError(CheckpointError):
+    """A tensor manifest (`cortex-manifest.json`) that is unreadable or disagrees with the shard headers."""
+
+
+class DigestMismatchError(CheckpointError):
+    """A tensor whose stored bytes do not match its digest in the checkpoint's manifest."""
+
+
 class UnsupportedModelError(ModelRuntimeError):
     """An architecture, tensor dtype or quantization method that Cortex cannot run."""
 

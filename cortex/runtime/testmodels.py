@@ -4,7 +4,9 @@
 own classes, scales its weights so that bugs show, and writes it with
 `save_pretrained` in small shards, so one expert's tensors land in more than one
 file. A byte-level BPE tokenizer trained offline on standard-library docstrings
-(`cortex.textdata`) is saved next to it, so `AutoTokenizer` loads the folder.
+(`cortex.textdata`) is saved next to it, so `AutoTokenizer` loads the folder,
+and a tensor manifest (`cortex-manifest.json`), so its model id covers the
+weights and every load is verified.
 
 Why the init differs from transformers' default (std 0.02): with it, MoE
 outputs are about 0.01 and every routing mistake hides under the tolerance.
@@ -124,13 +126,19 @@ def _scale_routers(model: torch.nn.Module) -> None:
 
 
 def make_test_checkpoint(
-    arch: str, out_dir: str | Path, seed: int = 0, fused: bool = False, tokenizer: Any = None
+    arch: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    fused: bool = False,
+    tokenizer: Any = None,
+    manifest: bool = True,
 ) -> Path:
     """Write a seeded tiny checkpoint of `arch` (a key of `TEST_ARCHITECTURES`) to `out_dir`.
 
     `fused=True` writes the fused expert layout (`experts.gate_up_proj` [E, 2I, D],
     `experts.down_proj` [E, D, I]) that transformers keeps in memory, instead of
-    one tensor per expert and projection.
+    one tensor per expert and projection. `manifest=False` leaves out the tensor
+    manifest, for tests of checkpoints published without one.
     """
     if arch not in TEST_ARCHITECTURES:
         raise ValueError(f"unknown test architecture {arch!r}; expected one of {', '.join(TEST_ARCHITECTURES)}")
@@ -146,5 +154,10 @@ def make_test_checkpoint(
     _scale_routers(model)
     model.save_pretrained(out, max_shard_size=SHARD_SIZE, save_original_format=not fused)
     textdata.save_tokenizer(tokenizer, out, model_max_length=int(config.max_position_embeddings))
+    if manifest:
+        from cortex.runtime.checkpoint import Checkpoint
+        from cortex.runtime.manifest import write_manifest
+
+        write_manifest(Checkpoint(out), terminal=False)
     logger.info("wrote %s test checkpoint (seed %d, %s layout) to %s", arch, seed, "fused" if fused else "per-expert", out)
     return out

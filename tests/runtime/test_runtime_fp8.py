@@ -24,6 +24,7 @@ from cortex.runtime.checkpoint import Checkpoint, dequantize_fp8_blockwise
 from cortex.runtime.engine import LocalModel
 from cortex.runtime.fragments import Expert
 from cortex.runtime.loader import Loader
+from cortex.runtime.manifest import MANIFEST_FILE, write_manifest
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = (24, 24)  # does not divide 64, so edge blocks are partial
@@ -61,7 +62,9 @@ def _is_quantized(name: str, tensor: torch.Tensor) -> bool:
 
 def _write_fp8_pair(source: Path, fp8_dir: Path, dequantized_dir: Path) -> None:
     for folder in (fp8_dir, dequantized_dir):
-        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+        shutil.copytree(
+            source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", MANIFEST_FILE)
+        )
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(source.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
@@ -84,6 +87,9 @@ def _write_fp8_pair(source: Path, fp8_dir: Path, dequantized_dir: Path) -> None:
         "weight_block_size": list(BLOCK),
     }
     (fp8_dir / "config.json").write_text(json.dumps(config))
+    # New manifests, so every load below also verifies the stored FP8 bytes before dequantization.
+    for folder in (fp8_dir, dequantized_dir):
+        write_manifest(Checkpoint(folder), terminal=False)
 
 
 @pytest.fixture(scope="module")
