@@ -62,8 +62,9 @@ class BusConfig:
     heads_interval_s: float = 1.0
     repair_interval_s: float = 0.5
     sync_timeout_s: float = 10.0
-    join_mode: str = "full"
-    """"full": fetch every author's whole history at start; "live": a retention-filtered snapshot."""
+    join_mode: str = "live"
+    """"live": at start, fetch a retention-filtered snapshot of what the views need (see
+    `cortex.bus.retention`); "full": fetch every author's whole history."""
     join_wait_s: float = 5.0
     """How long start() waits for a first peer before giving up on the join sync."""
     rate_per_s: float = 5000.0
@@ -130,12 +131,16 @@ class GossipBus:
         self._server = SyncServer(self.store, frame_limit, self.admission.is_allowed_peer, self.local_heads)
         self.transport.set_request_handler(self._server.serve)
         await self.transport.start()
-        subscription = await self.transport.subscribe(self.config.topic)
-        self._dirty.update(self.store.authors())
-        self._subscription = subscription
-        self._spawn(self._receive_loop(subscription), "receive")
-        self._spawn(self._flush_loop(), "flush")
-        await self._join()
+        try:
+            subscription = await self.transport.subscribe(self.config.topic)
+            self._dirty.update(self.store.authors())
+            self._subscription = subscription
+            self._spawn(self._receive_loop(subscription), "receive")
+            self._spawn(self._flush_loop(), "flush")
+            await self._join()
+        except BaseException:
+            await self.stop()
+            raise
         self._spawn(self._heads_loop(), "heads")
         self._spawn(self._repair_loop(), "repair")
         logger.info("bus started on %s as %s (join mode %s)", self.transport.name, self.transport.peer_id, self.config.join_mode)

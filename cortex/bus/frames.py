@@ -62,8 +62,6 @@ class ErrorCode(enum.Enum):
     """The request did not decode, or a range or limit is out of bounds."""
     NOT_ALLOWED = "not_allowed"
     """The requester is not on this node's allowlist."""
-    BUSY = "busy"
-    """The node serves too many sync requests at once; retry later or ask another peer."""
 
 
 @dataclass(frozen=True)

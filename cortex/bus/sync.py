@@ -16,9 +16,11 @@ encoding is in `cortex.bus.frames`.
   seq) order after the cursor `after`, with the peer's contiguous heads (the
   joiner's sync floors).
 * Any request -> ERROR_REPLY(code, message) when it is malformed, exceeds
-  `MAX_RANGES_PER_REQUEST`, comes from a peer outside the allowlist, or
-  arrives while `MAX_CONCURRENT_REQUESTS` are being served. The requester
-  raises SyncError with the code.
+  `MAX_RANGES_PER_REQUEST`, or comes from a peer outside the allowlist. The
+  requester raises SyncError with the code.
+
+Requests are served one at a time on the node's event loop, because the log
+store is one SQLite connection that only the loop's thread may use.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 MAX_EVENTS_PER_REPLY = 2000
 MAX_RANGES_PER_REQUEST = 256
 MAX_REPLY_BYTES = 4 * 1024 * 1024
-MAX_CONCURRENT_REQUESTS = 8
 
 Range = tuple[str, int, int]
 
@@ -83,22 +84,16 @@ class SyncServer:
         self.heads = heads
         self.reply_bytes = min(reply_bytes, MAX_REPLY_BYTES)
         self.is_allowed = is_allowed
-        self.active = 0
         self.served = 0
         self.errors = 0
 
     async def serve(self, peer: str, data: bytes) -> bytes:
         if not self.is_allowed(peer):
             return self._error(peer, ErrorCode.NOT_ALLOWED, f"peer {peer} is not on this node's allowlist")
-        if self.active >= MAX_CONCURRENT_REQUESTS:
-            return self._error(peer, ErrorCode.BUSY, f"{self.active} sync requests in progress; retry later")
-        self.active += 1
         try:
             reply = self._dispatch(data)
         except (FrameDecodeError, ValueError, TypeError, KeyError) as error:
             return self._error(peer, ErrorCode.BAD_REQUEST, str(error))
-        finally:
-            self.active -= 1
         self.served += 1
         return reply
 

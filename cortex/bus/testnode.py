@@ -212,7 +212,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", action="append", default=[], help="libp2p multiaddr with /p2p/ID to dial")
     parser.add_argument("--nats-url", help="NATS server URL (default: start a local nats-server)")
     parser.add_argument("--drop", type=float, default=0.0, help="share of inbound gossip frames to drop")
-    parser.add_argument("--join-mode", choices=["full", "live"], default="full")
+    parser.add_argument(
+        "--join-mode", choices=["full", "live"], default="full",
+        help="join sync at start (default: full, so every node ends with the same event set)",
+    )
     parser.add_argument("--rate-per-s", type=float, default=BusConfig.rate_per_s)
     parser.add_argument("--record-accept-times", action="store_true", help="record when each peer event was accepted")
     parser.add_argument("--log-level", default="WARNING")

@@ -16,7 +16,8 @@ from events import Identity, PeerHeartbeat
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = {"heads_interval_s": 0.1, "repair_interval_s": 0.1, "join_wait_s": 0.5}
+# Full joins, so that every node ends with the same event set; the live join has its own test.
+FAST = {"heads_interval_s": 0.1, "repair_interval_s": 0.1, "join_wait_s": 0.5, "join_mode": "full"}
 
 
 def make_node(
@@ -75,7 +76,7 @@ async def test_late_joiner_catches_up(tmp_path: Path) -> None:
     first = make_node(network, tmp_path, "first")
     await first.start()
     await first.publish_many(250)
-    late = make_node(network, tmp_path, "late")
+    late = make_node(network, tmp_path, "late", join_mode="full")
     await late.start()
     # The join sync ran inside start(), before any new gossip.
     assert late.status()["events"] == 250
