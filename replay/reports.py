@@ -38,6 +38,7 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
             "  " * entry.depth + event.type, format_value(entry.served) if entry.served else "", key_fields(event),
         )
     console.print(table)
+
     total = sum(timeline.time_by_type.values()) or 1
     went = Table(title="where time went (each gap counts for the event that ends it)", title_justify="left")
     for column in ("event type or author", "time", "share"):
@@ -47,6 +48,7 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
     for author, spent in timeline.time_by_author.items():
         went.add_row(f"author {short_peer_id(author)}", format_duration_ms(spent), f"{100 * spent / total:.0f}%")
     console.print(went)
+
     if timeline.served_by:
         served = Table(title="who served what", title_justify="left")
         served.add_column("author")

@@ -1,7 +1,7 @@
 """The swarm at a glance, from a node's views: peers, coverage of each model, requests in flight.
 
-Everything here is a query on views at a `now_ms` that the caller passes (the wall clock for
-`cortex status`, the time of the last replayed event for `cortex replay`), so the same log
+Everything here is a query on views at a `now_ms` that the caller passes: the wall clock for
+`cortex status`, the time of the last replayed event for `cortex replay`. So the same log
 and the same `now_ms` always give the same status.
 
 Coverage gaps are inferred from the fragments that peers claimed: the events do not carry

@@ -8,10 +8,10 @@ accepted by a head holder with a route over the block holders, streamed as token
 of 8 tokens, and completed. Request content is sealed to the submitter and the driver
 with `cortex.privacy`, as nodes do.
 
-With each token batch come the request-scoped records of one decoding step, as the log
-of a node on the request's route holds them: the output of one block (`StageOutputProduced`)
-and, for two routed experts of one MoE layer, the input sent (`ExpertInputSent`) and the
-output produced (`ExpertOutputProduced`).
+With each token batch come the request-scoped records of one decoding step, as they are in
+the log of a node on the request's route. They are the output of one block
+(`StageOutputProduced`) and, for two routed experts of one MoE layer, the input sent
+(`ExpertInputSent`) and the output produced (`ExpertOutputProduced`).
 
 Request events exist only when the Scheduler's event types import (`cortex.scheduler`),
 and records only when the data plane's do (`cortex.comm.records`); otherwise the mix is
@@ -197,6 +197,7 @@ class SwarmSimulator:
         submitted = self._sign(submitter, body)
         request_id = request_id or submitted.id
         yield submitted
+
         route = {f"block[{start}:{start + BLOCK_SIZE}]": self._holder(start) for start in range(0, LAYERS, BLOCK_SIZE)}
         reservations = {fragment: 2**22 for fragment in route}
         refs = (submitted.id,)
@@ -204,6 +205,7 @@ class SwarmSimulator:
             request_id=request_id, route=route, kv_reservations=reservations, prompt_tokens=12,
             plan_digest=scheduler.plan_digest(route, reservations, 12),
         ), refs)
+
         tokens = self._sealed_text("tokens", submitter, driver, orjson.dumps({"token_ids": list(range(TOKENS_PER_BATCH)), "text": " routed tokens"}))
         for batch in range(BATCHES_PER_REQUEST):
             start = batch * TOKENS_PER_BATCH

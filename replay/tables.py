@@ -66,7 +66,11 @@ def _coverage_table(model: dict[str, Any]) -> RenderableType:
     for column in ("fragment", "live replicas", "claimed only", "holders"):
         table.add_column(column)
     for fragment in model["fragments"]:
-        style = "red bold" if fragment["loaded"] == 0 else ("yellow" if fragment["loaded"] == 1 else "green")
+        style = "green"
+        if fragment["loaded"] == 0:
+            style = "red bold"
+        elif fragment["loaded"] == 1:
+            style = "yellow"
         table.add_row(
             fragment["fragment"],
             Text(str(fragment["loaded"]), style=style),
