@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Start a swarm of node processes on loopback, publish signed events and measure the rate "
             "at which every node accepts all of them, and publish-to-accepted-everywhere latency. The "
             "single-core accept-path rate of the event core, measured in the same run, is the ceiling. "
-            "Goals: libp2p >= 25%% of the ceiling, NATS >= 50%%."
+            "Goals: libp2p >= 25% of the ceiling, NATS >= 50%."
         ),
     )
     add_common_arguments(parser)
