@@ -78,6 +78,7 @@ class SwarmClient:
 
     async def stop(self) -> None:
         await self.bus.stop()
+        self.writer.close()
         self.store.close()
 
     def _on_events(self, events: list[Event]) -> None:

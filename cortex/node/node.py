@@ -235,6 +235,7 @@ class Node:
         with contextlib.suppress(Exception):
             await self.dataplane.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.writer.close()
         self.store.close()
         self._write_status("stopped")
         remove_pid_file(self.config.pid_path)
