@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "when publishing a model and ship the file with the weights."
         ),
     )
-    manifest.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    manifest.add_argument("checkpoint", type=Path, metavar="DIR", help="checkpoint folder")
     manifest.add_argument(
         "--check",
         action="store_true",
@@ -101,7 +101,13 @@ def _run_make_test(args: argparse.Namespace) -> int:
 def _run_manifest(args: argparse.Namespace) -> int:
     from cortex.runtime.checkpoint import Checkpoint
     from cortex.runtime.errors import ModelRuntimeError
-    from cortex.runtime.manifest import MANIFEST_FILE, compare_manifests, compute_manifest, read_manifest, write_manifest
+    from cortex.runtime.manifest import (
+        MANIFEST_FILE,
+        compare_manifests,
+        compute_manifest,
+        read_manifest,
+        write_manifest,
+    )
     from cortex.runtime.model_id import model_id
 
     try:

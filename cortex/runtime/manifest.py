@@ -152,7 +152,8 @@ def _parse_entry(name: Any, data: Any, source: Path) -> TensorEntry:
     expected_rows = entry.shape[0] if has_row_digests(entry.shape) else 0
     if len(entry.row_sha256) != expected_rows:
         raise ManifestError(
-            f"{source} lists {len(rows)} row digests for tensor {name!r} of shape {shape}, expected {expected_rows}; {fix}"
+            f"{source} lists {len(rows)} row digests for tensor {name!r} of shape {shape}, "
+            f"expected {expected_rows}; {fix}"
         )
     return entry
 
@@ -183,7 +184,10 @@ def write_manifest(checkpoint: Checkpoint, terminal: bool | None = None) -> Mani
     manifest = compute_manifest(checkpoint, terminal)
     target = checkpoint.path / MANIFEST_FILE
     text = manifest.to_text()
-    handle, temporary = tempfile.mkstemp(dir=checkpoint.path, prefix=f".{MANIFEST_FILE}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=checkpoint.path, prefix=f".{MANIFEST_FILE}.", suffix=".tmp")
+    except OSError as error:
+        raise ManifestError(f"writing {target} failed ({error}); make {checkpoint.path} writable") from None
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
@@ -191,6 +195,9 @@ def write_manifest(checkpoint: Checkpoint, terminal: bool | None = None) -> Mani
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise ManifestError(f"writing {target} failed ({error}); free disk space or make the folder writable") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -285,9 +292,11 @@ def compute_manifest(checkpoint: Checkpoint, terminal: bool | None = None) -> Ma
                     f"tensor {name!r} is mapped to {checkpoint.path / file} but that file does not contain it; "
                     "re-download the checkpoint"
                 )
-    total = sum(headers[file][name].stop - headers[file][name].start for file, names in by_file.items() for name in names)
+    total = 0
+    for file, names in by_file.items():
+        total += sum(headers[file][name].stop - headers[file][name].start for name in names)
     tensors: dict[str, TensorEntry] = {}
-    with LoadProgress(f"digests of {checkpoint.path.name}", total, terminal) as progress:
+    with LoadProgress(f"{checkpoint.path.name} for its manifest", total, terminal) as progress:
         for file in sorted(by_file):
             order = sorted(by_file[file], key=lambda name: headers[file][name].start)
             with (checkpoint.path / file).open("rb") as handle:
@@ -361,7 +370,9 @@ def compare_manifests(listed: Manifest, computed: Manifest) -> list[str]:
     for name in sorted(set(listed.tensors) & set(computed.tensors)):
         old, new = listed.tensors[name], computed.tensors[name]
         if (old.dtype, old.shape) != (new.dtype, new.shape):
-            problems.append(f"{name}: manifest has {old.dtype} {list(old.shape)}, checkpoint has {new.dtype} {list(new.shape)}")
+            problems.append(
+                f"{name}: manifest has {old.dtype} {list(old.shape)}, checkpoint has {new.dtype} {list(new.shape)}"
+            )
         elif old.sha256 != new.sha256 or old.row_sha256 != new.row_sha256:
             line = f"{name}: manifest has SHA-256 {old.sha256}, checkpoint has {new.sha256}"
             rows = [str(i) for i, (a, b) in enumerate(zip(old.row_sha256, new.row_sha256, strict=True)) if a != b]

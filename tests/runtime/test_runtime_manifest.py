@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import struct
 import tempfile
@@ -20,7 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import cortex
 import cortex.runtime.checkpoint as checkpoint_module
+import cortex.runtime.manifest as manifest_module
 from cortex.cli import main
+from cortex.runtime import progress as progress_module
 from cortex.runtime.checkpoint import Checkpoint
 from cortex.runtime.errors import DigestMismatchError, ManifestError
 from cortex.runtime.fragments import Expert
@@ -39,6 +42,7 @@ from cortex.runtime.testmodels import make_test_checkpoint
 
 DEMO_MODEL_DIR = Path(cortex.__file__).parent / "demo_model"
 TAMPERED = "model.layers.1.mlp.experts.3.up_proj.weight"
+TAMPERED_PATTERN = r"'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight'"
 
 
 def _copy(folder: Path, target: Path, manifest: bool = True) -> Path:
@@ -156,10 +160,16 @@ def test_changed_row_changes_fused_id(checkpoint: CheckpointFactory, tmp_path: P
 @pytest.mark.parametrize(
     ("edit", "pattern"),
     [
-        (lambda t: t[TAMPERED].update(shape=[33, 64]), r"'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight' is F32 \[32, 64\] in the shard header but F32 \[33, 64\]"),
-        (lambda t: t[TAMPERED].update(dtype="BF16"), r"'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight' is F32 \[32, 64\] in the shard header but BF16"),
-        (lambda t: t.pop(TAMPERED), r"'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight' is in the shards .* but not in"),
-        (lambda t: t.update({"extra.weight": t[TAMPERED]}), r"lists 1 tensors that the checkpoint does not have \(e\.g\. 'extra\.weight'\)"),
+        (
+            lambda t: t[TAMPERED].update(shape=[33, 64]),
+            TAMPERED_PATTERN + r" is F32 \[32, 64\] in the shard header but F32 \[33, 64\]",
+        ),
+        (lambda t: t[TAMPERED].update(dtype="BF16"), TAMPERED_PATTERN + r" is F32 \[32, 64\] in the shard header but BF16"),
+        (lambda t: t.pop(TAMPERED), TAMPERED_PATTERN + r" is in the shards .* but not in"),
+        (
+            lambda t: t.update({"extra.weight": t[TAMPERED]}),
+            r"lists 1 tensors that the checkpoint does not have \(e\.g\. 'extra\.weight'\)",
+        ),
     ],
     ids=["shape", "dtype", "missing", "extra"],
 )
@@ -314,6 +324,36 @@ def test_make_test_writes_manifest(tmp_path: Path, tokenizer: Any) -> None:
     assert set(listed.tensors) == set(Checkpoint(with_manifest).weight_map)
     assert not (without / MANIFEST_FILE).exists()
     assert not list(with_manifest.glob(f".{MANIFEST_FILE}.*"))  # no temporary file left behind
+
+
+def test_manifest_write_reports_progress(
+    checkpoint: CheckpointFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy(checkpoint("olmoe"), tmp_path / "olmoe", manifest=False)
+    monkeypatch.setattr(progress_module, "SHOW_AFTER_S", 0.0)
+    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cortex.runtime.progress"):
+        write_manifest(Checkpoint(folder), terminal=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages
+    assert all(m.startswith("loading olmoe for its manifest: ") for m in messages)
+    assert messages[-1].endswith("(100%)")
+
+
+def test_manifest_write_failure_leaves_old_file(
+    checkpoint: CheckpointFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy(checkpoint("olmoe"), tmp_path / "olmoe")
+    before = (folder / MANIFEST_FILE).read_bytes()
+
+    def fail(source: Any, target: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manifest_module.os, "replace", fail)
+    with pytest.raises(ManifestError, match=r"writing .*cortex-manifest\.json failed \(.*No space left on device\)"):
+        write_manifest(Checkpoint(folder), terminal=False)
+    assert (folder / MANIFEST_FILE).read_bytes() == before
+    assert not list(folder.glob(f".{MANIFEST_FILE}.*"))
 
 
 def test_manifest_digests_stored_bytes(checkpoint: CheckpointFactory) -> None:
