@@ -35,7 +35,7 @@ import orjson
 
 from cortex.bus import frames
 from cortex.bus.admission import Admission
-from cortex.bus.errors import FrameDecodeError, FrameTooLarge, SyncError
+from cortex.bus.errors import FrameDecodeError, FrameTooLarge, SyncError, TransportClosed
 from cortex.bus.frames import Kind
 from cortex.bus.sync import MAX_EVENTS_PER_REPLY, Range, SyncClient, SyncServer, intersect_ranges
 from cortex.bus.transport import Delivery, Subscription, Transport
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 AUTHOR_PREFIX = b'{"author":"'
 MAX_REPAIR_SKIPS = 10
+MAX_FRAMES_PER_DRAIN = 64
 Listener = Callable[[list[Event]], None]
 
 
@@ -223,31 +224,51 @@ class GossipBus:
         """Call `listener(events)` with each batch of newly accepted events from peers."""
         self._listeners.append(listener)
 
-    async def _receive_loop(self, subscription: collections.abc.AsyncIterable[Delivery]) -> None:
-        async for delivery in subscription:
+    async def _receive_loop(self, subscription: Subscription) -> None:
+        while True:
             try:
-                self._on_frame(delivery)
-            except FrameDecodeError as error:
-                self.counters["invalid_frames"] += 1
-                logger.warning("invalid frame from %s dropped: %s", delivery.sender, error)
+                deliveries = [await subscription.get()]
+            except TransportClosed:
+                return
+            # Drain what is already queued, so that its events share one accept_many transaction.
+            while len(deliveries) < MAX_FRAMES_PER_DRAIN and (queued := subscription.get_nowait()) is not None:
+                deliveries.append(queued)
+            wires: list[bytes] = []
+            sources: list[str] = []
+            for delivery in deliveries:
+                try:
+                    events = self._on_frame(delivery)
+                except FrameDecodeError as error:
+                    self.counters["invalid_frames"] += 1
+                    logger.warning("invalid frame from %s dropped: %s", delivery.sender, error)
+                    continue
+                wires.extend(events)
+                sources.extend([delivery.sender] * len(events))
+            if wires:
+                self._ingest(wires, sources)
             await asyncio.sleep(0)
 
-    def _on_frame(self, delivery: Delivery) -> None:
+    def _on_frame(self, delivery: Delivery) -> list[bytes]:
+        """Decode a gossip frame; return its events, after noting a HEADS frame (no events)."""
         self.counters["received_frames"] += 1
         kind, body = frames.decode_kind(delivery.data)
         if kind is Kind.EVENTS:
-            self.ingest(frames.decode_events_body(body), delivery.sender)
-        elif kind is Kind.HEADS:
+            return frames.decode_events_body(body)
+        if kind is Kind.HEADS:
             self._note_heads(delivery.sender, frames.decode_heads_body(body))
-        else:
-            raise FrameDecodeError(f"gossip frame of kind {kind.name}; only EVENTS and HEADS are gossiped")
+            return []
+        raise FrameDecodeError(f"gossip frame of kind {kind.name}; only EVENTS and HEADS are gossiped")
 
     def ingest(self, wires: list[bytes], source: str) -> AcceptResult:
         """Admit and accept events received from `source`; note gaps for repair."""
+        return self._ingest(wires, [source] * len(wires))
+
+    def _ingest(self, wires: list[bytes], sources: list[str]) -> AcceptResult:
         admitted: list[bytes] = []
+        admitted_sources: list[str] = []
         before: dict[str, int] = {}
         admitted_by_author: collections.Counter[str] = collections.Counter()
-        for wire in wires:
+        for wire, source in zip(wires, sources):
             author = peek_author(wire)
             if author is not None:
                 if not self.admission.admit(author):
@@ -258,18 +279,20 @@ class GossipBus:
                 if author not in before:
                     before[author] = self.store.max_seq(author)
             admitted.append(wire)
+            admitted_sources.append(source)
 
         started = time.perf_counter()
         result = self.acceptor.accept_many(admitted)
         logger.debug(
-            "from %s: %d events, %d accepted, %d duplicates in %.1f ms",
-            source, len(wires), len(result.accepted), result.duplicates, (time.perf_counter() - started) * 1000,
+            "%d events from %d senders: %d accepted, %d duplicates in %.1f ms",
+            len(wires), len(set(sources)), len(result.accepted), result.duplicates,
+            (time.perf_counter() - started) * 1000,
         )
         self.counters["accepted_events"] += len(result.accepted)
         self.counters["duplicate_events"] += result.duplicates
-        if result.rejected:
-            self.counters["rejected_events"] += len(result.rejected)
-            self.rejected_by_sender[source] += len(result.rejected)
+        self.counters["rejected_events"] += len(result.rejected)
+        for index, _rejection in result.rejected:
+            self.rejected_by_sender[admitted_sources[index]] += 1
 
         self._note_accepted(result.accepted, before)
         for event in result.accepted:

@@ -126,9 +126,13 @@ class BusNode:
 
     async def start(self) -> None:
         await self.bus.start()
+        if self.writer.skipped is not None:
+            # After an unclean stop in an earlier boot the writer voided a seq range; tell peers.
+            await self.bus.publish(self.writer.skipped)
 
     async def stop(self) -> None:
         await self.bus.stop()
+        self.writer.close()
         self.store.close()
 
     async def emit(self, body: Any) -> Event:

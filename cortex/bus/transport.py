@@ -94,6 +94,15 @@ class Subscription:
         if not self._closed:
             self._queue.put_nowait(delivery)
 
+    def get_nowait(self) -> Delivery | None:
+        """Return the next queued frame, or None if none is queued (or the subscription closed)."""
+        if self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if item is None:
+            self._queue.put_nowait(None)  # keep the close marker for the next get()
+        return item
+
     async def get(self) -> Delivery:
         """Wait for the next frame; raises TransportClosed once the subscription is closed."""
         item = await self._queue.get()
