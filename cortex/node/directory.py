@@ -39,7 +39,13 @@ logger = logging.getLogger(__name__)
 FAILURE_MEMORY_S = 30.0
 PROBE_AFTER_S = 0.5  # a call still waiting this long starts probing its peer's endpoint
 PROBE_INTERVAL_S = 0.5
-BLOCK_TIMEOUT_FACTOR = 4  # a block call waits for its expert calls, each with its own retries
+BLOCK_TIMEOUT_FACTOR = 4
+UNKNOWN_REQUEST_GRACE_S = 5.0  # how long a peer may take to receive a request by gossip
+UNKNOWN_REQUEST_RETRY_S = 0.05  # a block call waits for its expert calls, each with its own retries
+
+
+class _UnknownRequest(Exception):
+    """The peer rejected a call because the request has not reached it yet."""
 
 
 class SwarmDirectory:
@@ -110,6 +116,21 @@ class SwarmDirectory:
     async def _call(
         self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
     ) -> torch.Tensor:
+        # The request reaches the peer by gossip, which may arrive after the driver's first call:
+        # a peer that does not know the request yet is asked again, and is not a failed replica.
+        deadline = time.monotonic() + UNKNOWN_REQUEST_GRACE_S
+        while True:
+            try:
+                return await self._call_once(peer, kind, request_id, record, fields, hidden, timeout)
+            except _UnknownRequest:
+                if time.monotonic() > deadline:
+                    self.note_failure(peer)
+                    raise CallFailed(peer, kind, f"the peer did not learn of request {request_id[:12]} within {UNKNOWN_REQUEST_GRACE_S} s") from None
+                await asyncio.sleep(UNKNOWN_REQUEST_RETRY_S)
+
+    async def _call_once(
+        self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
+    ) -> torch.Tensor:
         started = time.monotonic()
         endpoint = self.endpoint(peer)
         self.observations.call_started(peer)
@@ -128,6 +149,8 @@ class SwarmDirectory:
                 raise CallFailed(peer, kind, f"its endpoint {endpoint} refuses connections: the process is gone")
             reply = call.result()
         except CommError as error:
+            if getattr(error, "reason", None) == "unknown_request":
+                raise _UnknownRequest from None
             self.note_failure(peer)
             raise CallFailed(peer, kind, str(error)) from None
         finally:
