@@ -92,3 +92,40 @@ def test_step_mode_in_a_subprocess_pipe(scenario_log: Path) -> None:
     lines = process.stdout.splitlines()
     assert any(line.startswith("registry: ") and len(line.split()[1]) == 64 for line in lines)
     assert "\x1b[" not in process.stdout
+
+
+def test_step_mode_on_a_terminal(scenario_log: Path) -> None:
+    """On a pseudo-terminal, step mode prompts with the position and colours its lines."""
+    import os
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortex", "replay", str(scenario_log), "--step", "--view", "registry"],
+        stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"},
+    )
+    os.close(terminal)
+    output = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal output
+        while marker not in output:
+            ready, _, _ = select.select([controller], [], [], 30)
+            assert ready, f"no {marker!r} in {output[-500:]!r}"
+            output += os.read(controller, 65536)
+
+    try:
+        read_until(b"[0]> ")
+        os.write(controller, b"n\n")
+        read_until(b"[1]> ")
+        os.write(controller, b"q\n")
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        os.close(controller)
+    assert b"PeerJoined" in output
+    assert b"\x1b[" in output, "a terminal gets colour"
