@@ -84,13 +84,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if action not in expected_arguments or len(rest) != expected_arguments[action]:
         return report_error(f"unknown replay form {' '.join(target)!r}; see cortex replay --help")
     with LogReader(target[0]) as reader:
-        if action == "timeline":
-            return _timeline(args, reader, rest[0])
-        if action == "verify":
-            return _verify(args, reader)
         if action == "step":
             return _step(args, reader)
-        return _views(args, reader)
+        # One read transaction, so a log that a running node appends to stays one consistent state.
+        with reader.snapshot():
+            if action == "timeline":
+                return _timeline(args, reader, rest[0])
+            if action == "verify":
+                return _verify(args, reader)
+            return _views(args, reader)
 
 
 def _list_views(args: argparse.Namespace) -> int:
@@ -205,7 +207,7 @@ def _diff(args: argparse.Namespace, path_a: str, path_b: str) -> int:
     from replay.views import resolve_views
 
     views = resolve_views(args.view)
-    with LogReader(path_a) as reader_a, LogReader(path_b) as reader_b:
+    with LogReader(path_a) as reader_a, LogReader(path_b) as reader_b, reader_a.snapshot(), reader_b.snapshot():
         report = diff_logs(reader_a, reader_b, views)
     if args.json:
         print(json_line(report.to_json()))
