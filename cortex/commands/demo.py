@@ -120,6 +120,7 @@ def _summary(swarm: Any, result: Any, model_id: str, timings: dict[str, float]) 
         nodes.append({
             "node": node.index,
             "peer_id": node.peer_id,
+            "pid": node.process.pid if node.process is not None else None,
             "fragments": node.fragments,
             "driver": node.peer_id == result.driver,
             "expert_rows_served": rows.get("rows", 0),
