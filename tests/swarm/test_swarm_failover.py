@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PROMPT, assert_served_by_plan, open_client, reference_greedy, start_swarm, swarm_fixture
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
+from cortex.node.client import RequestResult, SwarmClient
 from cortex.node.launcher import LocalSwarm
 from cortex.runtime.loader import Loader
 from cortex.scheduler import RouteReplanned, TokenGenerated
@@ -67,12 +70,12 @@ async def test_block_holder_killed_session_replayed(swarm: LocalSwarm, tmp_path:
     assert any(e.body.step_start >= resume and e.lamport > replans[0].lamport for e in batches)
 
 
-async def _run_recording_route(client: object, run: object, routes: list[dict[str, str]]) -> object:
+async def _run_recording_route(
+    client: SwarmClient, run: Coroutine[Any, Any, RequestResult], routes: list[dict[str, str]]
+) -> RequestResult:
     """Await the client's run while copying the accepted route into `routes` as soon as it is known."""
-    import asyncio
-
-    task = asyncio.ensure_future(run)  # type: ignore[arg-type]
-    store = client.store  # type: ignore[attr-defined]
+    task = asyncio.ensure_future(run)
+    store = client.store
     while not task.done():
         for event in store.events(type="RequestAccepted"):
             if not routes:
