@@ -111,7 +111,11 @@ class Folder:
         return FoldStep(self.index, event, applied, refolded)
 
     def run(self, stop_index: int | None = None) -> int:
-        """Fold until the event at `stop_index` (included) or the end; return the events applied."""
+        """Fold until the event at `stop_index` (included) or the end.
+
+        Returns how many more events the views hold than before the call. A refold after an
+        equivocation counts the events again, so this is not the number of steps taken.
+        """
         applied_before = self.applied_count
         with paused_gc():
             if not self._disputed and self._include is None and stop_index is None:
