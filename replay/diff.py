@@ -1,4 +1,4 @@
-"""Compare two nodes' logs: the events one holds and the other lacks, and where their views part.
+"""Compare two nodes' logs: the events one has and the other lacks, and where their views part.
 
 Both logs are folded in their own canonical order, side by side. While the two logs hold
 the same events at the same positions their views are equal (reducers are deterministic),
@@ -25,7 +25,7 @@ MAX_LISTED = 1000
 
 @dataclass(frozen=True)
 class MissingEvent:
-    """An event that one log holds and the other lacks, at its index in the log that holds it."""
+    """An event that one log has and the other lacks, at its index in the log that has it."""
 
     index: int
     id: str
@@ -36,7 +36,7 @@ class MissingEvent:
 
 @dataclass
 class ViewDivergence:
-    """Where one view differs between the two logs, and its digests at the end of each."""
+    """The first index at which one view differs between two logs, and its final digests."""
 
     first_index: int | None
     event_a: str | None

@@ -4,7 +4,7 @@ The log is the SQLite file that `events.store.LogStore` writes (its docstring st
 format). `LogReader` opens it with `mode=ro`, so a reader never takes the write lock, never
 creates tables and never changes the file. In WAL mode readers and the writer do not block
 each other: each query reads the transactions committed before it started. A reader still
-needs the `-shm` file beside the log, which the writing node keeps; for a log that no
+needs the `-shm` file beside the log, which the writing node keeps. For a log that no
 process has open, SQLite (3.22 and later) opens the file read-only without it.
 
 Two orders are offered:

@@ -1,8 +1,8 @@
 """How events look to operators: one human line, or one JSON object, per event.
 
-A human line is `time  author  type  key fields`: the time in UTC with ms, the author's
-short id (the last 8 characters of its peer id, which `--author` also accepts), the type,
-and the body's fields with long hex values cut to 12 digits. Colour comes from rich and
+A human line is `time  author  #seq  type  key fields`. The time is UTC with ms. The author
+is its short id, the last 8 characters of its peer id, which `--author` also accepts. The
+body's fields follow, with long hex values cut to 12 digits. Colour comes from rich and
 only on a terminal; piped output is plain text.
 
 The JSON form is the signed envelope exactly as decoded from the payload (author, body,

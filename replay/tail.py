@@ -4,9 +4,9 @@ Events are shown in arrival order (the order in which the node stored them), lik
 of a growing text file, not in the canonical replay order. Following a log costs one
 `PRAGMA data_version` query per interval while nothing changes: SQLite changes that value
 when another connection commits, and only then does tail query for new rows. A change
-notification from the writing process (inotify on the WAL, say) would wake it sooner, but
-the WAL file also changes on checkpoints and is not portable, so a short check interval
-is the simpler contract: new events show up within one interval.
+notification on the WAL file (inotify, say) would wake it sooner. But that file also
+changes on checkpoints, and inotify is Linux only, so a short check interval is the simpler
+contract: new events show up within one interval.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EventSink = Callable[[Event], None]
 
 @dataclass(frozen=True)
 class TailOptions:
-    """What to print: the filter, how many past events (None for all), and how to follow."""
+    """Tail settings: the filter, how many past events (None for all), and how to follow."""
 
     event_filter: EventFilter = EventFilter()
     count: int | None = DEFAULT_COUNT

@@ -1,8 +1,8 @@
 """`cortex bench replay`: events/s folded through every view's reducer, against decode-only.
 
-Both figures come from the same cached log in the same run: decode-only reads every stored
+Both figures come from the same cached log in the same run. Decode-only reads every stored
 event in canonical order and decodes it (`parse_event`, all schema checks, no signature
-check); folding does the same and applies each event to every available view, which is
+check). Folding does the same and applies each event to every available view, which is
 what `cortex replay` does without `--verify`. Each is measured `--rounds` times, alternating,
 and the best round counts, so a burst of load from other processes hurts neither side alone.
 `--per-view` also folds through each view alone (best of `--rounds`, measured after the
@@ -129,7 +129,7 @@ def _time_decode(reader: LogReader, count: int) -> float:
             decoded += 1
     elapsed = time.perf_counter() - started
     if decoded != count:
-        raise RuntimeError(f"decoded {decoded} events, the log holds {count}")
+        raise RuntimeError(f"decoded {decoded} events, but the log contains {count}")
     return elapsed
 
 
@@ -141,5 +141,5 @@ def _time_fold(reader: LogReader, views: list[LoadedView], count: int) -> float:
     applied = folder.run()
     elapsed = time.perf_counter() - started
     if applied != count:
-        raise RuntimeError(f"folded {applied} events, the log holds {count}")
+        raise RuntimeError(f"folded {applied} events, but the log contains {count}")
     return elapsed
