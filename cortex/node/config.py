@@ -18,7 +18,7 @@ Every key, its default and its meaning (paths are relative to the config file's 
         name: null                   # human name announced with the model; null: folder name
         fragments: auto              # auto, or a list such as [head, "block[0:3]", "expert[1][0]"]
         memory_budget_mb: 1024       # for auto: the bytes of fragments this node may claim
-    kv_cache_budget_mb: 256          # KV cache bytes a block holder admits across sessions
+    kv_cache_budget_mb: 256          # KV-cache MiB (fractions allowed) a block holder admits across sessions
     torch_threads: 1                 # torch.set_num_threads for this node process
     device: auto                     # auto | cpu | cuda
     dtype: float32                   # float32 | bfloat16 | float16
@@ -88,7 +88,7 @@ class NodeConfig:
     bus: BusSettings = field(default_factory=BusSettings)
     data_plane: DataPlaneSettings = field(default_factory=DataPlaneSettings)
     models: tuple[ModelSettings, ...] = ()
-    kv_cache_budget_mb: int = DEFAULT_KV_CACHE_BUDGET_MB
+    kv_cache_budget_mb: float = DEFAULT_KV_CACHE_BUDGET_MB
     torch_threads: int = 1
     device: str = "auto"
     dtype: str = "float32"
@@ -132,7 +132,7 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig
         bus=_bus(reader.section("bus")),
         data_plane=_data_plane(reader.section("data_plane")),
         models=tuple(_model(item, base_dir) for item in reader.list_of_sections("models")),
-        kv_cache_budget_mb=reader.integer("kv_cache_budget_mb", DEFAULT_KV_CACHE_BUDGET_MB, minimum=1),
+        kv_cache_budget_mb=reader.number("kv_cache_budget_mb", DEFAULT_KV_CACHE_BUDGET_MB, minimum=0.0),
         torch_threads=reader.integer("torch_threads", 1, minimum=1),
         device=reader.choice("device", "auto", DEVICES),
         dtype=reader.choice("dtype", "float32", DTYPES),

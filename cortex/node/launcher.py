@@ -89,6 +89,7 @@ class LocalSwarm:
         log_level: str = "INFO",
         device: str = "cpu",
         dtype: str = "float32",
+        kv_cache_budget_mb: float = 256.0,
     ) -> None:
         self.root = root
         self.model_dir = model_dir
@@ -98,6 +99,7 @@ class LocalSwarm:
         self.log_level = log_level
         self.device = device
         self.dtype = dtype
+        self.kv_cache_budget_mb = kv_cache_budget_mb
         self.nodes: list[SwarmNode] = []
         self.nats: Any = None
 
@@ -138,6 +140,7 @@ class LocalSwarm:
             bus=bus,
             data_plane=DataPlaneSettings(call_timeout_s=self.call_timeout_s),
             models=(ModelSettings(path=self.model_dir, fragments=tuple(node.fragments)),),
+            kv_cache_budget_mb=self.kv_cache_budget_mb,
             torch_threads=1,
             device=self.device,
             dtype=self.dtype,

@@ -199,7 +199,7 @@ class Node:
     def _announcement(self) -> PeerJoined:
         names = {f"model:{service.name}": service_id for service_id, service in self.services.items()}
         hardware: dict[str, int | str | bool] = {**hardware_summary(self.config), **names}
-        hardware[KV_CACHE_HARDWARE_KEY] = self.config.kv_cache_budget_mb * MIB
+        hardware[KV_CACHE_HARDWARE_KEY] = int(self.config.kv_cache_budget_mb * MIB)
         return PeerJoined(
             bus_addresses=tuple(getattr(self.bus.transport, "listen_addresses", [])),
             data_endpoint=self.endpoint,

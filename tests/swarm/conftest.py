@@ -64,8 +64,10 @@ def reference_greedy(folder: Path, prompt: str, max_tokens: int) -> tuple[int, .
     return tuple(tokens)
 
 
-def start_swarm(root: Path, folder: Path, layout: list[list[str]], backend: str = "libp2p") -> LocalSwarm:
-    swarm = LocalSwarm(root, folder, layout, backend=backend, call_timeout_s=CALL_TIMEOUT_S)
+def start_swarm(
+    root: Path, folder: Path, layout: list[list[str]], backend: str = "libp2p", kv_cache_budget_mb: float = 256.0
+) -> LocalSwarm:
+    swarm = LocalSwarm(root, folder, layout, backend=backend, call_timeout_s=CALL_TIMEOUT_S, kv_cache_budget_mb=kv_cache_budget_mb)
     asyncio.run(swarm.start())
     return swarm
 

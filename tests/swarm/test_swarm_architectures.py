@@ -51,3 +51,27 @@ async def test_llama_two_stage_pipeline(checkpoint: object, tmp_path: Path) -> N
     folder = checkpoint("llama")  # type: ignore[operator]
     layout = [["head", "block[0:1]"], ["block[1:2]"]]
     await _answer_equals_reference(folder, layout, tmp_path)
+
+
+async def test_kv_budget_rejects_at_admission(checkpoint: object, tmp_path: Path) -> None:
+    folder = checkpoint("llama")  # type: ignore[operator]
+    layout = [["head", "block[0:1]"], ["block[1:2]"]]
+    # Llama test model: 2 KV heads x 16 dims x 2 (keys and values) x 4 bytes = 256 bytes per token
+    # and layer, so a 0.01 MiB budget (10,485 bytes) admits 40 tokens on each one-layer block.
+    swarm = await asyncio.to_thread(start_swarm, tmp_path / "swarm", folder, layout, "libp2p", 0.01)
+    try:
+        client = await open_client(swarm, tmp_path / "client")
+        try:
+            refused = await ask(client, swarm, PROMPT, 64)
+            admitted = await ask(client, swarm, PROMPT, 8)
+        finally:
+            await client.stop()
+    finally:
+        await swarm.stop()
+
+    assert refused.failed is not None
+    assert refused.failed.reason_code == "kv_budget_exceeded"
+    assert refused.token_ids == []
+    assert "needed_bytes" in refused.failed.details
+    assert admitted.token_ids == list(reference_greedy(folder, PROMPT, 8))
+    assert_served_by_plan(swarm, admitted)

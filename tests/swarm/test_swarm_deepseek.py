@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import PROMPT, ask, assert_served_by_plan, open_client, reference_greedy, start_swarm, swarm_fixture
 
@@ -36,6 +39,21 @@ async def test_greedy_equals_transformers(swarm: LocalSwarm, tmp_path: Path) -> 
     assert_served_by_plan(swarm, result)
     authors = {record.author for record in expert_records(swarm.nodes[0].data_dir, {result.request_id})}
     assert authors == {node.peer_id for node in swarm.nodes[1:]}
+
+
+def test_submit_command_streams_answer(swarm: LocalSwarm) -> None:
+    submit = subprocess.run(
+        [sys.executable, "-m", "cortex", "submit", "--model", swarm.model_dir.name, "--bootstrap",
+         swarm.nodes[0].bootstrap_address, "--max-tokens", "16", "--json", PROMPT],
+        capture_output=True, text=True, timeout=180,
+    )
+
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    answer = orjson.loads(submit.stdout)
+    assert answer["token_ids"] == list(reference_greedy(swarm.model_dir, PROMPT, 16))
+    assert answer["driver"] == swarm.nodes[0].peer_id
+    assert answer["completed"]["degraded"] is False
+    assert answer["failed"] is None
 
 
 def test_expert_nodes_read_only_their_experts(swarm: LocalSwarm) -> None:
