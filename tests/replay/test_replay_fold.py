@@ -7,6 +7,7 @@ is in test_replay_multinode.py.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from conftest import MODEL, Author, Scenario, build_scenario, joined, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events import Acceptor, Event, Identity, LogStore, PeerHeartbeat, Projection, ShardClaimed, ShardLoaded
+from events import Acceptor, Event, Identity, LogStore, PeerHeartbeat, Projection, ShardClaimed, ShardLoaded, sign_event
 from replay.fold import Folder
 from replay.reader import LogReader
+from replay.synthetic import SwarmSimulator
 from replay.views import available_views, view_digest
 
 
@@ -157,3 +159,34 @@ def test_replay_cli_errors(scenario_log: Path) -> None:
     bad_form = run_cli("replay", str(scenario_log), "explode")
     assert bad_form.status == 2
     assert "unknown replay form" in bad_form.stderr
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_replay_equals_live_with_requests(tmp_path_factory: pytest.TempPathFactory, seed: int) -> None:
+    """Request events fold through the Scheduler view too; one driver equivocates mid-stream."""
+    pytest.importorskip("cortex.scheduler")
+    simulator = SwarmSimulator(4, seed=7)
+    events = list(itertools.islice(simulator.events(), 300))
+    assert any(event.type == "TokenGenerated" for event in events)
+    cheat = simulator.peers[0]
+    target = [event for event in events if event.author == cheat.identity.peer_id][20]
+    twin = sign_event(cheat.identity, PeerHeartbeat(latest_seq=target.seq - 1), seq=target.seq,
+                      lamport=target.lamport, time_ms=target.time_ms)
+    wires = [event.wire for event in events] + [twin.wire]
+    shuffler = random.Random(seed)
+    root = tmp_path_factory.mktemp("requests")
+    digests = []
+    for node in range(2):
+        shuffler.shuffle(wires)
+        path = root / f"node{node}.db"
+        live = live_node(path, wires, [shuffler.randint(1, 30) for _ in range(20)])
+        assert set(live) >= {"registry", "scheduler"}
+        assert replayed(path) == live
+        digests.append(live)
+    assert digests[0] == digests[1]
+    with LogReader(root / "node0.db") as reader:
+        folder = Folder(reader, available_views())
+        folder.run()
+        assert folder.excluded == {cheat.identity.peer_id: target.seq}
+        assert folder.view("scheduler").equivocated_from_seq == {cheat.identity.peer_id: target.seq}
