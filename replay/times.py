@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from replay.errors import SelectionError
+from replay.errors import EventNotFound, SelectionError
 from replay.reader import LogReader
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
@@ -67,10 +67,18 @@ class Until:
 def parse_until(text: str, reader: LogReader, now_ms: int) -> Until:
     """Parse `--until`: an index (from 0, negative counts from the end), an event id or prefix, or a time.
 
-    Digits alone are an index; 4 to 64 hex digits with a letter are an event id; anything
-    else is a time (see TIME_FORMS).
+    Digits alone are an index, unless they are 8 or more digits that start exactly one
+    event id (hex ids start with digits only about one time in 100 for 10 characters);
+    4 to 64 hex digits with a letter are an event id; anything else is a time (see TIME_FORMS).
     """
     text = text.strip()
+    if re.fullmatch(r"\d{8,64}", text):
+        try:
+            event_id = reader.resolve_id(text)
+        except EventNotFound:
+            event_id = None
+        if event_id is not None and reader.get(event_id) is not None:
+            return Until(index=reader.canonical_index(event_id), text=text)
     if re.fullmatch(r"-?\d+", text):
         count = reader.count()
         index = int(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -58,6 +59,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _stop_on_signals() -> None:
+    """Make Ctrl-C (SIGINT) and SIGTERM stop a follow cleanly with exit status 0.
+
+    A shell that starts a job in the background without job control sets SIGINT to
+    ignored, and Python keeps it ignored, so the handler is installed explicitly.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     from events.codec import Event
     from events.writer import wall_clock_ms
@@ -72,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         return report_error(f"-n {args.n} is negative; give a count of 0 or more")
     if args.interval <= 0:
         return report_error(f"--interval {args.interval} must be a positive number of seconds")
+    if args.follow or args.bus:
+        _stop_on_signals()
     if args.bus:
         if args.log is not None or args.data_dir is not None:
             return report_error("--bus reads the bus, not a log; leave out --log and --data-dir")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Scenario
+from conftest import Author, NodeLog, Scenario
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from events import Identity, PeerHeartbeat
 from replay.errors import SelectionError
 from replay.reader import EventFilter, LogReader
 from replay.times import format_duration_ms, format_time_ms, parse_time_ms, parse_until
@@ -77,3 +78,25 @@ def test_parse_until_forms(scenario_log: Path, scenario: Scenario) -> None:
             parse_until(str(len(ordered)), reader, NOW)
         with pytest.raises(SelectionError, match="no event with id"):
             parse_until("ab" * 32, reader, NOW)
+
+
+def test_parse_until_digit_only_id_prefix(tmp_path: Path) -> None:
+    # An id prefix made only of digits must select that event, not be read as an index.
+    identity = Identity.load_or_create(tmp_path / "node.key")
+    node = NodeLog(tmp_path / "events.db")
+    author = Author(identity, [0])
+    digit_prefix = ""
+    for index in range(5_000):
+        event = author.sign(PeerHeartbeat(latest_seq=author.seq))
+        node.accept([event.wire])
+        if event.id[:10].isdigit():
+            digit_prefix = event.id[:10]
+            break
+    assert digit_prefix, "no event id in 5,000 started with 10 digits"
+    node.close()
+
+    with LogReader(tmp_path / "events.db") as reader:
+        ordered = [event.id for event in reader.canonical()]
+        until = parse_until(digit_prefix, reader, NOW)
+        assert until.index == ordered.index(reader.resolve_id(digit_prefix))
+        assert parse_until("0", reader, NOW).index == 0
