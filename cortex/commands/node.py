@@ -59,7 +59,7 @@ def _run_start(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     # NOTE: libp2p can leave a non-daemon thread behind after a clean stop, which would keep
-    # the process alive; the node has closed its log and sockets, so exit without waiting.
+    # the process alive. The node has closed its log and sockets, so it exits without waiting.
     import os
 
     logging.shutdown()

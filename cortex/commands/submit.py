@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--config", type=Path, help="a node config file: its bus backend and addresses are used")
     where.add_argument("--bootstrap", action="append", help="libp2p multiaddr with /p2p/<peer id> of a swarm node; repeatable")
     where.add_argument("--nats-url", help="URL of the swarm's NATS server")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default: 300)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the request to finish (default: 300)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with token ids, text, route and timings")
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)

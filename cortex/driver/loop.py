@@ -4,7 +4,7 @@ Shape legend: T = new tokens of the session, D = hidden size, V = vocabulary siz
 
 The route is a list of `Stage`s, one per block, in layer order. A stage remembers every
 input it was given for the session (position and hidden states [T, D]). When its block
-holder fails (`CallFailed`), the stage asks for a replacement holder of the same layers,
+holder fails (`CallFailed`), the stage requests a replacement holder of the same layers,
 replays the remembered inputs to it chunk by chunk at their original positions, which
 rebuilds the same KV cache with the same computation, and then runs the current input.
 So generation continues with the output it would have had without the failure.

@@ -2,7 +2,7 @@
 
 A node holding the head of a model watches `RequestSubmitted` events for it. The driver is
 the first live head holder in the scheduler's rendezvous order for the request id
-(`driver_order`); only it opens the prompt and publishes `RequestAccepted`. Admission and
+(`driver_order`). Only the driver opens the prompt and publishes `RequestAccepted`. Admission and
 route planning are the scheduler's (`admit`): a request whose KV cache would not fit its
 holders' budgets, or whose layers have no live holder, gets `RequestFailed` with the reason.
 
@@ -90,6 +90,9 @@ class RequestDriver:
             await self._fail(INVALID_REQUEST, str(error))
         except DriverError as error:
             await self._fail(INTERNAL_ERROR, str(error))
+        except Exception as error:  # noqa: BLE001 - one request's bug must not stop the node's task group
+            logger.exception("request %s failed with an unexpected error", self.request_id[:12])
+            await self._fail(INTERNAL_ERROR, f"unexpected error in the driver: {error!r}")
 
     def _prompt_ids(self) -> list[int]:
         text = open_prompt(self.request, self.context.identity)

@@ -9,9 +9,9 @@ and picks, in this order, until its memory budget is spent:
 Sizes are the bytes of each fragment's tensors in the checkpoint (at the checkpoint's
 dtype). Blocks are claimed whole (all decoder layers in one `block[0:L]`).
 
-NOTE: nodes that start at the same moment see the same coverage and may pick the same
-gaps; a claim is published as `ShardClaimed` before loading, so a node starting later
-sees it, but simultaneous starts can still overlap until a rebalancer exists.
+NOTE: nodes that start at the same moment read the same coverage and may pick the same
+gaps. A claim is published as `ShardClaimed` before loading, so a node that starts later
+skips it, but simultaneous starts can still overlap until a rebalancer exists.
 """
 
 from __future__ import annotations

@@ -151,9 +151,9 @@ class SwarmClient:
     async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, Any]]:
         """Yield (event, opened tokens or None) for the request until it completes or fails.
 
-        Gossip does not keep one author's events in order, so after `RequestCompleted` the
-        client keeps reading until it holds `completion_tokens` tokens (or `LATE_TOKENS_S`
-        passed, for batches that anti-entropy has to fetch).
+        Gossip does not keep one author's events in order. So after `RequestCompleted` the
+        client keeps reading until it has `completion_tokens` tokens, or for at most
+        `LATE_TOKENS_S`, while anti-entropy fetches missing batches.
         """
         queue = self._queues[request_id]
         deadline = time.monotonic() + timeout_s

@@ -162,7 +162,7 @@ class SwarmDirectory:
         output = reply.tensors.get("hidden")
         if output is None or tuple(output.shape) != tuple(hidden.shape):
             self.note_failure(peer)
-            raise CallFailed(peer, kind, f"the reply holds {sorted(reply.tensors)}, expected 'hidden' of shape {list(hidden.shape)}")
+            raise CallFailed(peer, kind, f"the reply contains {sorted(reply.tensors)}, expected 'hidden' of shape {list(hidden.shape)}")
         return output
 
 

@@ -1,7 +1,7 @@
 """What a swarm run did, read back from a node's log: which peer produced which expert outputs.
 
-A block holder's log holds the `ExpertOutputProduced` records that came back with the
-expert outputs of its MoE layers, each signed by the expert holder that computed it, so
+A block holder's log contains the `ExpertOutputProduced` records that came back with the
+expert outputs of its MoE layers. Each is signed by the expert holder that computed it, so
 counting them per author shows where every MoE layer's outputs came from. Read the log
 after the nodes stopped, or while they run (SQLite WAL allows a second reader).
 """

@@ -45,7 +45,7 @@ def reference_greedy(folder: Path, prompt: str, max_tokens: int) -> tuple[int, .
     """Return transformers' greedy tokens for `prompt`, up to and including the first EOS token.
 
     transformers generates past EOS here (`eos_token_id=None`, so the run cannot stop
-    early for another reason); the cut at EOS matches the driver, which stops after it.
+    early for another reason). The cut at EOS matches the driver, which stops after it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +95,7 @@ async def ask(client: SwarmClient, swarm: LocalSwarm, prompt: str, max_tokens: i
 
 
 def assert_served_by_plan(swarm: LocalSwarm, result: RequestResult) -> None:
-    """Assert the answer was not degraded and every expert output came from a remote node that holds it."""
+    """Assert the request was not degraded and every expert output came from a remote holder of that expert."""
     assert result.failed is None, result.failed
     assert result.completed is not None
     assert result.completed.degraded is False
