@@ -1,0 +1,106 @@
+"""TokenRouter with an in-process directory: grouping, scatter, retries, and the expert batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from cortex.driver.errors import CallFailed, NoLiveHolder
+from cortex.driver.executors import run_inline
+from cortex.driver.router import TokenRouter
+from cortex.node.service import ExpertBatcher, ModelService
+from cortex.runtime.engine import dispatch_experts
+from cortex.runtime.fragments import Expert, MoeCall
+from cortex.runtime.loader import Loader
+from cortex.runtime.routing import RoutingDecision
+
+
+class _Directory:
+    """Replicas "a" and "b" hold every expert; peers in `dead` fail every call."""
+
+    call_timeout_s = 1.0
+
+    def __init__(self, experts: dict[int, Expert], dead: set[str]) -> None:
+        self.experts = experts
+        self.dead = dead
+        self.calls: list[tuple[str, list[int]]] = []
+        self.failures: list[str] = []
+
+    def replicas(self, layer: int, expert: int) -> list[str]:
+        return ["a", "b"]
+
+    def note_failure(self, peer: str) -> None:
+        self.failures.append(peer)
+
+    async def call_experts(
+        self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        self.calls.append((peer, [expert for _, expert, _ in segments]))
+        if peer in self.dead:
+            raise CallFailed(peer, "expert", "connection refused")
+        return [self.experts[expert](rows) for _, expert, rows in segments]
+
+
+def _moe_call(loader: Loader, tokens: int) -> tuple[MoeCall, dict[int, Expert]]:
+    layer = loader.moe_layers[0]
+    experts = {index: loader.load_expert(layer, index) for index in range(loader.num_experts)}
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, loader.hidden_size, generator=generator)  # [T, D]
+    expert_ids = torch.stack([torch.randperm(loader.num_experts, generator=generator)[:4] for _ in range(tokens)])  # [T, K]
+    weights = torch.full((tokens, 4), 0.25)  # [T, K]
+    return MoeCall(layer, hidden, RoutingDecision(expert_ids, weights)), experts
+
+
+@pytest.fixture
+def loader(checkpoint: Callable[[str], Path]) -> Loader:
+    return Loader(checkpoint("deepseek_v3"), device="cpu")
+
+
+async def test_router_equals_local_dispatch(loader: Loader) -> None:
+    call, experts = _moe_call(loader, tokens=5)
+    directory = _Directory(experts, dead=set())
+
+    outputs = await TokenRouter(directory).dispatch("r1", call, step=0)  # [T, K, D]
+
+    assert outputs.shape == (5, 4, loader.hidden_size)
+    assert torch.equal(outputs, dispatch_experts(call, experts))
+    assert {peer for peer, _ in directory.calls} == {"a", "b"}
+
+
+async def test_router_retries_failed_replica(loader: Loader) -> None:
+    call, experts = _moe_call(loader, tokens=3)
+    directory = _Directory(experts, dead={"a"})
+    router = TokenRouter(directory)
+
+    outputs = await router.dispatch("r1", call, step=0)
+
+    assert torch.equal(outputs, dispatch_experts(call, experts))
+    assert directory.failures == ["a"]
+    assert router.stats.retries == 1
+    assert set(router.stats.rows_by_peer) == {"b"}
+
+
+async def test_router_without_live_replica_raises(loader: Loader) -> None:
+    call, experts = _moe_call(loader, tokens=2)
+
+    with pytest.raises(NoLiveHolder, match="no live replica left"):
+        await TokenRouter(_Directory(experts, dead={"a", "b"})).dispatch("r1", call, step=0)
+
+
+async def test_expert_batcher_merges_concurrent_calls(checkpoint: Callable[[str], Path]) -> None:
+    service = ModelService(checkpoint("deepseek_v3"), "test", "cpu", "float32")
+    layer = service.loader.moe_layers[0]
+    service.load(f"expert[{layer}][3]")
+    batcher = ExpertBatcher(service, run_inline)
+    inputs = [torch.randn(rows, service.loader.hidden_size) for rows in (1, 2, 3)]
+
+    outputs = await asyncio.gather(*(batcher.run(layer, 3, rows) for rows in inputs))
+
+    assert batcher.forward_passes == 1
+    assert batcher.merged_calls == 2
+    for rows, output in zip(inputs, outputs, strict=True):
+        torch.testing.assert_close(output, service.run_expert(layer, 3, rows), rtol=1e-5, atol=1e-6)
