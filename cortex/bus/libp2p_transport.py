@@ -64,7 +64,9 @@ MAX_REPLY_BYTES = 8 * 1024 * 1024
 QUEUE_HIGH_WATER = OutBoundQueueSize - 8
 OUTSTANDING_PUBLISHES = 16
 START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 20.0
+QUEUE_WAIT_S = 10.0
+SERVE_TIMEOUT_S = 10.0
 REDIAL_INTERVAL_S = 1.0
 REDIAL_GRACE_S = 3.0
 HOUSEKEEPING_INTERVAL_S = 30.0
@@ -213,12 +215,12 @@ class Libp2pTransport(Transport):
     async def _trio_wait_for_queue_room(self) -> None:
         # NOTE: the library has no event for "queue drained", so this polls every 2 ms while full.
         assert self._pubsub is not None
-        with trio.move_on_after(STOP_TIMEOUT_S):
+        with trio.move_on_after(QUEUE_WAIT_S):
             while any(len(queue) >= QUEUE_HIGH_WATER for queue in self._pubsub.peer_queues.values()):
                 self.queue_waits += 1
                 await trio.sleep(0.002)
             return
-        logger.warning("libp2p outbound queues stayed full for %s s; publishing anyway", STOP_TIMEOUT_S)
+        logger.warning("libp2p outbound queues stayed full for %s s; publishing anyway", QUEUE_WAIT_S)
 
     async def _trio_subscribe(self, topic: str) -> None:
         assert self._pubsub is not None and self._nursery is not None
@@ -253,7 +255,7 @@ class Libp2pTransport(Transport):
             done = trio.Event()
             token = trio.lowlevel.current_trio_token()
             future.add_done_callback(lambda _: token.run_sync_soon(done.set))
-            with trio.fail_after(STOP_TIMEOUT_S):
+            with trio.fail_after(SERVE_TIMEOUT_S):
                 await done.wait()
             await stream.write(encode_varint_prefixed(future.result()))
         except Exception as error:  # noqa: BLE001 - one failed request must not stop the host
