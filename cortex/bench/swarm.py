@@ -86,7 +86,7 @@ async def _measure(model: Path, root: Path, tokens: int, nodes: int) -> BenchRep
         "model": str(model),
         "nodes": nodes,
         "generated_tokens": len(local["token_ids"]),
-        "settings": "libp2p bus, CurveZMQ data plane, Ed25519-signed records, SQLite logs (WAL, fsync), 1 torch thread per process",
+        "settings": "libp2p bus, CurveZMQ data plane, Ed25519-signed records, SQLite logs (WAL, fsynced seq reservations), 1 torch thread per process",
         "local_tokens_per_s": local["tokens_per_s"],
         "swarm_tokens_per_s": swarm["tokens_per_s"],
         "swarm_request_ms": swarm["request_ms"],

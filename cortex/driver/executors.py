@@ -29,6 +29,9 @@ from cortex.runtime.engine import dispatch_experts
 from cortex.runtime.fragments import Block, BlockOutput, BlockStep, Expert, MoeCall
 
 R = TypeVar("R")
+# NOTE: sized for small CPU models; a large model's one-token block step can hold the event
+# loop for tens of milliseconds, delaying other calls' network I/O by as much.
+INLINE_MAX_TOKENS = 1
 Compute = Callable[..., Awaitable[Any]]
 
 
@@ -85,7 +88,11 @@ class LocalExpertDispatcher:
 
 
 class LocalBlockExecutor:
-    """A block held in this process whose MoE layers go through `dispatcher`."""
+    """A block held in this process whose MoE layers go through `dispatcher`.
+
+    Calls of at most `INLINE_MAX_TOKENS` tokens (decode steps) run in the event loop thread:
+    for them the hand-off to the worker thread and back costs more than the compute.
+    """
 
     def __init__(self, block: Block, dispatcher: ExpertDispatcher, compute: Compute = run_inline) -> None:
         self.block = block
@@ -94,11 +101,12 @@ class LocalBlockExecutor:
         self.compute = compute
 
     async def run(self, session_id: str, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        step: BlockStep = await self.compute(self.block.forward_until_moe, session_id, hidden, position)
+        compute = run_inline if hidden.shape[0] <= INLINE_MAX_TOKENS else self.compute
+        step: BlockStep = await compute(self.block.forward_until_moe, session_id, hidden, position)
         try:
             while isinstance(step, MoeCall):
                 outputs = await self.dispatcher.dispatch(session_id, step, position)  # [T, K, D]
-                step = await self.compute(self.block.combine_and_continue, session_id, outputs)
+                step = await compute(self.block.combine_and_continue, session_id, outputs)
         except BaseException:
             # The session is paused mid-block and cannot continue: drop it so a replay starts clean.
             self.block.close_session(session_id)

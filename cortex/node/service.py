@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from cortex.driver.executors import Compute, ExpertDispatcher, LocalBlockExecutor
+from cortex.driver.executors import Compute, ExpertDispatcher, LocalBlockExecutor, run_inline
 from cortex.runtime.fragments import Block, Expert, Head
 from cortex.runtime.loader import Loader
 from cortex.runtime.model_id import model_id
 
 logger = logging.getLogger(__name__)
+
+INLINE_MAX_ROWS = 4
 
 
 class ServiceError(Exception):
@@ -114,8 +116,10 @@ class ExpertBatcher:
         rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
         self.forward_passes += 1
         self.merged_calls += len(queued) - 1
+        # A few rows cost less to compute than the hand-off to the worker thread and back.
+        compute = run_inline if rows.shape[0] <= INLINE_MAX_ROWS else self.compute
         try:
-            outputs: torch.Tensor = await self.compute(self.service.run_expert, key[0], key[1], rows)
+            outputs: torch.Tensor = await compute(self.service.run_expert, key[0], key[1], rows)
         except Exception as error:  # noqa: BLE001 - every waiting call gets the failure
             for _, future in queued:
                 if not future.done():
