@@ -17,7 +17,7 @@ Every key, its default and its meaning (paths are relative to the config file's 
       - path: ./demo_model           # checkpoint folder
         name: null                   # human name announced with the model; null: folder name
         fragments: auto              # auto, or a list such as [head, "block[0:3]", "expert[1][0]"]
-        memory_budget_mb: 1024       # for auto: the bytes of fragments this node may claim
+        memory_budget_mb: 1024       # for auto: MiB of fragments this node may claim (fractions allowed)
     kv_cache_budget_mb: 256          # KV-cache MiB (fractions allowed) a block holder admits across sessions
     torch_threads: 1                 # torch.set_num_threads for this node process
     device: auto                     # auto | cpu | cuda
@@ -74,7 +74,7 @@ class ModelSettings:
     path: Path
     name: str | None = None
     fragments: tuple[str, ...] | None = None  # None means auto
-    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
 
     @property
     def display_name(self) -> str:
@@ -182,7 +182,7 @@ def _model(reader: _Reader, base_dir: Path) -> ModelSettings:
         path=path,
         name=reader.optional_string("name"),
         fragments=fragments,
-        memory_budget_mb=reader.integer("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, minimum=1),
+        memory_budget_mb=reader.number("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, minimum=0.0),
     )
     reader.reject_unknown()
     return settings

@@ -314,7 +314,7 @@ class Node:
         now = wall_clock_ms()
         coverage = self.registry.view.coverage(service.model_id, now)
         holders = {fragment: len(set(c.loaded) | set(c.claimed)) for fragment, c in coverage.items()}
-        return choose_fragments(fragment_sizes(service.loader), holders, settings.memory_budget_mb * MIB)
+        return choose_fragments(fragment_sizes(service.loader), holders, int(settings.memory_budget_mb * MIB))
 
     def _open_tokenizer(self, service: ModelService) -> None:
         from transformers import AutoTokenizer

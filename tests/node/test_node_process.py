@@ -7,20 +7,24 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.bus.libp2p_transport import free_port_address
-from cortex.node.config import BusSettings, NodeConfig, config_to_yaml
+from cortex.node.claims import fragment_sizes
+from cortex.node.config import BusSettings, ModelSettings, NodeConfig, config_to_yaml
+from cortex.runtime.loader import Loader
 from events import Identity, LogStore
 
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 90.0
+MIB = 1024 * 1024
 
 
 def _write_config(data_dir: Path, listen: str, bootstrap: tuple[str, ...] = (), identity: Path | None = None) -> Path:
@@ -125,3 +129,51 @@ def test_incompatible_protocol_rejected(first_node: tuple[Path, str, subprocess.
     assert result.returncode == 1
     assert "speaks protocol 1.0, this node speaks 2.0" in result.stderr
     assert first.poll() is None
+
+
+def test_auto_claims_fill_gaps_first(checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = checkpoint("deepseek_v3")
+    sizes = fragment_sizes(Loader(folder, device="cpu"))
+    experts = sorted((f for f in sizes if f.startswith("expert")), key=lambda f: [int(n) for n in f[7:-1].split("][")])
+    # The first node has room for the head, the blocks and half of the experts (in layer and
+    # index order), the second for the other half: it must take exactly the gaps.
+    half = len(experts) // 2
+    first_budget = (sizes["head"] + sizes["block[0:3]"] + sum(sizes[e] for e in experts[:half])) / MIB
+    second_budget = sum(sizes[e] for e in experts[half:]) / MIB
+    processes = []
+    try:
+        first_dir = tmp_path / "first"
+        first_listen = free_port_address(quic=False)
+        first_id = Identity.load_or_create(first_dir / "node.key").peer_id
+        processes.append(_start(_write_auto_config(first_dir, first_listen, (), folder, first_budget)))
+        _wait_serving(first_dir, processes[0])
+        second_dir = tmp_path / "second"
+        bootstrap = (f"{first_listen}/p2p/{first_id}",)
+        processes.append(_start(_write_auto_config(second_dir, free_port_address(quic=False), bootstrap, folder, second_budget)))
+        _wait_serving(second_dir, processes[1])
+        first = set(next(iter(_status(first_dir)["models"].values())))
+        second = set(next(iter(_status(second_dir)["models"].values())))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+    assert first == {"head", "block[0:3]", *experts[:half]}
+    assert second == set(experts[half:])
+
+
+def _write_auto_config(data_dir: Path, listen: str, bootstrap: tuple[str, ...], model: Path, budget_mb: float) -> Path:
+    config = NodeConfig(
+        data_dir=data_dir,
+        bus=BusSettings(listen=(listen,), bootstrap=bootstrap, join_wait_s=10.0),
+        models=(ModelSettings(path=model, memory_budget_mb=budget_mb),),
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "node.yaml"
+    path.write_text(config_to_yaml(config))
+    return path
+
+
+def _status(data_dir: Path) -> dict[str, Any]:
+    status: dict[str, Any] = orjson.loads((data_dir / "node.status.json").read_bytes())
+    return status
