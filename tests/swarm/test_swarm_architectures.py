@@ -2,7 +2,7 @@
 
 Mixtral on 2 nodes, Qwen2-MoE on 3 nodes, Llama as a 2-stage pipeline (layer 0 with the
 head on one node, layer 1 on another), and the DeepSeek-V3 test model on 8 nodes. Each
-swarm answers one short request and stops; a hang would fail on the client's timeout.
+swarm serves one short request and stops. A hang would fail on the client's timeout.
 """
 
 from __future__ import annotations
