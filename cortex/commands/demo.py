@@ -20,6 +20,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=1.0, help="sample only from the most likely tokens holding this much probability (default: 1.0)"
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, so a run can be repeated")
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop before this text; repeat for several"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,7 +96,9 @@ async def _run_demo(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             model_id = client.resolve_model(str(folder))
             await client.wait_for_model(model_id, {f for fragments in layout for f in fragments}, 60.0)
             submitted = time.monotonic()
-            request_id = await client.submit(model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)
+            request_id = await client.submit(
+                model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop
+            )
             if not args.json:
                 sys.stdout.write(args.prompt)
                 sys.stdout.flush()
@@ -138,6 +143,7 @@ def _summary(swarm: Any, result: Any, model_id: str, timings: dict[str, float]) 
         "nodes": nodes,
         "timings_ms": {**{k: round(v, 1) for k, v in timings.items()}, **request_timings},
         "degraded": bool(completed.degraded) if completed is not None else False,
+        "finish_reason": completed.finish_reason if completed is not None else None,
         "failed": None if result.failed is None else {"reason": result.failed.reason_code, "message": result.failed.message},
     }
 

@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             await client.start()
             try:
                 model_id = await _wait_for_model(client, args.model)
-                request_id = await client.submit(model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)
+                request_id = await client.submit(
+                    model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop
+                )
                 on_text = None if args.json else _write
                 result = await client.run(request_id, args.timeout, on_text)
             finally:

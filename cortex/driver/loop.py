@@ -27,7 +27,7 @@ from cortex.runtime.generation import SamplingSettings, sample_token
 logger = logging.getLogger(__name__)
 
 Replacement = Callable[[set[str]], Awaitable[BlockExecutor | None]]
-TokenCallback = Callable[[int, bool], Awaitable[None]]  # (token, is_last)
+TokenCallback = Callable[[int, bool], Awaitable[bool]]  # (token, is_last) -> stop now
 
 
 def holder_of(executor: BlockExecutor) -> str:
@@ -149,11 +149,12 @@ class DriverLoop:
                 token = sample_token(logits, settings, generator)
                 outcome.token_ids.append(token)
                 last = token in eos or produced + 1 == max_tokens
-                if on_token is not None:
-                    await on_token(token, last)
+                stop = await on_token(token, last) if on_token is not None else False
                 if token in eos:
                     outcome.stop_reason = "eos"
-                if last:
+                elif stop:
+                    outcome.stop_reason = "stop"
+                if last or stop:
                     break
                 logits = await self.forward(session_id, [token], position)
                 position += 1

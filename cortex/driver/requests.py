@@ -28,7 +28,7 @@ from cortex.runtime.fragments import Head
 from cortex.runtime.generation import SamplingSettings
 from cortex.scheduler import PlanError, RequestCompleted, RequestFailed, RequestSubmitted, records_digest
 from cortex.scheduler.admission import ModelGeometry, request_failed_for
-from cortex.scheduler.content import ContentError, TokenBatcher, open_prompt
+from cortex.scheduler.content import ContentError, TokenBatcher, open_prompt, open_stop
 from cortex.scheduler.planning import PlanningContext, RoutePlan
 from cortex.scheduler.request_events import HOLDER_FAILED, INTERNAL_ERROR, INVALID_REQUEST, request_id_for
 from cortex.scheduler.routes import admit, replan_route
@@ -70,11 +70,15 @@ class RequestDriver:
         self.batcher = TokenBatcher(self.request_id, (submitted.author, context.identity.peer_id))
         self.generated: list[int] = []
         self.emitted_text = ""
+        self.stop: list[str] = []
+        self.hold = 0
 
     async def run(self) -> None:
         started = time.monotonic()
         try:
             prompt_ids = self._prompt_ids()
+            self.stop = open_stop(self.request, self.context.identity)
+            self.hold = max((len(stop) for stop in self.stop), default=1) - 1
             stages = await self._admit(prompt_ids)
             if stages is None:
                 return
@@ -139,23 +143,29 @@ class RequestDriver:
         assert self.plan is not None
         return Stage(self.context.executor_for(spec, self.plan.route[spec]), replace)
 
-    async def _on_token(self, token: int, last: bool) -> None:
+    async def _on_token(self, token: int, last: bool) -> bool:
+        """Stream one token's text; return True when a stop string ended the text."""
         self.generated.append(token)
         visible = [t for t in self.generated if t not in self.context.eos_token_ids]
         text = self.context.tokenizer.decode(visible, skip_special_tokens=True)
-        # Hold back an incomplete UTF-8 sequence until a later token completes it.
-        safe = len(text) if last else max(len(text.rstrip("\ufffd")), len(self.emitted_text))
+        cut = min((text.find(stop) for stop in self.stop if stop and stop in text), default=-1)
+        stopped = cut >= 0
+        if stopped:
+            text = text[:cut]
+        # Hold back text that could still become a stop string, and an incomplete UTF-8 sequence.
+        safe = len(text) if last or stopped else max(len(text.rstrip("\ufffd")) - self.hold, len(self.emitted_text))
         piece, self.emitted_text = text[len(self.emitted_text) : safe], text[:safe]
         batch = self.batcher.add(token, piece, wall_clock_ms())
-        if last and batch is None:
+        if (last or stopped) and batch is None:
             batch = self.batcher.flush()
         if batch is not None:
             await self.context.emit(batch, self.refs)
+        return stopped
 
     async def _complete(self, outcome: GenerationOutcome, prompt_tokens: int, admission_ms: int) -> None:
         digest, count = records_digest(self.context.records_of(self.request_id))
         timings = {"admission": admission_ms, **{phase: int(ms) for phase, ms in outcome.timings_ms.items()}}
-        finish = "eos" if outcome.stop_reason == "eos" else "length"
+        finish = {"eos": "eos", "stop": "stop"}.get(outcome.stop_reason, "length")
         completed = RequestCompleted(self.request_id, prompt_tokens, len(outcome.token_ids), finish, timings, digest, count)
         await self.context.emit(completed, self.refs)
         logger.info("completed request %s: %d tokens, %s", self.request_id[:12], len(outcome.token_ids), timings)

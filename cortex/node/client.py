@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,14 @@ class SwarmClient:
             await asyncio.sleep(0.1)
 
     async def submit(
-        self, model_id: str, prompt: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+        self,
+        model_id: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> str:
         """Publish a RequestSubmitted sealed to the request's driver; return the request id."""
         me = self.identity.peer_id
@@ -136,9 +143,13 @@ class SwarmClient:
             driver = choose_driver(self.registry.view, model_id, request_id, wall_clock_ms(), submitter=me)
         except NoLiveHeadHolder as error:
             raise ClientError(str(error)) from None
-        prepared = prepare_submission(
-            me, [driver], model_id, prompt, max_tokens=max_tokens, nonce=nonce, temperature=temperature, top_p=top_p, seed=seed
-        )
+        try:
+            prepared = prepare_submission(
+                me, [driver], model_id, prompt, max_tokens=max_tokens, nonce=nonce, stop=stop,
+                temperature=temperature, top_p=top_p, seed=seed,
+            )
+        except ValueError as error:
+            raise ClientError(str(error)) from None
         if prepared.data_plane_prompt is not None:
             # NOTE: prompts too large to seal into the event need a data-plane transfer, not written yet.
             raise ClientError(f"a prompt of {len(prompt.encode())} bytes is too large to send inline; shorten it")

@@ -56,6 +56,24 @@ def test_submit_command_streams_answer(swarm: LocalSwarm) -> None:
     assert answer["failed"] is None
 
 
+async def test_stop_string_ends_text(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    try:
+        full = await ask(client, swarm, PROMPT, 16)
+        stop = full.text[len(full.text) // 2 :][:3]
+        model_id = client.resolve_model(str(swarm.model_dir))
+        stopped = await client.run(await client.submit(model_id, PROMPT, 16, stop=[stop]), 240.0)
+    finally:
+        await client.stop()
+
+    assert stop
+    assert stopped.completed is not None
+    assert stopped.completed.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
+    assert len(stopped.token_ids) < len(full.token_ids)
+
+
 def test_expert_nodes_read_only_their_experts(swarm: LocalSwarm) -> None:
     sizes = fragment_sizes(Loader(swarm.model_dir, device="cpu"))
     total = sum(sizes.values())
