@@ -87,6 +87,8 @@ PROTOCOL_VERSION = os.environ.get("CORTEX_PROTOCOL_VERSION", f"{SCHEMA_MAJOR}.0"
 HEARTBEAT_S = 1.0
 DRAIN_TIMEOUT_S = 30.0
 IDENTITY_PROBE_S = 1.5
+# A submission older than this when it arrives came from history (a join sync), not a live client.
+STALE_REQUEST_MS = 60_000
 MIB = 1024 * 1024
 
 
@@ -374,6 +376,12 @@ class Node:
         if service is None or service.head is None or self.stopping.is_set() or self._task_group is None:
             return
         request_id = request_id_for(event.author, request.nonce)
+        record = self.scheduler.view.record(request_id)
+        if record is not None and (record.is_terminal or record.driver):
+            return  # a request from history (a join sync after a restart) that another run already handled
+        if wall_clock_ms() - event.time_ms > STALE_REQUEST_MS:
+            logger.info("request %s was submitted %d s ago; not driving it", request_id[:12], (wall_clock_ms() - event.time_ms) // 1000)
+            return
         order = driver_order(self.registry.view, request.model_id, request_id, wall_clock_ms(), submitter=event.author)
         if not order or order[0] != self.peer_id:
             return
