@@ -37,6 +37,9 @@ from events import wall_clock_ms
 logger = logging.getLogger(__name__)
 
 FAILURE_MEMORY_S = 30.0
+# Rankings are reused this long: liveness moves with 1 s heartbeats, and failures seen in the
+# meantime are applied on top of a reused ranking.
+RANKING_CACHE_S = 0.1
 PROBE_AFTER_S = 0.5  # a call still waiting this long starts probing its peer's endpoint
 PROBE_INTERVAL_S = 0.5
 BLOCK_TIMEOUT_FACTOR = 4
@@ -68,12 +71,22 @@ class SwarmDirectory:
         self.call_timeout_s = call_timeout_s
         self.observations = PeerObservations(local_peer=own_peer)
         self.failures: dict[str, float] = {}
+        self._ranked: dict[str, tuple[float, list[str]]] = {}
+        self._context: tuple[float, PlanningContext] | None = None
 
-    def holders(self, fragment: str, context: PlanningContext | None = None) -> list[str]:
+    def holders(self, fragment: str) -> list[str]:
         """Return the live holders of `fragment`, best first."""
-        context = context or PlanningContext(self.registry(), self.scheduler(), wall_clock_ms(), self.observations)
-        ranked = rank_replicas(context, context.registry.holders(self.service.model_id, fragment, context.now_ms))
-        horizon = time.monotonic() - FAILURE_MEMORY_S
+        now = time.monotonic()
+        cached = self._ranked.get(fragment)
+        if cached is not None and now - cached[0] < RANKING_CACHE_S:
+            ranked = cached[1]
+        else:
+            if self._context is None or now - self._context[0] >= RANKING_CACHE_S:
+                self._context = (now, PlanningContext(self.registry(), self.scheduler(), wall_clock_ms(), self.observations))
+            context = self._context[1]
+            ranked = rank_replicas(context, context.registry.holders(self.service.model_id, fragment, context.now_ms))
+            self._ranked[fragment] = (now, ranked)
+        horizon = now - FAILURE_MEMORY_S
         return sorted(ranked, key=lambda peer: self.failures.get(peer, 0.0) > horizon)
 
     def replicas(self, layer: int, expert: int) -> list[str]:
