@@ -153,19 +153,15 @@ class CortexMoeLayer:
     async def call_experts(
         self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """Send each expert's rows [N, D] to `peer` as its own data-plane call, all in flight at once.
+        """Send every expert's rows [N, D] to `peer` in one multi-expert data-plane call.
 
-        One call per expert lets each tensor's signed record name its expert, because
-        `DataPlane.call` gives every tensor of one call the same record fields.
+        Each expert's rows travel as their own tensor with their own signed record, which
+        names that expert; the reply has one output per expert, under the same name.
         """
-        calls = [self._call_expert(peer, request_id, step, layer, expert, rows) for layer, expert, rows in segments]
-        return list(await asyncio.gather(*calls))
-
-    async def _call_expert(
-        self, peer: str, request_id: str, step: int, layer: int, expert: int, rows: torch.Tensor
-    ) -> torch.Tensor:
         assert self._dataplane is not None, "call start() before forward()"
-        fields = {"model_id": MODEL_ID, "step": step, "layer": layer, "expert": expert}
+        names = [f"expert[{layer}][{expert}]" for layer, expert, _rows in segments]
+        tensors = {name: rows for name, (_layer, _expert, rows) in zip(names, segments, strict=True)}
+        per_tensor = {name: {"layer": layer, "expert": expert} for name, (layer, expert, _rows) in zip(names, segments, strict=True)}
         try:
             reply = await self._dataplane.call(
                 peer,
@@ -173,17 +169,22 @@ class CortexMoeLayer:
                 EXPERT_KIND,
                 request_id=request_id,
                 record=ExpertInputSent,
-                fields=fields,
-                tensors={"hidden": rows},
+                fields={"model_id": MODEL_ID, "step": step},
+                tensors=tensors,
                 timeout_s=self.call_timeout_s,
+                tensor_fields=per_tensor,
             )
         except CommError as error:
-            raise CallFailed(peer, f"expert[{layer}][{expert}]", str(error)) from error
-        record = reply.outputs[0].event.body
-        output = reply.outputs[0].tensor
-        if not isinstance(record, ExpertOutputProduced) or record.expert != expert or output.shape != rows.shape:
-            raise CallFailed(peer, f"expert[{layer}][{expert}]", f"reply record {record!r:.200} does not match the call")
-        return output
+            raise CallFailed(peer, f"experts {names}", str(error)) from error
+        received = {output.name: output for output in reply.outputs}
+        outputs = []
+        for name, (layer, expert, rows) in zip(names, segments, strict=True):
+            output = received.get(name)
+            record = output.event.body if output is not None else None
+            if output is None or not isinstance(record, ExpertOutputProduced) or record.expert != expert or output.tensor.shape != rows.shape:
+                raise CallFailed(peer, f"expert[{layer}][{expert}]", f"reply record {record!r:.200} does not match the call")
+            outputs.append(output.tensor)
+        return outputs
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -194,14 +195,17 @@ async def serve(args: argparse.Namespace) -> int:
     dataplane, store = open_dataplane(Path(args.data_dir), args.request_id, args.handler_timeout_s)
 
     async def run_expert(call: IncomingCall) -> Response:
-        received = call.inputs[0]
-        body = received.event.body
-        if body.expert not in experts:
-            raise ValueError(f"expert {body.expert} not found: this server runs experts {list(experts)}")
-        with torch.no_grad():
-            output = expert_forward(weights, body.expert, received.tensor)  # [N, D]
-        fields = {"model_id": body.model_id, "step": body.step, "layer": body.layer, "expert": body.expert}
-        return Response(ExpertOutputProduced, fields, {"hidden": output})
+        first = call.inputs[0].event.body
+        tensors: dict[str, torch.Tensor] = {}
+        per_tensor: dict[str, dict[str, int]] = {}
+        for received in call.inputs:
+            body = received.event.body
+            if body.expert not in experts:
+                raise ValueError(f"expert {body.expert} not found: this server runs experts {list(experts)}")
+            with torch.no_grad():
+                tensors[received.name] = expert_forward(weights, body.expert, received.tensor)  # [N, D]
+            per_tensor[received.name] = {"layer": body.layer, "expert": body.expert}
+        return Response(ExpertOutputProduced, {"model_id": first.model_id, "step": first.step}, tensors, per_tensor)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -144,11 +144,13 @@ class DataPlane:
         fields: Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor],
         timeout_s: float,
+        tensor_fields: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Reply:
         """Send `tensors` to the `kind` handler of `peer_id` at `endpoint` and return its reply.
 
-        Each tensor is described by a `record` event with `fields`, plus the fields taken from
-        the tensor, signed with refs `(request_id,)`. Raises PeerTimeout when no valid reply
+        Each tensor is described by its own `record` event with `fields`, updated with
+        `tensor_fields[name]` when given (a multi-expert call gives each tensor its `expert`),
+        plus the fields taken from the tensor, signed with refs `(request_id,)`. Raises PeerTimeout when no valid reply
         comes within `timeout_s`, CallFailed when the peer replies with an error frame, and
         FrameRejected when its reply fails a check (the peer is then also penalized).
         """
@@ -156,7 +158,9 @@ class DataPlane:
             raise DataPlaneClosed("the data plane is not running; call start() first")
         channel = self._channel_for(peer_id, endpoint)
         call_id = next(self._call_ids)
-        parts, trackers, input_ids = self._encode("call", call_id, kind, record, fields, tensors, (request_id,))
+        parts, trackers, input_ids = self._encode(
+            "call", call_id, kind, record, fields, tensors, (request_id,), tensor_fields or {}
+        )
         self.counters["calls_sent"] += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -245,21 +249,25 @@ class DataPlane:
         fields: Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor],
         refs: tuple[str, ...],
+        tensor_fields: Mapping[str, Mapping[str, Any]],
     ) -> tuple[list[Part], list[zmq.MessageTracker], tuple[str, ...]]:
         """Sign one record per tensor and lay out the message; return its parts, send trackers and record ids."""
         if not tensors:
             raise ValueError("a data-plane message needs at least one tensor")
+        unknown = tensor_fields.keys() - tensors.keys()
+        if unknown:
+            raise ValueError(f"tensor_fields name tensors {sorted(unknown)} that are not in `tensors` {sorted(tensors)}")
         if record not in RECORD_TYPES:
             names = sorted(record_type.__name__ for record_type in RECORD_TYPES)
             raise ValueError(f"{record!r} is not a record type; use one of {names}")
-        overlap = TENSOR_FIELDS & fields.keys()
+        overlap = TENSOR_FIELDS & (fields.keys() | {key for extra in tensor_fields.values() for key in extra})
         if overlap:
             raise ValueError(f"fields {sorted(overlap)} are filled from each tensor; leave them out of `fields`")
         records: list[tuple[Event, list[Part]]] = []
         trackers: list[zmq.MessageTracker] = []
         for name, tensor in tensors.items():
             _flat, data = tensor_bytes(tensor)
-            body = record(**fields, **describe(name, tensor, data))
+            body = record(**{**fields, **tensor_fields.get(name, {})}, **describe(name, tensor, data))
             chunks = chunk_parts(data)
             records.append((self._sign(body, refs), chunks))
             trackers.extend(chunk.tracker for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker)
@@ -348,7 +356,7 @@ class DataPlane:
                 response = await handler(call)
             refs = (call.request_id, *(event.id for event in call.events))
             parts, _trackers, _ids = self._encode(
-                "reply", call_id, "", response.record, response.fields, response.tensors, refs
+                "reply", call_id, "", response.record, response.fields, response.tensors, refs, response.tensor_fields
             )
             self.counters["calls_served"] += 1
         except TimeoutError:

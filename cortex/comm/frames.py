@@ -24,7 +24,18 @@ Header fields:
 
 An error message has the header part only. Every record event is a signed event of the
 `records` family (see `cortex.comm.records`) that names the tensor's dtype, shape, byte
-length and BLAKE2b-256 digest. Tensor bytes are the tensor's contiguous memory in C order,
+length and BLAKE2b-256 digest.
+
+Multi-expert calls: the records of one message share one author, one request id (the
+first ref) and distinct tensor names, but their other fields may differ. A call for
+several experts of one replica carries one tensor per expert, named `expert[l][e]`, each
+with its own `ExpertInputSent` record naming its `layer` and `expert`; the reply carries
+one output per input, with the same name and its own `ExpertOutputProduced` record. Every
+tensor is still checked on its own (dtype, shape, length, digest, signature) and rejected
+with its reason, which names the tensor. The layout and version did not change for this,
+and a single-expert call is the case of one tensor. An expert handler written before
+multi-expert calls answers only its first tensor; the caller then finds outputs missing
+and fails that replica, so the nodes of a swarm must all serve multi-expert calls. Tensor bytes are the tensor's contiguous memory in C order,
 little-endian. The dtype names on the wire are:
 
     float32 (4 bytes)   bfloat16 (2)   float16 (2)   int64 (8)   int32 (4)

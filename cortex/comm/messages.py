@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,13 +50,15 @@ class Response:
     """What a handler returns: the record type and fields for its outputs, and the tensors.
 
     `fields` are the record fields other than the ones filled from each tensor (name, dtype,
-    shape, digest, nbytes). The handler hands the tensors over: it must not modify them
-    after returning, because they are sent without a copy.
+    shape, digest, nbytes). `tensor_fields[name]` updates them for one tensor, as a
+    multi-expert reply names each output's expert. The handler hands the tensors over: it
+    must not modify them after returning, because they are sent without a copy.
     """
 
     record: type
     fields: Mapping[str, Any]
     tensors: Mapping[str, torch.Tensor]
+    tensor_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

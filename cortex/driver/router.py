@@ -7,10 +7,12 @@ For each paused MoE layer (`MoeCall`), the router:
 
 1. groups the T x K (token, expert) slots by expert, using the routing decision the
    block computed with the model's own rule;
-2. picks one live replica per expert from the `ReplicaDirectory` ranking (the scheduler's
-   replica cost), skipping peers that failed during this call, and spreading the experts
-   of one layer over the two best replicas by the load already planned;
-3. sends each replica its experts' rows in one batch of concurrent data-plane calls;
+2. picks the replicas with a greedy cover (`cover_replicas`): each expert may go to one of
+   its `COVER_CANDIDATES` best live replicas in the `ReplicaDirectory` ranking (the
+   scheduler's replica cost), skipping peers that failed during this call, and the layer's
+   experts go to as few replicas as possible, ties broken by calls in flight, then rank;
+3. sends each chosen replica all its experts' rows in one multi-expert data-plane call,
+   the calls to different replicas at once;
 4. gathers the replies with the directory's timeout; a failed or timed-out batch is
    marked and its experts go to the next replica, until every expert has an output or an
    expert has no replica left (`NoLiveHolder`);
@@ -27,6 +29,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +41,9 @@ from cortex.runtime.fragments import MoeCall
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS_PER_EXPERT = 4
+# An expert goes to one of its best COVER_CANDIDATES live replicas: the cover may trade a
+# slightly worse ranked replica for one call less, never a replica ranked further down.
+COVER_CANDIDATES = 2
 
 
 class ReplicaDirectory(Protocol):
@@ -131,20 +137,18 @@ class TokenRouter:
     def _assign(
         self, layer: int, pending: dict[int, tuple[int, int]], failed: set[str], attempts: collections.Counter[int]
     ) -> dict[str, list[int]]:
-        """Pick one replica per pending expert: the directory's best that has not failed, least loaded."""
-        plan: dict[str, list[int]] = collections.defaultdict(list)
+        """Pick the replicas of the pending experts: a greedy cover over each expert's best live replicas."""
+        candidates: dict[int, list[str]] = {}
         for expert in sorted(pending):
             attempts[expert] += 1
-            candidates = [peer for peer in self.directory.replicas(layer, expert) if peer not in failed]
-            if not candidates or attempts[expert] > MAX_ATTEMPTS_PER_EXPERT:
+            live = [peer for peer in self.directory.replicas(layer, expert) if peer not in failed]
+            if not live or attempts[expert] > MAX_ATTEMPTS_PER_EXPERT:
                 raise NoLiveHolder(
                     f"expert[{layer}][{expert}] has no live replica left after {attempts[expert] - 1} attempts "
                     f"(failed: {', '.join(sorted(failed)) or 'none'}); start a node that holds it"
                 )
-            # Ranking first; among equally ranked replicas spread by load already planned or in flight.
-            best = min(candidates[:2], key=lambda peer: (len(plan.get(peer, ())) + self._in_flight[peer], candidates.index(peer)))
-            plan[best].append(expert)
-        return dict(plan)
+            candidates[expert] = live[:COVER_CANDIDATES]
+        return cover_replicas(candidates, self._in_flight)
 
     async def _send(
         self,
@@ -165,3 +169,26 @@ class TokenRouter:
         finally:
             self._in_flight[peer] -= 1
         return torch.cat(outputs)  # [N, D] for every expert of this batch, in order
+
+
+def cover_replicas(candidates: Mapping[int, Sequence[str]], load: Mapping[str, int]) -> dict[str, list[int]]:
+    """Assign every expert to one of its candidate replicas (best first), using few replicas.
+
+    Greedy set cover: repeatedly take the replica that holds the most experts not yet
+    assigned; ties go to the replica with fewer calls in flight (`load`), then to the one
+    ranked better on average over those experts, then to the smaller peer id, so the same
+    inputs always give the same plan. Returns the experts of each chosen replica, ascending.
+    """
+    uncovered = set(candidates)
+    plan: dict[str, list[int]] = {}
+    while uncovered:
+        covers: dict[str, list[int]] = collections.defaultdict(list)
+        positions: collections.Counter[str] = collections.Counter()
+        for expert in sorted(uncovered):
+            for position, peer in enumerate(candidates[expert]):
+                covers[peer].append(expert)
+                positions[peer] += position
+        best = min(covers, key=lambda peer: (-len(covers[peer]), load.get(peer, 0), positions[peer] / len(covers[peer]), peer))
+        plan[best] = covers[best]
+        uncovered.difference_update(covers[best])
+    return plan

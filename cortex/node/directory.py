@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -104,37 +104,44 @@ class SwarmDirectory:
     async def call_experts(
         self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """Run each (layer, expert, rows [N, D]) on `peer`: one data-plane call per expert, all at once."""
+        """Run each (layer, expert, rows [N, D]) on `peer` in one multi-expert data-plane call.
+
+        Each segment travels as its own tensor, named `expert_tensor_name(layer, expert)`,
+        with its own signed `ExpertInputSent` record; the reply has one output per segment.
+        """
         if peer == self.own_peer:
             return [self.service.run_expert(layer, expert, rows) for layer, expert, rows in segments]
-        calls = [self._call_expert(peer, request_id, step, layer, expert, rows) for layer, expert, rows in segments]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return list(results)  # type: ignore[arg-type]
-
-    async def _call_expert(self, peer: str, request_id: str, step: int, layer: int, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        fields = {"model_id": self.service.model_id, "step": step, "layer": layer, "expert": expert}
-        reply = await self._call(peer, "expert", request_id, ExpertInputSent, fields, rows, self.call_timeout_s)
-        return reply
+        tensors = {expert_tensor_name(layer, expert): rows for layer, expert, rows in segments}
+        per_tensor = {expert_tensor_name(layer, expert): {"layer": layer, "expert": expert} for layer, expert, _ in segments}
+        fields = {"model_id": self.service.model_id, "step": step}
+        reply = await self._call(peer, "expert", request_id, ExpertInputSent, fields, tensors, self.call_timeout_s, per_tensor)
+        return [reply[expert_tensor_name(layer, expert)] for layer, expert, _ in segments]
 
     async def call_stage(self, peer: str, request_id: str, spec: str, position: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run `hidden` [T, D] at `position` through block `spec` on `peer`; return its output [T, D]."""
         start, stop = (int(part) for part in spec[len("block[") : -1].split(":"))
         fields = {"model_id": self.service.model_id, "step": position, "start": start, "stop": stop, "position": position}
         timeout = self.call_timeout_s * BLOCK_TIMEOUT_FACTOR
-        return await self._call(peer, "stage", request_id, StageInputSent, fields, hidden, timeout)
+        outputs = await self._call(peer, "stage", request_id, StageInputSent, fields, {"hidden": hidden}, timeout)
+        return outputs["hidden"]
 
     async def _call(
-        self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
-    ) -> torch.Tensor:
+        self,
+        peer: str,
+        kind: str,
+        request_id: str,
+        record: type,
+        fields: dict[str, object],
+        tensors: dict[str, torch.Tensor],
+        timeout: float,
+        tensor_fields: Mapping[str, Mapping[str, object]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         # The request reaches the peer by gossip, which may arrive after the driver's first call:
         # a peer that does not know the request yet is asked again, and is not a failed replica.
         deadline = time.monotonic() + UNKNOWN_REQUEST_GRACE_S
         while True:
             try:
-                return await self._call_once(peer, kind, request_id, record, fields, hidden, timeout)
+                return await self._call_once(peer, kind, request_id, record, fields, tensors, timeout, tensor_fields)
             except _UnknownRequest:
                 if time.monotonic() > deadline:
                     self.note_failure(peer)
@@ -142,15 +149,23 @@ class SwarmDirectory:
                 await asyncio.sleep(UNKNOWN_REQUEST_RETRY_S)
 
     async def _call_once(
-        self, peer: str, kind: str, request_id: str, record: type, fields: dict[str, object], hidden: torch.Tensor, timeout: float
-    ) -> torch.Tensor:
+        self,
+        peer: str,
+        kind: str,
+        request_id: str,
+        record: type,
+        fields: dict[str, object],
+        tensors: dict[str, torch.Tensor],
+        timeout: float,
+        tensor_fields: Mapping[str, Mapping[str, object]] | None,
+    ) -> dict[str, torch.Tensor]:
         started = time.monotonic()
         endpoint = self.endpoint(peer)
         self.observations.call_started(peer)
         call = asyncio.ensure_future(
             self.dataplane.call(
                 peer, endpoint, kind, request_id=request_id, record=record, fields=fields,
-                tensors={"hidden": hidden}, timeout_s=timeout,
+                tensors=tensors, timeout_s=timeout, tensor_fields=tensor_fields,
             )
         )
         probe = asyncio.ensure_future(_probe_until_refused(endpoint))
@@ -172,11 +187,24 @@ class SwarmDirectory:
                 call.cancel()
             self.observations.call_finished(peer)
         self.observations.record_round_trip(peer, (time.monotonic() - started) * 1000)
-        output = reply.tensors.get("hidden")
-        if output is None or tuple(output.shape) != tuple(hidden.shape):
-            self.note_failure(peer)
-            raise CallFailed(peer, kind, f"the reply contains {sorted(reply.tensors)}, expected 'hidden' of shape {list(hidden.shape)}")
-        return output
+        outputs = reply.tensors
+        records = {received.name: received.event.body for received in reply.outputs}
+        for name, extra in (tensor_fields or {}).items():
+            body = records.get(name)
+            if body is None or any(getattr(body, key, None) != value for key, value in extra.items()):
+                self.note_failure(peer)
+                raise CallFailed(peer, kind, f"the reply record of {name!r} does not name {extra}: {body!r:.200}")
+        for name, sent in tensors.items():
+            output = outputs.get(name)
+            if output is None or tuple(output.shape) != tuple(sent.shape):
+                self.note_failure(peer)
+                raise CallFailed(peer, kind, f"the reply contains {sorted(outputs)}, expected {name!r} of shape {list(sent.shape)}")
+        return outputs
+
+
+def expert_tensor_name(layer: int, expert: int) -> str:
+    """Return the tensor name of expert[layer][expert]'s rows in a multi-expert call."""
+    return f"expert[{layer}][{expert}]"
 
 
 async def _probe_until_refused(endpoint: str) -> None:

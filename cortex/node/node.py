@@ -340,11 +340,22 @@ class Node:
         return Response(StageOutputProduced, fields, {"hidden": hidden})
 
     async def _serve_expert(self, call: IncomingCall) -> Response:
-        body = call.inputs[0].event.body
-        self._service(body.model_id)
-        outputs = await self.batchers[body.model_id].run(body.layer, body.expert, call.tensors["hidden"])
-        fields = {"model_id": body.model_id, "step": body.step, "layer": body.layer, "expert": body.expert}
-        return Response(ExpertOutputProduced, fields, {"hidden": outputs.contiguous()})
+        """Run every expert the call carries (one input per expert, all of one model and step)."""
+        first = call.inputs[0].event.body
+        self._service(first.model_id)
+        batcher = self.batchers[first.model_id]
+        for received in call.inputs:
+            body = received.event.body
+            if (body.model_id, body.step) != (first.model_id, first.step):
+                raise ServiceError(f"input {received.name!r} names model {body.model_id[:16]} step {body.step}; one call serves one model and step")
+        # Each expert goes to the batcher, which merges it with other calls' rows for that expert.
+        outputs = await asyncio.gather(
+            *(batcher.run(received.event.body.layer, received.event.body.expert, received.tensor) for received in call.inputs)
+        )
+        tensors = {received.name: output.contiguous() for received, output in zip(call.inputs, outputs, strict=True)}
+        per_tensor = {received.name: {"layer": received.event.body.layer, "expert": received.event.body.expert} for received in call.inputs}
+        fields = {"model_id": first.model_id, "step": first.step}
+        return Response(ExpertOutputProduced, fields, tensors, per_tensor)
 
     def _on_reject(self, rejection: Rejection) -> None:
         # NOTE: penalties are not published as events yet; the rejection is logged by the data plane.

@@ -11,7 +11,7 @@ import torch
 
 from cortex.driver.errors import CallFailed, NoLiveHolder
 from cortex.driver.executors import run_inline
-from cortex.driver.router import TokenRouter
+from cortex.driver.router import TokenRouter, cover_replicas
 from cortex.node.service import ExpertBatcher, ModelService
 from cortex.runtime.engine import dispatch_experts
 from cortex.runtime.fragments import Expert, MoeCall
@@ -68,7 +68,36 @@ async def test_router_equals_local_dispatch(loader: Loader) -> None:
 
     assert outputs.shape == (5, 4, loader.hidden_size)
     assert torch.equal(outputs, dispatch_experts(call, experts))
-    assert {peer for peer, _ in directory.calls} == {"a", "b"}
+    # Both replicas hold every expert, so the layer's experts go to the better ranked one in one call.
+    assert [peer for peer, _ in directory.calls] == ["a"]
+    assert directory.calls[0][1] == sorted(set(call.routing.expert_ids.reshape(-1).tolist()))
+
+
+def test_cover_picks_fewest_replicas() -> None:
+    # "c" is ranked second for every expert but alone holds all four; "a" and "b" hold two each.
+    candidates = {1: ["a", "c"], 2: ["a", "c"], 5: ["b", "c"], 7: ["b", "c"]}
+
+    assert cover_replicas(candidates, load={}) == {"c": [1, 2, 5, 7]}
+
+
+def test_cover_is_deterministic_and_breaks_ties_by_load_then_rank() -> None:
+    candidates = {0: ["a", "b"], 1: ["b", "a"], 2: ["a", "b"], 3: ["c", "a"]}
+
+    assert cover_replicas(candidates, load={}) == {"a": [0, 1, 2, 3]}
+    # Calls in flight do not outweigh coverage: only "a" covers all four experts.
+    assert cover_replicas(candidates, load={"a": 5}) == {"a": [0, 1, 2, 3]}
+    two_way = {0: ["a", "b"], 1: ["b", "a"], 2: ["a", "b"]}
+    assert cover_replicas(two_way, load={}) == {"a": [0, 1, 2]}  # better mean rank
+    assert cover_replicas(two_way, load={"a": 1}) == {"b": [0, 1, 2]}  # fewer calls in flight
+    assert cover_replicas({4: ["y", "x"]}, load={}) == cover_replicas({4: ["y", "x"]}, load={}) == {"y": [4]}
+
+
+def test_cover_splits_when_no_replica_holds_everything() -> None:
+    candidates = {0: ["a"], 1: ["b"], 2: ["a", "b"], 3: ["c", "b"]}
+
+    plan = cover_replicas(candidates, load={})
+
+    assert plan == {"b": [1, 2, 3], "a": [0]}
 
 
 async def test_router_retries_failed_replica(loader: Loader) -> None:
