@@ -160,6 +160,9 @@ class NatsTransport(Transport):
             self._deliver(Delivery(topic=topic, data=message.data, sender=sender))
 
         await self._client.subscribe(self._subject(topic), cb=on_message)
+        # A PING round trip makes the server register the subscription before subscribe()
+        # returns; without it, frames published right away from another connection can be missed.
+        await self._client.flush(timeout=10)
 
     async def _request(self, peer: str, data: bytes, timeout: float) -> bytes:
         assert self._client is not None
