@@ -49,7 +49,11 @@ def expert_records(data_dir: Path, request_ids: set[str] | None = None) -> list[
 
 
 def served_rows(records: list[ExpertRecord]) -> dict[str, dict[str, Any]]:
-    """Sum expert calls, rows and distinct experts per author."""
+    """Sum expert outputs, rows and distinct experts per author.
+
+    `calls` counts output records, one per expert of a call: a multi-expert call counts once
+    per expert it carried.
+    """
     rows: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
     experts: dict[str, set[str]] = collections.defaultdict(set)

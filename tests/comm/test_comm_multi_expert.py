@@ -78,7 +78,7 @@ async def test_multi_expert_round_trip(client: Node, multi_server: Node) -> None
     assert len(list(client.store.events(type="ExpertOutputProduced"))) == len(EXPERTS)
 
 
-async def test_tensor_fields_must_name_sent_tensors(client: Node, multi_server: Node) -> None:
+async def test_tensor_fields_checked(client: Node, multi_server: Node) -> None:
     arguments = dict(request_id=REQUEST_ID, record=ExpertInputSent, fields=SHARED, tensors={"a": rows(1)}, timeout_s=5.0)
     endpoint = multi_server.dataplane.endpoint
 
@@ -106,7 +106,7 @@ def multi_call(raw: RawClient, *, shape_of_last: tuple[int, ...] | None = None) 
         ("shape_of_last", FrameReason.SHAPE_MISMATCH, "expert[1][9]"),
     ],
 )
-async def test_malformed_tensor_in_multi_expert_call_is_rejected(
+async def test_multi_call_bad_tensor_rejected(
     multi_server: Node, raw: RawClient, corrupt: str, reason: FrameReason, tensor: str
 ) -> None:
     if corrupt == "digest_of_second":

@@ -80,7 +80,7 @@ def test_cover_picks_fewest_replicas() -> None:
     assert cover_replicas(candidates, load={}) == {"c": [1, 2, 5, 7]}
 
 
-def test_cover_is_deterministic_and_breaks_ties_by_load_then_rank() -> None:
+def test_cover_tie_breaks() -> None:
     candidates = {0: ["a", "b"], 1: ["b", "a"], 2: ["a", "b"], 3: ["c", "a"]}
 
     assert cover_replicas(candidates, load={}) == {"a": [0, 1, 2, 3]}
@@ -92,7 +92,7 @@ def test_cover_is_deterministic_and_breaks_ties_by_load_then_rank() -> None:
     assert cover_replicas({4: ["y", "x"]}, load={}) == cover_replicas({4: ["y", "x"]}, load={}) == {"y": [4]}
 
 
-def test_cover_splits_when_no_replica_holds_everything() -> None:
+def test_cover_splits_across_replicas() -> None:
     candidates = {0: ["a"], 1: ["b"], 2: ["a", "b"], 3: ["c", "b"]}
 
     plan = cover_replicas(candidates, load={})
