@@ -19,6 +19,7 @@ leaves room for the headers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -45,6 +46,11 @@ SENDER_HEADER = "Cortex-Sender"
 MSG_ID_HEADER = "Nats-Msg-Id"
 HEADER_ALLOWANCE_BYTES = 4 * 1024
 PEER_FORGET_AFTER_S = 30.0
+# The first connection must succeed within this time. nats-py retries an unreachable server
+# forever when reconnects are unlimited, which would hang a node start on a wrong URL.
+CONNECT_DEADLINE_S = 15.0
+# A connection error is logged at most once per this many seconds while nats-py retries.
+ERROR_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -77,6 +83,8 @@ class NatsTransport(Transport):
         self._js: JetStreamContext | None = None
         self._seen_peers: dict[str, float] = {}
         self._max_payload = 1024 * 1024
+        self._last_error: BaseException | None = None
+        self._last_error_logged = 0.0
 
     @property
     def max_frame_bytes(self) -> int:
@@ -101,18 +109,33 @@ class NatsTransport(Transport):
             self.server = LocalNatsServer(Path(self.config.data_dir) / "nats")
             await self.server.start()
         try:
-            self._client = await nats.connect(
-                self.url, name=self.peer_id, no_echo=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, connect_timeout=5,
+            self._client = await asyncio.wait_for(
+                nats.connect(
+                    self.url, name=self.peer_id, no_echo=True, max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5, connect_timeout=5, error_cb=self._on_error,
+                ),
+                timeout=CONNECT_DEADLINE_S,
             )
-        except Exception as error:
+        except (Exception, asyncio.TimeoutError) as error:
             await self._stop_server()
-            raise TransportError(f"cannot connect to NATS at {self.url}: {error!r}; check that the server runs") from error
+            cause = self._last_error if isinstance(error, asyncio.TimeoutError) else error
+            raise TransportError(
+                f"cannot connect to NATS at {self.url} within {CONNECT_DEADLINE_S:.0f} s ({cause!r}); "
+                "check that nats-server runs at that URL, or leave the NATS URL empty to start a local server"
+            ) from None
         self._max_payload = self._client.max_payload
         self._js = self._client.jetstream()
         await self._ensure_stream()
         await self._client.subscribe(f"{self.config.prefix}.sync.{self.peer_id}", cb=self._on_request)
         logger.info("NATS transport %s connected to %s (max payload %d bytes)", self.peer_id, self.url, self._max_payload)
+
+    async def _on_error(self, error: Exception) -> None:
+        """Log a NATS connection error in one line, at most once per ERROR_LOG_INTERVAL_S."""
+        self._last_error = error
+        now = time.monotonic()
+        if now - self._last_error_logged >= ERROR_LOG_INTERVAL_S:
+            self._last_error_logged = now
+            logger.warning("NATS connection to %s failed, retrying: %r", self.url, error)
 
     async def _ensure_stream(self) -> None:
         assert self._js is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
+def _check_models(config: Any, config_path: str) -> str | None:
+    """Check every configured checkpoint and fragment before the node joins; return the problem or None.
+
+    A node that joined and then failed to load would announce claims it cannot serve.
+    """
+    from cortex.runtime.errors import ModelRuntimeError
+    from cortex.runtime.loader import Loader
+    from cortex.runtime.spec import check_fragment_spec, parse_fragment_spec
+
+    for index, model in enumerate(config.models):
+        try:
+            loader = Loader(model.path, device="cpu")
+            for fragment in model.fragments or ():
+                spec = parse_fragment_spec(fragment)
+                check_fragment_spec(spec, loader.num_layers, loader.is_moe_layer, loader.num_experts)
+        except ModelRuntimeError as error:
+            return f"{config_path}: models[{index}]: {error}"
+    return None
+
+
+def _startup_error(error: BaseException) -> BaseException | None:
+    """Return the known start-up error inside `error` (bad key file, bus, checkpoint), or None.
+
+    The node runs in a task group, so a failure may arrive wrapped in an ExceptionGroup.
+    """
+    from cortex.bus.errors import BusError
+    from cortex.runtime.errors import ModelRuntimeError
+    from events.errors import IdentityError, LogStoreError
+
+    known = (BusError, ModelRuntimeError, IdentityError, LogStoreError)
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, known) else None
+
+
 def _run_start(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -49,6 +85,10 @@ def _run_start(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level)
+    problem = _check_models(config, args.config)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from cortex.node.lifecycle import NodeRefused
     from cortex.node.node import Node
 
@@ -57,6 +97,12 @@ def _run_start(args: argparse.Namespace) -> int:
         asyncio.run(Node(config).run())
     except NodeRefused as error:
         print(f"error: {error}", file=sys.stderr)
+        status = 1
+    except Exception as error:  # noqa: BLE001 - known start-up failures become one line
+        reason = _startup_error(error)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
         status = 1
     # NOTE: libp2p can leave a non-daemon thread behind after a clean stop, which would keep
     # the process alive. The node has closed its log and sockets, so it exits without waiting.

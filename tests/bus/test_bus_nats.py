@@ -63,3 +63,18 @@ async def test_request_to_absent_peer_fails(nats_server: LocalNatsServer) -> Non
             await transport.request(Identity.generate().peer_id, b"x", timeout=2)
     finally:
         await transport.stop()
+
+
+async def test_unreachable_server_fails_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing listens on port 1 of the loopback, so the first connection can never succeed.
+    import cortex.bus.nats_transport as nats_transport
+    from cortex.bus.errors import TransportError
+
+    monkeypatch.setattr(nats_transport, "CONNECT_DEADLINE_S", 2.0)
+    identity = Identity.load_or_create(tmp_path / "node.key")
+    transport = NatsTransport(identity.peer_id, NatsConfig(url="nats://127.0.0.1:1"))
+    with pytest.raises(TransportError) as error:
+        async with asyncio.timeout(20):
+            await transport.start()
+    assert "nats://127.0.0.1:1" in str(error.value)
+    assert "check that nats-server runs" in str(error.value)
