@@ -5,6 +5,8 @@
 #   ./install.sh            install Cortex into .venv
 #   ./install.sh --dev      also install the test tools (pytest, hypothesis, mypy)
 #   ./install.sh --venv DIR use (or create) the virtual environment at DIR
+#   ./install.sh --no-start set up without starting a node; this script starts no node yet,
+#                           so today every run behaves this way
 #
 # It can be run again: an existing environment is reused and brought up to date.
 set -euo pipefail
@@ -15,7 +17,7 @@ venv_dir="$project_dir/.venv"
 extras=""
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [[ $# -gt 0 ]]; do

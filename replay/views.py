@@ -84,7 +84,7 @@ def load_view(name: str) -> LoadedView:
     except ModuleNotFoundError as error:
         if error.name is not None and spec.module.startswith(error.name):
             raise ViewUnavailable(
-                f"the {name} view is not available in this build: its module {spec.module} is not installed yet"
+                f"the {name} view is not implemented yet: Cortex has no {spec.module} module in this version"
             ) from None
         raise ViewUnavailable(f"the {name} view is not available: importing {spec.module} failed: {error}") from error
     except ImportError as error:

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--view", action="append", default=[], metavar="NAME",
         help="a view to rebuild: registry, scheduler, router or quorum (repeatable; default: every available view)",
     )
-    parser.add_argument("--timeline", metavar="REQUEST_ID", help="print the timeline of this request (id or id prefix)")
+    parser.add_argument("--timeline", metavar="REQUEST_ID", help="print the timeline of this request (the whole 64-digit request id)")
     parser.add_argument("--verify", action="store_true", help="check every signature, id and per-author sequence")
     parser.add_argument("--step", action="store_true", help="step mode: read commands (n, c, v, d, q) from stdin")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

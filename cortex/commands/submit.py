@@ -66,11 +66,17 @@ def run(args: argparse.Namespace) -> int:
                 await client.stop()
         return _report(result, args.json)
 
+    from cortex.bus.errors import BusError
+    from events.errors import IdentityError
+
     try:
         return asyncio.run(submit())
-    except ClientError as error:
+    except (ClientError, BusError, IdentityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; the request may still run in the swarm", file=sys.stderr)
+        return 130
 
 
 async def _wait_for_model(client: object, model: str) -> str:
