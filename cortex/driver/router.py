@@ -148,7 +148,7 @@ class TokenRouter:
                     f"(failed: {', '.join(sorted(failed)) or 'none'}); start a node that holds it"
                 )
             candidates[expert] = live[:COVER_CANDIDATES]
-        return cover_replicas(candidates, self._in_flight)
+        return cover_replicas(candidates, self._in_flight, local=getattr(self.directory, "own_peer", None))
 
     async def _send(
         self,
@@ -171,16 +171,25 @@ class TokenRouter:
         return torch.cat(outputs)  # [N, D] for every expert of this batch, in order
 
 
-def cover_replicas(candidates: Mapping[int, Sequence[str]], load: Mapping[str, int]) -> dict[str, list[int]]:
+def cover_replicas(
+    candidates: Mapping[int, Sequence[str]], load: Mapping[str, int], local: str | None = None
+) -> dict[str, list[int]]:
     """Assign every expert to one of its candidate replicas (best first), using few replicas.
 
-    Greedy set cover: repeatedly take the replica that holds the most experts not yet
-    assigned; ties go to the replica with fewer calls in flight (`load`), then to the one
-    ranked better on average over those experts, then to the smaller peer id, so the same
-    inputs always give the same plan. Returns the experts of each chosen replica, ascending.
+    The `local` peer (this node, whose experts cost no call) takes every expert it is a
+    candidate for. Then greedy set cover: repeatedly take the replica that holds the most
+    experts not yet assigned; ties go to the replica with fewer calls in flight (`load`),
+    then to the one ranked better on average over those experts, then to the smaller peer
+    id, so the same inputs always give the same plan. Returns the experts of each chosen
+    replica, ascending.
     """
-    uncovered = set(candidates)
     plan: dict[str, list[int]] = {}
+    uncovered = set(candidates)
+    if local is not None:
+        own = [expert for expert in sorted(candidates) if local in candidates[expert]]
+        if own:
+            plan[local] = own
+            uncovered.difference_update(own)
     while uncovered:
         covers: dict[str, list[int]] = collections.defaultdict(list)
         positions: collections.Counter[str] = collections.Counter()

@@ -133,3 +133,11 @@ async def test_expert_batcher_merges_concurrent_calls(checkpoint: Callable[[str]
     assert batcher.merged_calls == 2
     for rows, output in zip(inputs, outputs, strict=True):
         torch.testing.assert_close(output, service.run_expert(layer, 3, rows), rtol=1e-5, atol=1e-6)
+
+
+def test_cover_prefers_local_node() -> None:
+    # "r" alone covers all three, but this node ("me") runs experts 1 and 2 without a call.
+    candidates = {1: ["me", "r"], 2: ["r", "me"], 3: ["r", "s"]}
+
+    assert cover_replicas(candidates, load={}, local="me") == {"me": [1, 2], "r": [3]}
+    assert cover_replicas(candidates, load={}) == {"r": [1, 2, 3]}
