@@ -74,6 +74,10 @@ def _model_dir(model: Path | None) -> Path | None:
             "`cortex model make-test --arch deepseek_v3 --out DIR`",
             file=sys.stderr,
         )
+    elif not folder.exists():
+        print(f"error: model folder {folder} not found; pass a Hugging Face checkpoint folder to --model", file=sys.stderr)
+    elif not folder.is_dir():
+        print(f"error: {folder} is a file, not a folder; pass a Hugging Face checkpoint folder to --model", file=sys.stderr)
     else:
         print(f"error: {folder} has no config.json; pass a Hugging Face checkpoint folder to --model", file=sys.stderr)
     return None

@@ -170,3 +170,22 @@ def test_cli_rejects_bad_arguments(checkpoint: CheckpointFactory, capsys: pytest
     assert "top_p must be in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["generate", "--model", folder, "--threads", "0", "x"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("make_path", "expected"),
+    [
+        (lambda tmp: tmp / "missing", "not found"),
+        (lambda tmp: (tmp / "file.txt", (tmp / "file.txt").write_text("x"))[0], "is a file, not a folder"),
+        (lambda tmp: (tmp / "empty", (tmp / "empty").mkdir())[0], "has no config.json"),
+    ],
+    ids=["missing", "file", "no-config"],
+)
+def test_cli_generate_bad_model_folder(
+    tmp_path: Path, make_path: Any, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_path(tmp_path)
+    assert main(["generate", "--model", str(folder), "hello"]) == 2
+    error = capsys.readouterr().err
+    assert expected in error
+    assert str(folder) in error
