@@ -36,7 +36,11 @@ async def _answer_equals_reference(folder: Path, layout: list[list[str]], root: 
     assert_served_by_plan(swarm, result)
     if len(layout) > 1 and any(f.startswith("expert") for f in layout[1]):
         authors = {record.author for record in expert_records(swarm.nodes[0].data_dir, {result.request_id})}
-        assert authors == {node.peer_id for node in swarm.nodes[1:]}
+        expert_nodes = {node.peer_id for node in swarm.nodes[1:]}
+        assert authors, "no expert output record reached the driver's log"
+        # The router covers each layer's experts with as few replicas as it can, so when
+        # every expert node holds every expert, one of them may serve the whole request.
+        assert authors <= expert_nodes
 
 
 @pytest.mark.parametrize(("arch", "nodes"), [("mixtral", 2), ("qwen2_moe", 3), ("deepseek_v3", 8)])
