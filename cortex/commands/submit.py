@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cortex.commands.demo import add_sampling_arguments
 
@@ -41,11 +42,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.config is not None:
         try:
-            bus = load_config(args.config).bus
+            config = load_config(args.config)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        factory = transport_factory(bus.backend, list(bus.bootstrap), bus.nats_url)
+        settings = _bus_of_node(config, args.config)
+        if isinstance(settings, str):
+            print(f"error: {settings}", file=sys.stderr)
+            return 2
+        factory = transport_factory(*settings)
     elif args.nats_url:
         factory = transport_factory("nats", [], args.nats_url)
     else:
@@ -77,6 +82,38 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; the request may still run in the swarm", file=sys.stderr)
         return 130
+
+
+def _bus_of_node(config: Any, config_path: Path) -> tuple[str, list[str], str | None] | str:
+    """Return (backend, bootstrap, NATS URL) to reach the node of `config`, or the problem.
+
+    The config's bootstrap list names the node's peers, not the node, and a node with its own
+    NATS server has no URL in its config, so the running node's status file supplies both.
+    """
+    import orjson
+
+    bus = config.bus
+    bootstrap = list(bus.bootstrap)
+    nats_url = bus.nats_url
+    status_path = config.data_dir / "node.status.json"
+    try:
+        status = orjson.loads(status_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        status = None
+    if status is None or status.get("state") != "serving":
+        if (bus.backend == "nats" and nats_url) or (bus.backend == "libp2p" and bootstrap):
+            return bus.backend, bootstrap, nats_url
+        return (
+            f"the node of {config_path} is not serving ({status_path} is missing or not 'serving'); "
+            "start it with `cortex node start --config` or pass --bootstrap or --nats-url"
+        )
+    if bus.backend == "libp2p":
+        for address in status.get("bus_addresses", []):
+            peer = f"/p2p/{status['peer_id']}"
+            bootstrap.append(address if address.endswith(peer) else address + peer)
+    elif nats_url is None:
+        nats_url = status.get("nats_url")
+    return bus.backend, bootstrap, nats_url
 
 
 async def _wait_for_model(client: object, model: str) -> str:

@@ -33,6 +33,8 @@ import torch
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex import __version__
 from cortex.bus.bus import BusConfig, GossipBus
+from cortex.bus.errors import TransportError
+from cortex.bus.nats_transport import NatsTransport
 from cortex.bus.transport import Transport
 from cortex.comm import (
     RECORD_TYPES,
@@ -243,6 +245,15 @@ class Node:
         remove_pid_file(self.config.pid_path)
         logger.info("node %s stopped", self.peer_id)
 
+    def _nats_url(self) -> str | None:
+        """Return the NATS server URL this node uses (its own local server's too), or None on libp2p."""
+        if not isinstance(self.bus.transport, NatsTransport):
+            return None
+        try:
+            return self.bus.transport.url
+        except TransportError:
+            return None
+
     def _write_status(self, state: str) -> None:
         status = {
             "state": state,
@@ -250,6 +261,7 @@ class Node:
             "peer_id": self.peer_id,
             "data_endpoint": self.endpoint,
             "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
+            "nats_url": self._nats_url(),
             "models": {model: service.fragments() for model, service in self.services.items()},
             "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
             "router": {
