@@ -90,16 +90,13 @@ def _bus_of_node(config: Any, config_path: Path) -> tuple[str, list[str], str | 
     The config's bootstrap list names the node's peers, not the node, and a node with its own
     NATS server has no URL in its config, so the running node's status file supplies both.
     """
-    import orjson
+    from cortex.node.lifecycle import STATUS_FILE_NAME, read_status
 
     bus = config.bus
     bootstrap = list(bus.bootstrap)
     nats_url = bus.nats_url
-    status_path = config.data_dir / "node.status.json"
-    try:
-        status = orjson.loads(status_path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        status = None
+    status_path = config.data_dir / STATUS_FILE_NAME
+    status = read_status(config.data_dir)
     if status is None or status.get("state") != "serving":
         if (bus.backend == "nats" and nats_url) or (bus.backend == "libp2p" and bootstrap):
             return bus.backend, bootstrap, nats_url

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 from cortex.node.config import BusSettings, DataPlaneSettings, ModelSettings, NodeConfig, config_to_yaml
+from cortex.node.lifecycle import STATUS_FILE_NAME, read_status
 from events import Identity
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class LocalSwarm:
     def _spawn(self, node: SwarmNode) -> None:
         config_path = node.data_dir / "node.yaml"
         config_path.write_text(config_to_yaml(self.config_for(node)))
-        (node.data_dir / "node.status.json").unlink(missing_ok=True)
+        (node.data_dir / STATUS_FILE_NAME).unlink(missing_ok=True)
         log = node.log_path.open("ab")
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         node.process = subprocess.Popen(
@@ -161,17 +161,15 @@ class LocalSwarm:
 
     async def _wait_serving(self, node: SwarmNode) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        status_path = node.data_dir / "node.status.json"
         while time.monotonic() < deadline:
             assert node.process is not None
             if node.process.poll() is not None:
                 tail = node.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"node {node.index} exited with status {node.process.returncode}; log tail:\n{tail}")
-            if status_path.exists():
-                status = orjson.loads(status_path.read_bytes())
-                if status.get("state") == "serving":
-                    node.status = status
-                    return
+            status = read_status(node.data_dir)
+            if status is not None and status.get("state") == "serving":
+                node.status = status
+                return
             await asyncio.sleep(0.05)
         raise RuntimeError(f"node {node.index} did not serve within {START_TIMEOUT_S} s; see {node.log_path}")
 

@@ -6,12 +6,27 @@ import os
 import platform
 import signal
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from cortex.node.config import NodeConfig
 
 
 class NodeRefused(Exception):
     """The node may not start or join: a live twin, another protocol major, a bad setting."""
+
+
+STATUS_FILE_NAME = "node.status.json"
+
+
+def read_status(data_dir: Path) -> dict[str, Any] | None:
+    """Return the status the node of `data_dir` last wrote, or None if there is none or it is unreadable."""
+    try:
+        status: dict[str, Any] = orjson.loads((data_dir / STATUS_FILE_NAME).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return status
 
 
 def _is_running(pid: int) -> bool:

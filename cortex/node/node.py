@@ -54,7 +54,7 @@ from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
-from cortex.node.lifecycle import NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
+from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.scheduler import KV_CACHE_HARDWARE_KEY, SchedulerReducer, SchedulerView
@@ -277,7 +277,7 @@ class Node:
                 for model, batcher in self.batchers.items()
             },
         }
-        path = self.config.data_dir / "node.status.json"
+        path = self.config.data_dir / STATUS_FILE_NAME
         temporary = path.with_suffix(".tmp")
         temporary.write_bytes(orjson.dumps(status))
         temporary.replace(path)
