@@ -22,7 +22,7 @@ Every key, its default and its meaning (paths are relative to the config file's 
     torch_threads: 1                 # torch.set_num_threads for this node process
     device: auto                     # auto | cpu | cuda
     dtype: float32                   # float32 | bfloat16 | float16
-    fallback_model: null             # checkpoint folder of a light local model for degraded mode
+    fallback_model: <demo model>     # light local model for degraded mode (docs/degraded.md); null or none: off
     log_level: INFO                  # DEBUG | INFO | WARNING | ERROR
 
 `load_config(path)` returns a `NodeConfig`; any wrong key or value raises
@@ -92,7 +92,7 @@ class NodeConfig:
     torch_threads: int = 1
     device: str = "auto"
     dtype: str = "float32"
-    fallback_model: Path | None = None
+    fallback_model: Path | None = Path(__file__).resolve().parent.parent / "demo_model"  # the packaged demo model
     log_level: str = "INFO"
 
     @property
@@ -136,7 +136,7 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig
         torch_threads=reader.integer("torch_threads", 1, minimum=1),
         device=reader.choice("device", "auto", DEVICES),
         dtype=reader.choice("dtype", "float32", DTYPES),
-        fallback_model=_path(fallback, base_dir) if fallback else None,
+        fallback_model=NodeConfig.fallback_model if "fallback_model" not in raw else _path(fallback, base_dir) if fallback and fallback.lower() != "none" else None,
         log_level=reader.choice("log_level", "INFO", LOG_LEVELS, upper=True),
     )
     reader.reject_unknown()
