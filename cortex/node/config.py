@@ -1,6 +1,9 @@
 """Node configuration: one YAML file per node, validated before anything starts.
 
-Every key, its default and its meaning (paths are relative to the config file's folder):
+Every key, its default and its meaning. A relative path is resolved against the config
+file's folder, and a path written `package:NAME` names NAME inside the installed `cortex`
+package (`package:demo_model` is the bundled demo model), so one config file works both
+on the host and in the container.
 
     data_dir: ./node-data            # log store, pid file, bus state; created if missing
     identity: null                   # Ed25519 key file; null means <data_dir>/node.key
@@ -13,6 +16,8 @@ Every key, its default and its meaning (paths are relative to the config file's 
     data_plane:
       listen: tcp://127.0.0.1:0      # ZeroMQ ROUTER endpoint; port 0 picks a free port
       call_timeout_s: 10.0           # one block or expert call, before it is retried elsewhere
+    api:
+      listen: 127.0.0.1:8470         # HOST:PORT reserved for an HTTP API; nothing listens on it yet
     models:                          # models this node serves
       - path: ./demo_model           # checkpoint folder
         name: null                   # human name announced with the model; null: folder name
@@ -25,13 +30,17 @@ Every key, its default and its meaning (paths are relative to the config file's 
     fallback_model: <demo model>     # light local model for degraded mode (docs/degraded.md); null or none: off
     log_level: INFO                  # DEBUG | INFO | WARNING | ERROR
 
-`load_config(path)` returns a `NodeConfig`; any wrong key or value raises
-`ConfigError` with the key, the value and what is allowed.
+`load_config(path, environ)` returns a `NodeConfig`; any wrong key or value raises
+`ConfigError` with the key, the value and what is allowed. With `environ` (for example
+`os.environ`), variables such as `CORTEX_BUS_BACKEND` override keys first: see
+`cortex.node.config_env` for the names. `cortex.node.config_checks.check_paths` then checks
+that every path can be reached; docs/config.md documents the whole schema.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +55,9 @@ AUTO = "auto"
 DEFAULT_MEMORY_BUDGET_MB = 1024
 DEFAULT_KV_CACHE_BUDGET_MB = 256
 _FRAGMENT = re.compile(r"^(head|block\[\d+:\d+\]|expert\[\d+\]\[\d+\])$")
+PACKAGE_PREFIX = "package:"
+DEFAULT_API_LISTEN = "127.0.0.1:8470"
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 class ConfigError(ValueError):
@@ -68,6 +80,13 @@ class DataPlaneSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """Address reserved for an HTTP API. NOTE: Cortex has no HTTP API yet, so nothing listens here."""
+
+    listen: str = DEFAULT_API_LISTEN
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """One model to serve: explicit fragments, or `auto` within a memory budget."""
 
@@ -87,6 +106,7 @@ class NodeConfig:
     identity: Path | None = None
     bus: BusSettings = field(default_factory=BusSettings)
     data_plane: DataPlaneSettings = field(default_factory=DataPlaneSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     models: tuple[ModelSettings, ...] = ()
     kv_cache_budget_mb: float = DEFAULT_KV_CACHE_BUDGET_MB
     torch_threads: int = 1
@@ -104,8 +124,8 @@ class NodeConfig:
         return self.data_dir / "node.pid"
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read and validate the YAML node config at `path`."""
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read and validate the YAML node config at `path`, with `CORTEX_...` overrides from `environ` if given."""
     config_path = Path(path)
     try:
         text = config_path.read_text(encoding="utf-8")
@@ -117,12 +137,22 @@ def load_config(path: str | Path) -> NodeConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from None
-    return parse_config(raw if raw is not None else {}, base_dir=config_path.parent, source=str(config_path))
+    raw = raw if raw is not None else {}
+    origins: dict[str, str] = {}
+    if environ is not None:
+        from cortex.node.config_env import apply_environment
+
+        raw, origins = apply_environment(raw, environ, source=str(config_path))
+    return parse_config(raw, base_dir=config_path.parent, source=str(config_path), origins=origins)
 
 
-def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig:
-    """Validate a parsed YAML mapping; relative paths are resolved against `base_dir`."""
-    reader = _Reader(raw, "", source)
+def parse_config(raw: Any, base_dir: Path, source: str = "config", origins: Mapping[str, str] | None = None) -> NodeConfig:
+    """Validate a parsed YAML mapping; relative paths are resolved against `base_dir`.
+
+    `origins` maps a dotted key (`bus.backend`, `models[0].path`) to the environment variable
+    that set it, so an error about that key names the variable.
+    """
+    reader = _Reader(raw, "", source, dict(origins or {}))
     data_dir = _path(reader.string("data_dir", "./node-data"), base_dir)
     identity = reader.optional_string("identity")
     fallback = reader.optional_string("fallback_model")
@@ -131,6 +161,7 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig
         identity=_path(identity, base_dir) if identity else None,
         bus=_bus(reader.section("bus")),
         data_plane=_data_plane(reader.section("data_plane")),
+        api=_api(reader.section("api")),
         models=tuple(_model(item, base_dir) for item in reader.list_of_sections("models")),
         kv_cache_budget_mb=reader.number("kv_cache_budget_mb", DEFAULT_KV_CACHE_BUDGET_MB, minimum=0.0),
         torch_threads=reader.integer("torch_threads", 1, minimum=1),
@@ -143,9 +174,27 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config") -> NodeConfig
     return config
 
 
+def package_dir() -> Path:
+    """Return the folder of the installed `cortex` package, which `package:NAME` paths start from."""
+    import cortex
+
+    return Path(cortex.__file__).resolve().parent
+
+
 def _path(value: str, base_dir: Path) -> Path:
+    if value.startswith(PACKAGE_PREFIX):
+        return package_dir() / value[len(PACKAGE_PREFIX):].lstrip("/")
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _api(reader: _Reader) -> ApiSettings:
+    listen = reader.string("listen", DEFAULT_API_LISTEN)
+    match = _HOST_PORT.match(listen)
+    if match is None or int(match.group(2)) > 65535:
+        reader.fail("listen", listen, "HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:8470 or [::1]:8470")
+    reader.reject_unknown()
+    return ApiSettings(listen=listen)
 
 
 def _bus(reader: _Reader) -> BusSettings:
@@ -191,17 +240,20 @@ def _model(reader: _Reader, base_dir: Path) -> ModelSettings:
 class _Reader:
     """Typed access to one YAML mapping that remembers which keys were read."""
 
-    def __init__(self, raw: Any, prefix: str, source: str) -> None:
+    def __init__(self, raw: Any, prefix: str, source: str, origins: dict[str, str]) -> None:
         if not isinstance(raw, dict):
             where = prefix.rstrip(".") or "the top level"
             raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {type(raw).__name__}")
         self.raw_mapping: dict[str, Any] = raw
         self.prefix = prefix
         self.source = source
+        self.origins = origins
         self.seen: set[str] = set()
 
     def fail(self, key: str, value: Any, allowed: str) -> None:
-        raise ConfigError(f"{self.source}: {self.prefix}{key} = {value!r} is invalid; expected {allowed}")
+        variable = self.origins.get(f"{self.prefix}{key}")
+        where = f" (set by environment variable {variable})" if variable else ""
+        raise ConfigError(f"{self.source}: {self.prefix}{key} = {value!r}{where} is invalid; expected {allowed}")
 
     def raw(self, key: str, default: Any) -> Any:
         self.seen.add(key)
@@ -250,13 +302,15 @@ class _Reader:
         return str(normalized)
 
     def section(self, key: str) -> _Reader:
-        return _Reader(self.raw(key, {}), f"{self.prefix}{key}.", self.source)
+        return _Reader(self.raw(key, {}), f"{self.prefix}{key}.", self.source, self.origins)
 
     def list_of_sections(self, key: str) -> list[_Reader]:
         value = self.raw(key, [])
         if not isinstance(value, list):
             self.fail(key, value, "a list of mappings")
-        return [_Reader(item, f"{self.prefix}{key}[{index}].", self.source) for index, item in enumerate(value)]
+        return [
+            _Reader(item, f"{self.prefix}{key}[{index}].", self.source, self.origins) for index, item in enumerate(value)
+        ]
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.raw_mapping) - self.seen)
@@ -279,6 +333,7 @@ def config_to_yaml(config: NodeConfig) -> str:
             "join_wait_s": config.bus.join_wait_s,
         },
         "data_plane": {"listen": config.data_plane.listen, "call_timeout_s": config.data_plane.call_timeout_s},
+        "api": {"listen": config.api.listen},
         "models": [
             {
                 "path": str(model.path),
