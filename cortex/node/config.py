@@ -263,7 +263,9 @@ class _Reader:
     def string(self, key: str, default: str | None) -> str:
         value = self.raw(key, default)
         if value is None:
-            raise ConfigError(f"{self.source}: {self.prefix}{key} is missing; it is required")
+            setters = sorted(variable for dotted, variable in self.origins.items() if dotted.startswith(self.prefix))
+            where = f" (in the entry that environment variable {setters[0]} set)" if setters and self.prefix else ""
+            raise ConfigError(f"{self.source}: {self.prefix}{key} is missing{where}; it is required")
         if not isinstance(value, str) or not value:
             self.fail(key, value, "a non-empty string")
         return str(value)
