@@ -57,6 +57,7 @@ from cortex.node.directory import SwarmDirectory
 from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.registry import RegistryReducer, RegistryView
+from cortex.router import RouterReducer, RouterView
 from cortex.scheduler import KV_CACHE_HARDWARE_KEY, SchedulerReducer, SchedulerView
 from cortex.scheduler.admission import ModelGeometry
 from cortex.scheduler.planning import PlanningContext, driver_order
@@ -105,7 +106,9 @@ class Node:
         self.store = LogStore(config.data_dir / "events.db")
         self.registry: Projection[RegistryView] = Projection(RegistryReducer())
         self.scheduler: Projection[SchedulerView] = Projection(SchedulerReducer())
-        self.acceptor = Acceptor(self.store, [self.registry, self.scheduler], own_peer_id=self.peer_id)
+        self.router_view: Projection[RouterView] = Projection(RouterReducer())
+        self.views: dict[str, Projection[Any]] = {"registry": self.registry, "scheduler": self.scheduler, "router": self.router_view}
+        self.acceptor = Acceptor(self.store, list(self.views.values()), own_peer_id=self.peer_id)
         self.writer = EventWriter(self.identity, self.acceptor)
         self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
         self.dataplane = DataPlane(
@@ -263,6 +266,8 @@ class Node:
             "bus_addresses": list(getattr(self.bus.transport, "listen_addresses", [])),
             "nats_url": self._nats_url(),
             "models": {model: service.fragments() for model, service in self.services.items()},
+            # Replay of this node's log must rebuild views with these digests (tests/replay).
+            "view_digests": {name: projection.view.digest() for name, projection in self.views.items()},
             "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
             "router": {
                 model: {
