@@ -1,16 +1,16 @@
-"""Process-level pieces of a node: pid files, refusal errors and the hardware summary."""
+"""Process-level pieces of a node: pid files, the status file and refusal errors."""
 
 from __future__ import annotations
 
 import os
-import platform
 import signal
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from cortex.node.config import NodeConfig
+# Re-exported: node.py imports hardware_summary from here.
+from cortex.node.hardware import hardware_summary as hardware_summary
 
 
 class NodeRefused(Exception):
@@ -76,17 +76,3 @@ def signal_node(data_dir: Path, signum: int = signal.SIGTERM) -> int:
         raise NodeRefused(f"no running node found for data directory {data_dir} (no live pid in {data_dir / 'node.pid'})")
     os.kill(pid, signum)
     return pid
-
-
-def hardware_summary(config: NodeConfig) -> dict[str, int | str | bool]:
-    """Return what peers may want to know about this machine, for PeerJoined."""
-    import torch
-
-    return {
-        "cpus": os.cpu_count() or 0,
-        "torch_threads": config.torch_threads,
-        "device": config.device,
-        "dtype": config.dtype,
-        "cuda": bool(torch.cuda.is_available()),
-        "machine": platform.machine(),
-    }
