@@ -5,7 +5,10 @@ of one MoE layer at one decoding step of one request. The outputs are listed fla
 is the output of expert `experts[i]` computed by `producers[i]`, with BLAKE2b-256 digest
 `digests[i]` and relative L2 distance `distances_nano[i]` (in billionths) to the reference
 output of that expert's winning group. `NOT_FINITE` stands for an output with NaN or
-infinity. An output agrees when its distance is at most `tolerance_nano`.
+infinity. An output agrees when its distance is at most `tolerance_nano`. A vote of a
+spot check (a call sampled for a second replica, not a request with redundancy) records the
+sampling probability in millionths and the seed, so replay can recompute which calls were
+sampled (`cortex.quorum.policy.spot_checked`).
 
 `QuorumDecided` is the outcome for that layer and step after every round of votes (a round
 asks more replicas when the first ones did not form a quorum): the winning digest of each
@@ -34,6 +37,7 @@ MAX_OUTPUTS = 256
 MAX_EVIDENCE = 16
 MAX_DETAIL_CHARS = 256
 NANO = 1_000_000_000
+PPM = 1_000_000
 NOT_FINITE = 2**62  # distance of an output that has NaN or infinity in it
 
 # Outcome codes of QuorumDecided.
@@ -96,10 +100,15 @@ class QuorumVoted:
     producers: tuple[str, ...]
     digests: tuple[str, ...]
     distances_nano: tuple[int, ...]
-    spot_check: bool = False
+    spot_check_ppm: int = 0
+    spot_check_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_call(self.request_id, self.model_id, self.step, self.layer)
+        if not 0 <= self.spot_check_ppm <= PPM:
+            raise ValueError(f"spot_check_ppm must be in 0..{PPM}, got {self.spot_check_ppm}")
+        if not 0 <= self.spot_check_seed < 2**63:
+            raise ValueError(f"spot_check_seed must be in 0..2**63-1, got {self.spot_check_seed}")
         if not 0 < len(self.dtype) <= 16:
             raise ValueError(f"dtype {self.dtype!r:.40} must have 1 to 16 characters")
         _check_non_negative(tolerance_nano=self.tolerance_nano)

@@ -33,7 +33,8 @@ def votes(draw: st.DrawFn) -> QuorumVoted:
         producers=tuple(draw(st.sampled_from(PEERS)) for _ in experts),
         digests=tuple(draw(HEX) for _ in experts),
         distances_nano=tuple(draw(st.one_of(SMALL, st.just(NOT_FINITE))) for _ in experts),
-        spot_check=draw(st.booleans()),
+        spot_check_ppm=draw(st.integers(min_value=0, max_value=1_000_000)),
+        spot_check_seed=draw(SMALL),
     )
 
 
