@@ -23,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "drive requests. SIGTERM drains running requests, publishes PeerLeft and exits."
         ),
     )
-    start.add_argument("--config", required=True, type=Path, help="node config file (YAML)")
+    start.add_argument(
+        "--config", type=Path, default=None,
+        help="node config file (YAML; default: $CORTEX_HOME/config.yaml, else ~/.cortex/config.yaml, as cortex init writes it). "
+        "CORTEX_... environment variables override its keys (docs/config.md)",
+    )
     start.set_defaults(func=_run_start)
 
     stop = commands.add_parser(
@@ -31,9 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send SIGTERM to the node started from a data directory",
         description="Find the node's pid file in its data directory and send it SIGTERM, so it drains and leaves.",
     )
-    where = stop.add_mutually_exclusive_group(required=True)
+    where = stop.add_mutually_exclusive_group()
     where.add_argument("--data-dir", type=Path, help="the node's data directory")
-    where.add_argument("--config", type=Path, help="the node's config file (its data_dir is used)")
+    where.add_argument(
+        "--config", type=Path,
+        help="the node's config file, whose data_dir is used (default: $CORTEX_HOME/config.yaml, else ~/.cortex/config.yaml)",
+    )
     stop.set_defaults(func=_run_stop)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
@@ -77,10 +84,17 @@ def _run_start(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from cortex.node.config import ConfigError, load_config
+    import os
 
+    from cortex.node.config import ConfigError, load_config
+    from cortex.node.config_checks import check_paths
+    from cortex.node.home import default_config_path
+
+    if args.config is None:
+        args.config = default_config_path()
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, environ=os.environ)
+        check_paths(config, str(args.config))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -106,8 +120,6 @@ def _run_start(args: argparse.Namespace) -> int:
         status = 1
     # NOTE: libp2p can leave a non-daemon thread behind after a clean stop, which would keep
     # the process alive. The node has closed its log and sockets, so it exits without waiting.
-    import os
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -115,13 +127,16 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _run_stop(args: argparse.Namespace) -> int:
+    import os
+
     from cortex.node.config import ConfigError, load_config
+    from cortex.node.home import default_config_path
     from cortex.node.lifecycle import NodeRefused, signal_node
 
     data_dir = args.data_dir
     if data_dir is None:
         try:
-            data_dir = load_config(args.config).data_dir
+            data_dir = load_config(args.config or default_config_path(), environ=os.environ).data_dir
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -36,7 +36,7 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Hardware:
-    """What `cortex init` learns about this machine."""
+    """Facts about this machine, from which `cortex init` sizes the config."""
 
     cpu_cores: int  # cores this process may run on
     cpu_model: str
@@ -89,7 +89,7 @@ def ram_mb() -> int:
 
 
 def disk_free_mb(path: Path) -> int:
-    """Return the free MiB on the file system that holds `path`, or its nearest existing parent."""
+    """Return the free MiB on the file system that contains `path`, or its nearest existing parent."""
     probe = path.absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

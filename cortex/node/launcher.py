@@ -25,6 +25,7 @@ from typing import Any
 
 
 from cortex.node.config import BusSettings, DataPlaneSettings, ModelSettings, NodeConfig, config_to_yaml
+from cortex.node.config_env import without_overrides
 from cortex.node.lifecycle import STATUS_FILE_NAME, read_status
 from events import Identity
 
@@ -152,7 +153,8 @@ class LocalSwarm:
         config_path.write_text(config_to_yaml(self.config_for(node)))
         (node.data_dir / STATUS_FILE_NAME).unlink(missing_ok=True)
         log = node.log_path.open("ab")
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # CORTEX_... config overrides are for the operator's own node, not for every node of this swarm.
+        environment = {**without_overrides(os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         node.process = subprocess.Popen(
             [sys.executable, "-m", "cortex", "node", "start", "--config", str(config_path)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,

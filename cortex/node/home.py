@@ -1,0 +1,94 @@
+"""The Cortex home folder (`$CORTEX_HOME`, else `~/.cortex`) and clear messages for unwritable folders.
+
+`cortex init` and install.sh put the node's key, `config.yaml`, log, pid and status files in
+the home folder. `cortex node start` and `cortex node stop` read `<home>/config.yaml` when no
+`--config` is given.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+HOME_VARIABLE = "CORTEX_HOME"
+CONFIG_NAME = "config.yaml"
+
+
+def cortex_home(environ: Mapping[str, str] | None = None) -> Path:
+    """Return `$CORTEX_HOME` if set and not empty, else `~/.cortex`, as an absolute path."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(HOME_VARIABLE, "")
+    return Path(value).expanduser().absolute() if value else Path("~/.cortex").expanduser().absolute()
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Return `<home>/config.yaml`, the config `cortex init` writes."""
+    return cortex_home(environ) / CONFIG_NAME
+
+
+def user_name(uid: int | None = None) -> str:
+    """Return the login name of `uid` (this process's user by default), or the number if it has none."""
+    uid = os.geteuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def nearest_existing(path: Path) -> Path:
+    """Return `path` if it exists, else its nearest existing parent."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def directory_problem(path: Path) -> str | None:
+    """Return why this user cannot create or write the folder `path`, with the command that fixes it, or None."""
+    existing = nearest_existing(path)
+    me = user_name()
+    quoted = shlex.quote(str(path))
+    if existing == path.absolute() and not existing.is_dir():
+        return f"{path} exists but is not a folder; move it away or choose another folder"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    owner = user_name(existing.stat().st_uid)
+    other_place = f"or set {HOME_VARIABLE} to a folder this user can write"
+    if _read_only_file_system(existing):
+        return f"{existing} is on a read-only file system, so {path} cannot be written; {other_place}"
+    if existing == path.absolute():
+        return (
+            f"{path} is owned by {owner} and this user ({me}) cannot write to it; run "
+            f"`sudo chown -R {me} {quoted}` and run this again, {other_place}"
+        )
+    return (
+        f"cannot create {path}: {existing} is owned by {owner} and this user ({me}) cannot write to it; run "
+        f"`sudo mkdir -p {quoted} && sudo chown {me} {quoted}` and run this again, {other_place}"
+    )
+
+
+def _read_only_file_system(path: Path) -> bool:
+    try:
+        flags = os.statvfs(path).f_flag
+    except OSError:
+        return False
+    return bool(flags & os.ST_RDONLY)
+
+
+def describe_os_error(error: OSError, path: Path, home: Path) -> str:
+    """Return a one-line message for a failed write of `path` inside `home`, naming the fix for permission errors."""
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"could not write {path}: {error.strerror or error}"
+    problem = directory_problem(path.parent)
+    if problem:
+        return problem
+    me = user_name()
+    owner = user_name(nearest_existing(path).stat().st_uid)
+    return (
+        f"cannot write {path}: it is owned by {owner} and this user ({me}) may not change it; run "
+        f"`sudo chown -R {me} {shlex.quote(str(home))}` and run this again, or set {HOME_VARIABLE} to a folder this user can write"
+    )
