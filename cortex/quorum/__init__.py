@@ -13,6 +13,8 @@ from cortex.quorum.events import (
     QuorumDecided,
     QuorumVoted,
 )
+from cortex.quorum.rules import TRUST_MAX, TRUST_START, TRUST_THRESHOLD
+from cortex.quorum.trust import PeerTrust, TrustReducer, TrustView
 
 __all__ = [
     "AGREED",
@@ -23,7 +25,13 @@ __all__ = [
     "NOT_FINITE",
     "NO_QUORUM",
     "QUORUM",
+    "TRUST_MAX",
+    "TRUST_START",
+    "TRUST_THRESHOLD",
+    "PeerTrust",
     "PeerPenalized",
     "QuorumDecided",
     "QuorumVoted",
+    "TrustReducer",
+    "TrustView",
 ]
