@@ -143,6 +143,7 @@ def _summary(swarm: Any, result: Any, model_id: str, timings: dict[str, float]) 
         "nodes": nodes,
         "timings_ms": {**{k: round(v, 1) for k, v in timings.items()}, **request_timings},
         "degraded": bool(completed.degraded) if completed is not None else False,
+        "degraded_reason": completed.degraded_reason if completed is not None else "",
         "finish_reason": completed.finish_reason if completed is not None else None,
         "failed": None if result.failed is None else {"reason": result.failed.reason_code, "message": result.failed.message},
     }
@@ -164,6 +165,8 @@ def _print_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         print(f"node {node['node']} {node['peer_id'][-8:]}{role}: {held}{served}")
     phases = ", ".join(f"{name.removesuffix('_ms')} {value / 1000:.2f} s" for name, value in summary["timings_ms"].items())
     print(f"timings: {phases}")
+    if summary["degraded"]:
+        print(f"degraded: answered by the driver's fallback model, not the swarm ({summary['degraded_reason']})")
     if summary["failed"] is not None:
         print(f"request failed ({summary['failed']['reason']}): {summary['failed']['message']}", file=sys.stderr)
 

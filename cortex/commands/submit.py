@@ -28,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--nats-url", help="URL of the swarm's NATS server")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the request to finish (default: 300)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with token ids, text, route and timings")
+    parser.add_argument(
+        "--deadline", type=float, default=0.0, metavar="SECONDS",
+        help="answer with the driver's fallback model (degraded) if no token arrives within this time (default: none)",
+    )
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 model_id = await _wait_for_model(client, args.model)
                 request_id = await client.submit(
-                    model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop
+                    model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop,
+                    deadline_ms=round(args.deadline * 1000),
                 )
                 on_text = None if args.json else _write
                 result = await client.run(request_id, args.timeout, on_text)
@@ -114,19 +119,26 @@ def _bus_of_node(config: Any, config_path: Path) -> tuple[str, list[str], str | 
 
 
 async def _wait_for_model(client: object, model: str) -> str:
+    """Resolve `model` and wait for a head holder; with none, go on if a fallback driver is live."""
     import asyncio
     import time
 
+    from cortex.driver.takeover import request_drivers
     from cortex.node.client import ClientError, SwarmClient
+    from events import wall_clock_ms
 
     assert isinstance(client, SwarmClient)
     deadline = time.monotonic() + 30.0
+    model_id: str | None = None
     while True:
         try:
             model_id = client.resolve_model(model)
-            await client.wait_for_model(model_id, {"head"}, max(deadline - time.monotonic(), 0.1))
+            await client.wait_for_model(model_id, {"head"}, min(max(deadline - time.monotonic(), 0.1), 5.0))
             return model_id
         except ClientError:
+            # A request id only reorders drivers, so any id tells whether some peer can answer.
+            if model_id is not None and request_drivers(client.registry.view, model_id, "0" * 64, wall_clock_ms()):
+                return model_id
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
@@ -149,12 +161,19 @@ def _report(result: object, as_json: bool) -> int:
                 "finish_reason": result.completed.finish_reason,
                 "timings_ms": result.completed.timings_ms,
                 "degraded": result.completed.degraded,
+                "degraded_reason": result.completed.degraded_reason,
             },
             "failed": None if result.failed is None else {"reason": result.failed.reason_code, "message": result.failed.message},
         }
         sys.stdout.write(orjson.dumps(record).decode() + "\n")
     else:
         sys.stdout.write("\n")
+        if result.completed is not None and result.completed.degraded:
+            print(
+                f"degraded: the swarm could not serve this request, so node {result.driver[-8:]} answered with its "
+                f"fallback model ({result.completed.degraded_reason})",
+                file=sys.stderr,
+            )
     if result.failed is not None:
         print(f"error: request failed ({result.failed.reason_code}): {result.failed.message}", file=sys.stderr)
         return 1

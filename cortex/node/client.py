@@ -1,8 +1,9 @@
 """SwarmClient: joins the bus without serving anything, submits requests and follows them.
 
 Used by `cortex submit` and `cortex demo`. The client has its own identity (the
-submitter), seals the prompt to every live head holder of the model (one of them will be
-the driver, chosen from the request id), and yields the request's events as they arrive.
+submitter), seals the prompt to the request's driver and the next peers of its driver order
+(`cortex.driver.takeover.prompt_readers`: head holders, or peers with a fallback model when
+no head holder is live), and yields the request's events as they arrive.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cortex.bus.bus import BusConfig, GossipBus
 from cortex.bus.transport import Transport
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.scheduler.content import new_nonce, open_tokens, prepare_submission
-from cortex.scheduler.planning import choose_driver
+from cortex.driver.takeover import prompt_readers
 from cortex.scheduler.request_events import (
     RequestAccepted,
     RequestCompleted,
@@ -30,7 +31,6 @@ from cortex.scheduler.request_events import (
     TokenGenerated,
     request_id_for,
 )
-from cortex.scheduler.errors import NoLiveHeadHolder
 from events import Acceptor, Event, EventWriter, Identity, LogStore, Projection, wall_clock_ms
 
 logger = logging.getLogger(__name__)
@@ -134,19 +134,26 @@ class SwarmClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        deadline_ms: int = 0,
     ) -> str:
-        """Publish a RequestSubmitted sealed to the request's driver; return the request id."""
+        """Publish a RequestSubmitted sealed to the request's driver and next drivers; return the request id.
+
+        `deadline_ms` (0: none) is the time from submission to the first token after which the
+        driver answers with its fallback model instead (docs/degraded.md).
+        """
         me = self.identity.peer_id
         nonce = new_nonce()
         request_id = request_id_for(me, nonce)
-        try:
-            driver = choose_driver(self.registry.view, model_id, request_id, wall_clock_ms(), submitter=me)
-        except NoLiveHeadHolder as error:
-            raise ClientError(str(error)) from None
+        readers = prompt_readers(self.registry.view, model_id, request_id, wall_clock_ms(), submitter=me)
+        if not readers:
+            raise ClientError(
+                f"no live peer holds the head of model {model_id[:16]} and none has a fallback model, so no node can "
+                "answer; start a node that serves this model"
+            )
         try:
             prepared = prepare_submission(
-                me, [driver], model_id, prompt, max_tokens=max_tokens, nonce=nonce, stop=stop,
-                temperature=temperature, top_p=top_p, seed=seed,
+                me, readers, model_id, prompt, max_tokens=max_tokens, nonce=nonce, stop=stop,
+                temperature=temperature, top_p=top_p, seed=seed, deadline_ms=deadline_ms,
             )
         except ValueError as error:
             raise ClientError(str(error)) from None

@@ -49,11 +49,14 @@ from cortex.comm import (
 )
 from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
+from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver
+from cortex.driver.takeover import fallback_order
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
+from cortex.node.driving import fallback_context, missing_fragments, prompt_readers_of, takeover_of
 from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.registry import RegistryReducer, RegistryView
@@ -120,6 +123,10 @@ class Node:
         )
         self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-compute")
         self.compute = worker_compute(self.workers)
+        try:
+            self.fallback = open_fallback(config.fallback_model, config.device, config.dtype, self.compute)
+        except FallbackError as error:
+            raise NodeRefused(str(error)) from None
         self.services: dict[str, ModelService] = {}
         self.directories: dict[str, SwarmDirectory] = {}
         self.routers: dict[str, TokenRouter] = {}
@@ -127,6 +134,7 @@ class Node:
         self.tokenizers: dict[str, Any] = {}
         self.stopping = asyncio.Event()
         self.drivers: set[asyncio.Task[None]] = set()
+        self.driving: set[str] = set()  # ids of the requests this node drives or drove
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
@@ -207,6 +215,8 @@ class Node:
         names = {f"model:{service.name}": service_id for service_id, service in self.services.items()}
         hardware: dict[str, int | str | bool] = {**hardware_summary(self.config), **names}
         hardware[KV_CACHE_HARDWARE_KEY] = int(self.config.kv_cache_budget_mb * MIB)
+        if self.fallback is not None:
+            hardware[FALLBACK_HARDWARE_KEY] = self.fallback.model_id
         return PeerJoined(
             bus_addresses=tuple(getattr(self.bus.transport, "listen_addresses", [])),
             data_endpoint=self.endpoint,
@@ -226,6 +236,7 @@ class Node:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             await self.emit(PeerHeartbeat(latest_seq=self.writer.last_seq))
+            self._take_over_silent_drivers()
 
     async def _drain(self) -> None:
         logger.info("draining %d running request(s)", len(self.drivers))
@@ -352,6 +363,8 @@ class Node:
         body = call.inputs[0].event.body
         service = self._service(body.model_id)
         spec = f"block[{body.start}:{body.stop}]"
+        if body.position == 0 and spec in service.blocks:
+            service.blocks[spec].close_session(call.request_id)  # a new start or a replay (takeover) of the session
         hidden = await service.executor(spec).run(call.request_id, call.tensors["hidden"].clone(), body.position)
         fields = {"model_id": body.model_id, "step": body.step, "start": body.start, "stop": body.stop}
         return Response(StageOutputProduced, fields, {"hidden": hidden})
@@ -401,7 +414,7 @@ class Node:
     def _consider(self, event: Event) -> None:
         request: RequestSubmitted = event.body
         service = self.services.get(request.model_id)
-        if service is None or service.head is None or self.stopping.is_set() or self._task_group is None:
+        if self.stopping.is_set() or self._task_group is None:
             return
         request_id = request_id_for(event.author, request.nonce)
         record = self.scheduler.view.record(request_id)
@@ -410,13 +423,43 @@ class Node:
         if wall_clock_ms() - event.time_ms > STALE_REQUEST_MS:
             logger.info("request %s was submitted %d s ago; not driving it", request_id[:12], (wall_clock_ms() - event.time_ms) // 1000)
             return
-        order = driver_order(self.registry.view, request.model_id, request_id, wall_clock_ms(), submitter=event.author)
-        if not order or order[0] != self.peer_id:
-            return
-        driver = RequestDriver(self._driver_context(service), event)
+        now = wall_clock_ms()
+        order = driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author)
+        if order and order[0] == self.peer_id and service is not None and service.head is not None:
+            self._start_driver(RequestDriver(self._driver_context(service), event))
+        elif not order and self.fallback is not None and fallback_order(self.registry.view, request_id, now, event.author)[:1] == [self.peer_id]:
+            # No live head holder: this node is the request's fallback driver (docs/degraded.md).
+            context = fallback_context(
+                self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
+                lambda submitted: prompt_readers_of(self.registry.view, submitted),
+            )
+            self._start_driver(RequestDriver(context, event))
+
+    def _start_driver(self, driver: RequestDriver) -> None:
+        assert self._task_group is not None
+        self.driving.add(driver.request_id)
         task = self._task_group.create_task(driver.run())
         self.drivers.add(task)
         task.add_done_callback(self.drivers.discard)
+        task.add_done_callback(lambda _: self.driving.discard(driver.request_id))
+
+    def _take_over_silent_drivers(self) -> None:
+        """Take over the in-flight requests whose driver went silent and whose next driver is this node."""
+        if self.stopping.is_set() or self._task_group is None:
+            return
+        now = wall_clock_ms()
+        for record in self.scheduler.view.in_flight():
+            service = self.services.get(record.model_id)
+            if service is None or service.head is None or record.request_id in self.driving:
+                continue
+            found = takeover_of(self.registry.view, self.store, record, self.identity, now)
+            if found is not None:
+                submitted, takeover = found
+                logger.warning(
+                    "taking request %s over from silent driver %s after %d streamed tokens",
+                    record.request_id[:12], takeover.previous_driver or "(none accepted)", len(takeover.token_ids),
+                )
+                self._start_driver(RequestDriver(self._driver_context(service), submitted, takeover))
 
     def _driver_context(self, service: ModelService) -> DriverContext:
         directory = self.directories[service.model_id]
@@ -447,6 +490,9 @@ class Node:
             record=lambda request_id: self.scheduler.view.record(request_id),
             executor_for=executor_for,
             records_of=self.records_of,
+            fallback=self.fallback,
+            missing_fragments=lambda: missing_fragments(self.registry.view, service, wall_clock_ms()),
+            readers=lambda submitted: prompt_readers_of(self.registry.view, submitted),
         )
 
 

@@ -1,0 +1,122 @@
+"""Who drives a request besides its first driver: takeover after a silent driver, and fallback drivers.
+
+Readers. The submitter seals the prompt, and the driver seals every token batch, to the
+first `1 + TAKEOVER_READERS` peers of the request's driver order (`prompt_readers`), so the
+next drivers in that order can open the prompt and the text already streamed.
+
+Takeover. A driver is silent when its last heartbeat is older than `DRIVER_SILENCE_MS`
+(about five missed heartbeats). Each head holder checks the in-flight requests once a
+heartbeat (`takeover_due`): when a request's driver is silent, or nobody accepted it
+`DRIVER_SILENCE_MS` after it was submitted while the driver the order names is silent, the
+first live peer of `driver_order` without the silent ones takes it over. It publishes
+`RequestAccepted` with `takeover_of` set, replays the prompt and the tokens already streamed
+(`streamed_tokens`) as one prefill, and streams on from the next step, so the submitter
+sees no duplicated or changed token.
+
+Fallback drivers. When no live peer holds a model's head, the request is driven by a live
+peer that announced a fallback model: the submitter itself if it is such a peer, else the
+first in rendezvous order over those peers (`fallback_order`). It answers degraded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
+from cortex.privacy import open_json
+from cortex.registry import RegistryView
+from cortex.scheduler.lifecycle import RequestRecord
+from cortex.scheduler.planning import driver_order, rendezvous_score
+from cortex.scheduler.request_events import TokenGenerated
+from events import Identity
+
+TAKEOVER_READERS = 2
+DRIVER_SILENCE_MS = 5_000
+# A request whose last event is older than this is history (a join sync), not a live request.
+ABANDONED_AFTER_MS = 60_000
+
+
+class UnreadableStream(Exception):
+    """The tokens a previous driver streamed cannot all be opened here, so the text cannot go on."""
+
+
+def fallback_order(registry: RegistryView, request_id: str, now_ms: int, submitter: str = "") -> list[str]:
+    """Return the live peers with a fallback model in rendezvous order, the submitter first if it is one."""
+    peers = [
+        peer
+        for peer, record in registry.peers.items()
+        if record.announcement is not None
+        and FALLBACK_HARDWARE_KEY in record.announcement.hardware
+        and registry.is_live(peer, now_ms)
+    ]
+    ranked = sorted(peers, key=lambda peer: (bytes(255 - b for b in rendezvous_score(request_id, peer)), peer))
+    if submitter in ranked:
+        ranked.remove(submitter)
+        ranked.insert(0, submitter)
+    return ranked
+
+
+def request_drivers(registry: RegistryView, model_id: str, request_id: str, now_ms: int, submitter: str = "") -> list[str]:
+    """Return the driver order of a request: head holders, or fallback peers when none is live."""
+    return driver_order(registry, model_id, request_id, now_ms, submitter) or fallback_order(registry, request_id, now_ms, submitter)
+
+
+def prompt_readers(registry: RegistryView, model_id: str, request_id: str, now_ms: int, submitter: str = "") -> list[str]:
+    """Return the peers a submission is sealed to besides the submitter: the driver and the next ones."""
+    return request_drivers(registry, model_id, request_id, now_ms, submitter)[: 1 + TAKEOVER_READERS]
+
+
+def is_silent(registry: RegistryView, peer: str, now_ms: int) -> bool:
+    return not registry.is_live(peer, now_ms, timeout_ms=DRIVER_SILENCE_MS)
+
+
+def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms: int) -> str | None:
+    """Return the driver `me` takes `record` over from ("" if none accepted it), or None if not due.
+
+    Due when the request is in flight and recent, its current driver is silent (or nobody
+    accepted it `DRIVER_SILENCE_MS` after submission), and `me` is the first peer of the
+    driver order once the silent peers are left out.
+    """
+    if not record.is_in_flight or record.submission is None or record.driver == me:
+        return None
+    last_activity = max(record.submitted_ms, record.accepted_ms, record.last_token_ms)
+    if now_ms - last_activity > ABANDONED_AFTER_MS:
+        return None
+    model_id = record.submission.model_id
+    full = driver_order(registry, model_id, record.request_id, now_ms, record.submitter)
+    silent = {peer for peer in [*full, *record.drivers] if is_silent(registry, peer, now_ms)}
+    if record.driver:
+        if record.driver not in silent:
+            return None
+        previous = record.driver
+    else:
+        if now_ms - record.submitted_ms < DRIVER_SILENCE_MS or not full or full[0] not in silent:
+            return None
+        previous = ""
+    order = [peer for peer in full if peer not in silent]
+    return previous if order and order[0] == me else None
+
+
+def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tuple[list[int], str]:
+    """Return the token ids and text a request's drivers streamed, in step order, opened with `identity`.
+
+    Pass the batches by the request's drivers that reached this node. Raises UnreadableStream
+    when a batch is sealed to other readers or steps are missing before the last one streamed.
+    """
+    by_start: dict[int, TokenGenerated] = {}
+    for body in batches:
+        by_start.setdefault(body.step_start, body)
+    tokens: list[int] = []
+    text = ""
+    last = max((body.step_stop for body in by_start.values()), default=0)
+    while len(tokens) < last:
+        batch = by_start.get(len(tokens))
+        if batch is None:
+            raise UnreadableStream(f"steps from {len(tokens)} on are missing here, though steps up to {last} were streamed")
+        try:
+            content = open_json(batch.sealed_tokens, identity)
+        except Exception as error:  # noqa: BLE001 - NotARecipient or a broken seal: the text cannot go on here
+            raise UnreadableStream(f"tokens at steps {batch.step_start} to {batch.step_stop} cannot be opened here: {error}") from error
+        tokens.extend(int(token) for token in content["token_ids"])
+        text += str(content["text"])
+    return tokens, text

@@ -1,0 +1,134 @@
+"""The node's side of degraded mode and driver takeover: what the node's hooks call.
+
+- `missing_fragments`: the fragments of a served model with no live loaded holder, which
+  make a new request degrade (docs/degraded.md).
+- `prompt_readers_of`: the known peers a submission's prompt is sealed to; the driver seals
+  token batches to them too, so the next driver in order can continue the text.
+- `takeover_of`: the `Takeover` (previous driver, tokens streamed so far) of a request this
+  node should take over now, read from the node's views and log.
+- `fallback_context`: a `DriverContext` for a model this node does not serve, used when no
+  live peer holds its head and this node is the request's fallback driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cortex.driver.executors import BlockExecutor, Compute
+from cortex.driver.fallback import FallbackModel
+from cortex.driver.requests import DriverContext, Emit, Takeover
+from cortex.driver.takeover import UnreadableStream, streamed_tokens, takeover_due
+from cortex.node.service import ModelService
+from cortex.privacy import is_recipient
+from cortex.registry import RegistryView
+from cortex.scheduler.lifecycle import RequestRecord
+from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
+from events import Event, Identity, LogStore
+
+logger = logging.getLogger(__name__)
+
+
+def missing_fragments(registry: RegistryView, service: ModelService, now_ms: int) -> list[str]:
+    """Return the model's fragments (head, blocks covering every layer, experts) that no live peer loaded.
+
+    Blocks count as covered when the loaded `block[a:b]` fragments of live peers cover every
+    layer, whatever their boundaries.
+    """
+    from cortex.node.claims import fragment_sizes
+    from events.shards import parse_fragment
+
+    coverage = registry.coverage(service.model_id, now_ms)
+    served = {fragment for fragment, holders in coverage.items() if holders.loaded}
+    layers: set[int] = set()
+    for fragment in served:
+        parsed = parse_fragment(fragment)
+        if parsed.kind == "block":
+            layers.update(range(parsed.start, parsed.stop))
+    missing = []
+    for fragment in fragment_sizes(service.loader):
+        parsed = parse_fragment(fragment)
+        if parsed.kind == "block":
+            if not set(range(parsed.start, parsed.stop)) <= layers:
+                missing.append(fragment)
+        elif fragment not in served:
+            missing.append(fragment)
+    return missing
+
+
+def prompt_readers_of(registry: RegistryView, request: RequestSubmitted) -> list[str]:
+    """Return the known peers that can open the request's prompt (the submitter's chosen drivers)."""
+    sealed = request.sealed_prompt
+    if not sealed:
+        return []
+    return sorted(peer for peer in registry.peers if is_recipient(sealed, peer))
+
+
+def takeover_of(
+    registry: RegistryView, store: LogStore, record: RequestRecord, identity: Identity, now_ms: int
+) -> tuple[Event, Takeover] | None:
+    """Return (RequestSubmitted event, Takeover) when this node should take `record` over now, else None.
+
+    Returns None, after logging why, when the streamed tokens cannot be read here: another
+    peer of the order may be able to, and the submitter keeps what it received.
+    """
+    previous = takeover_due(registry, record, identity.peer_id, now_ms)
+    if previous is None:
+        return None
+    submission = next((fact for fact in record.facts.values() if isinstance(fact.body, RequestSubmitted)), None)
+    if submission is None:
+        return None
+    stored = store.stored_at(submission.author, submission.seq)
+    submitted = store.get(stored[0][0]) if stored else None
+    if submitted is None:
+        return None
+    drivers = set(record.drivers)
+    batches = [
+        event.body
+        for event in store.events(type="TokenGenerated", ref=submitted.id)
+        if event.author in drivers and isinstance(event.body, TokenGenerated)
+    ]
+    try:
+        tokens, text = streamed_tokens(batches, identity)
+    except UnreadableStream as error:
+        logger.warning("cannot take request %s over from %s: %s", record.request_id[:12], previous or "nobody", error)
+        return None
+    if tokens and record.drivers and not record.route:
+        logger.warning(
+            "cannot take request %s over: its driver %s was answering with its fallback model, and this node "
+            "cannot continue another model's text", record.request_id[:12], previous,
+        )
+        return None
+    return submitted, Takeover(previous, tokens, text)
+
+
+def fallback_context(
+    identity: Identity,
+    emit: Emit,
+    model_id: str,
+    compute: Compute,
+    fallback: FallbackModel,
+    records_of: Callable[[str], list[str]],
+    readers: Callable[[RequestSubmitted], list[str]],
+) -> DriverContext:
+    """Return a DriverContext that can only answer with the fallback model (no head of `model_id` here)."""
+
+    def no_blocks(spec: str, holder: str) -> BlockExecutor:
+        raise AssertionError(f"a fallback-only driver runs no block ({spec} on {holder})")
+
+    return DriverContext(
+        identity=identity,
+        emit=emit,
+        model_id=model_id,
+        head=None,
+        tokenizer=None,
+        eos_token_ids=[],
+        geometry=None,
+        compute=compute,
+        planning=lambda own_request: None,  # type: ignore[arg-type,return-value]
+        record=lambda request_id: None,
+        executor_for=no_blocks,
+        records_of=records_of,
+        fallback=fallback,
+        readers=readers,
+    )
