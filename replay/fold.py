@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from events.codec import Event
-from replay.reader import LogReader
+from replay.reader import LogReader, is_swarm_scoped
 from replay.views import LoadedView
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Folder:
             return None
         self.index += 1
         refolded = False
-        if self._disputed and (event.author, event.seq) in self._disputed:
+        if self._disputed and (event.author, event.seq) in self._disputed and is_swarm_scoped(event.type):
             refolded = self._note_disputed(event)
         applied = self._selected(event)
         if applied and not refolded:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import events.model as event_model
 from events.codec import Event, parse_event
 from events.errors import EventRejected
 from events.store import FORMAT_VERSION, Equivocation
@@ -37,6 +38,19 @@ from replay.arguments import LOG_FILE_NAME
 from replay.errors import EventNotFound, LogOpenError
 
 _CANONICAL = " ORDER BY e.lamport, e.author, e.seq, e.id"
+SWARM_SCOPE = "swarm"
+
+
+def is_swarm_scoped(type_name: str) -> bool:
+    """Return whether events of this type take seqs in the author's swarm sequence.
+
+    Request-scoped records take seqs in a sequence of their own (`events.model.scope_of`).
+    A build without event scopes numbers every event in one sequence.
+    """
+    # NOTE: `scope_of` arrives with the record scopes of the event core; until every build
+    # has them, a missing function means one sequence per author.
+    scope_of = getattr(event_model, "scope_of", None)
+    return scope_of is None or scope_of(type_name) == SWARM_SCOPE
 _ID_PATTERN_CHARS = frozenset("0123456789abcdef")
 
 
@@ -141,6 +155,10 @@ class LogReader:
             raise LogOpenError(f"cannot read log file {self.path}: {error}") from error
 
     def _check_format(self) -> None:
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(events)")}
+        # A log with a `scope` column numbers request-scoped records in their own sequence, so
+        # seq checks and equivocations look at swarm-scoped events only, as the Acceptor does.
+        self.swarm_condition = f"scope = '{SWARM_SCOPE}'" if "scope" in columns else "1"
         version = self._connection.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in self._connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not {"events", "refs", "equivocations"} <= tables:
@@ -170,8 +188,9 @@ class LogReader:
             self._connection.execute("COMMIT")
 
     def events_at(self, author: str, seq: int) -> int:
-        """Return how many different events the log holds for this author and seq."""
-        row = self._connection.execute("SELECT COUNT(*) FROM events WHERE author = ? AND seq = ?", (author, seq)).fetchone()
+        """Return how many different swarm-scoped events the log holds for this author and seq."""
+        query = f"SELECT COUNT(*) FROM events WHERE author = ? AND seq = ? AND {self.swarm_condition}"
+        row = self._connection.execute(query, (author, seq)).fetchone()
         return int(row[0])
 
     def data_version(self) -> int:
@@ -277,8 +296,10 @@ class LogReader:
         return int(before)
 
     def disputed_keys(self) -> set[tuple[str, int]]:
-        """Return every (author, seq) that has two or more different events: equivocations."""
-        rows = self._connection.execute("SELECT author, seq FROM events GROUP BY author, seq HAVING COUNT(*) > 1")
+        """Return every (author, seq) that has two or more different swarm-scoped events: equivocations."""
+        rows = self._connection.execute(
+            f"SELECT author, seq FROM events WHERE {self.swarm_condition} GROUP BY author, seq HAVING COUNT(*) > 1"
+        )
         return {(author, seq) for author, seq in rows}
 
     def recorded_equivocations(self) -> list[Equivocation]:
@@ -289,9 +310,10 @@ class LogReader:
         return [Equivocation(author, seq, first.hex(), second.hex()) for author, seq, first, second in rows]
 
     def author_seqs(self) -> dict[str, list[int]]:
-        """Map each author to its distinct stored seqs, ascending."""
+        """Map each author to its distinct stored swarm-scoped seqs, ascending."""
         seqs: dict[str, list[int]] = {}
-        for author, seq in self._connection.execute("SELECT DISTINCT author, seq FROM events ORDER BY author, seq"):
+        query = f"SELECT DISTINCT author, seq FROM events WHERE {self.swarm_condition} ORDER BY author, seq"
+        for author, seq in self._connection.execute(query):
             seqs.setdefault(author, []).append(seq)
         return seqs
 

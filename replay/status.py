@@ -21,8 +21,9 @@ from replay.times import format_duration_ms
 
 
 def peer_rows(registry: RegistryView, now_ms: int, views: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Return one dict per known peer: id, addresses, hardware, liveness, trust and load."""
+    """Return one dict per known peer: id, addresses, hardware, liveness, trust, exclusion and load."""
     trust_of = _hook(views, "trust_of")
+    is_excluded = _hook(views, "is_excluded")
     load_of = _hook(views, "load_of")
     routed = _call(views, "load_by_holder")
     reserved = _call(views, "kv_reserved_by_holder")
@@ -50,6 +51,7 @@ def peer_rows(registry: RegistryView, now_ms: int, views: Mapping[str, Any]) -> 
             "liveness": liveness_text(registry, peer_id, now_ms),
             "last_heartbeat_ms": record.last_heartbeat_ms,
             "trust": None if trust_of is None else trust_of(peer_id),
+            "excluded": None if is_excluded is None else is_excluded(peer_id),
             "load": load,
         })
     return rows
@@ -164,6 +166,7 @@ def swarm_status(views: Mapping[str, Any], unavailable: Mapping[str, str], now_m
         "now_ms": now_ms,
         "peers": peer_rows(registry, now_ms, views),
         "live_peers": len(registry.live_peers(now_ms)),
+        "excluded_peers": _call(views, "excluded_peers"),
         "models": [model_coverage(registry, model_id, now_ms) for model_id in registry.models()],
         "requests_in_flight": in_flight,
         "notes": notes,

@@ -11,13 +11,17 @@ with `cortex.privacy`, as nodes do.
 With each token batch come the request-scoped records of one decoding step, as they are in
 the log of a node on the request's route. They are the output of one block
 (`StageOutputProduced`) and, for two routed experts of one MoE layer, the input sent
-(`ExpertInputSent`) and the output produced (`ExpertOutputProduced`).
+(`ExpertInputSent`) and the output produced (`ExpertOutputProduced`). One step in
+VOTE_EVERY_STEPS runs its experts with redundancy 2: each expert has a second output from
+another peer, and the block holder publishes the quorum's `QuorumVoted` and `QuorumDecided`.
 
 Request events exist only when the Scheduler's event types import (`cortex.scheduler`),
 and records only when the data plane's do (`cortex.comm.records`); otherwise the mix is
 membership and shard events alone. `mix_types()` returns the types a generated log can
-contain. Quorum votes are not in the mix: their event types do not exist yet. Events are signed with real keys (seeded, so the peers are the
-same in every run) and stored with `LogStore.insert` without the acceptance checks, since
+contain; votes come with records when the quorum's event types import (`cortex.quorum`).
+Events are signed with real keys (seeded, so the peers are the same in every run), each
+author numbering request-scoped records in their own sequence when the build has event
+scopes, and stored with `LogStore.insert` without the acceptance checks, since
 the generator is trusted; `cortex replay LOG --verify` passes on the result.
 """
 
@@ -38,8 +42,9 @@ from events.identity import Identity
 from events.membership import PeerHeartbeat, PeerJoined
 from events.shards import ShardClaimed, ShardLoaded, ShardReleased, parse_fragment
 from events.store import LogStore
+from replay.reader import is_swarm_scoped
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bump when the mix changes, so cached logs of the old mix are not reused."""
 
 MODEL_ID = hashlib.blake2b(b"synthetic moe model", digest_size=32).hexdigest()
@@ -52,6 +57,8 @@ HEARTBEAT_INTERVAL_MS = 2_000
 EVENT_SPACING_MS = 3
 """Simulated wall-clock time between two consecutive events of the swarm."""
 START_MS = 1_764_800_000_000
+VOTE_EVERY_STEPS = 4
+"""One decoding step in this many has its experts run twice and voted on."""
 
 
 def scheduler_types() -> Any:
@@ -72,6 +79,15 @@ def record_types() -> Any:
     return records
 
 
+def quorum_types() -> Any:
+    """Return the `cortex.quorum` module if the quorum's event types import, else None."""
+    try:
+        import cortex.quorum as quorum
+    except ImportError:
+        return None
+    return quorum
+
+
 def mix_types() -> list[str]:
     """Return the event types a generated log contains in this build."""
     names = ["PeerJoined", "PeerHeartbeat", "ShardClaimed", "ShardLoaded", "ShardReleased"]
@@ -79,6 +95,8 @@ def mix_types() -> list[str]:
         names += ["RequestSubmitted", "RequestAccepted", "TokenGenerated", "RequestCompleted"]
         if record_types() is not None:
             names += ["StageOutputProduced", "ExpertInputSent", "ExpertOutputProduced"]
+            if quorum_types() is not None:
+                names += ["QuorumVoted", "QuorumDecided"]
     return names
 
 
@@ -98,6 +116,7 @@ def schema_fingerprint() -> str:
 class _Peer:
     identity: Identity
     seq: int = 0
+    request_seq: int = 0
     next_heartbeat_ms: int = 0
     loaded: list[str] = field(default_factory=list)
 
@@ -123,6 +142,7 @@ class SwarmSimulator:
         self.peers = [_Peer(Identity(self._random.randbytes(32))) for _ in range(peers)]
         self._scheduler = scheduler_types()
         self._records = record_types()
+        self._quorum = quorum_types() if self._records is not None else None
         self._lamport = 0
         self._now_ms = START_MS
         self._sealed: dict[tuple[str, str, str], str] = {}
@@ -139,10 +159,15 @@ class SwarmSimulator:
                 yield from self._churn()
 
     def _sign(self, peer: _Peer, body: Any, refs: tuple[str, ...] = ()) -> Event:
-        peer.seq += 1
+        if is_swarm_scoped(type(body).__name__):
+            peer.seq += 1
+            seq = peer.seq
+        else:
+            peer.request_seq += 1
+            seq = peer.request_seq
         self._lamport += 1
         self._now_ms += EVENT_SPACING_MS
-        return sign_event(peer.identity, body, seq=peer.seq, lamport=self._lamport, time_ms=self._now_ms, refs=refs)
+        return sign_event(peer.identity, body, seq=seq, lamport=self._lamport, time_ms=self._now_ms, refs=refs)
 
     def _join(self, peer: _Peer) -> Iterator[Event]:
         index = self.peers.index(peer)
@@ -210,7 +235,7 @@ class SwarmSimulator:
         for batch in range(BATCHES_PER_REQUEST):
             start = batch * TOKENS_PER_BATCH
             if self._records is not None:
-                yield from self._step_records(route, refs, step=start)
+                yield from self._step_records(route, refs, request_id, step=start)
             yield self._sign(driver, scheduler.TokenGenerated(
                 request_id=request_id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
             ), refs)
@@ -220,8 +245,8 @@ class SwarmSimulator:
             records_digest=hashlib.blake2b(request_id.encode(), digest_size=32).hexdigest(), records_count=96,
         ), refs)
 
-    def _step_records(self, route: dict[str, str], refs: tuple[str, ...], step: int) -> Iterator[Event]:
-        """Yield one step's records: a block's output, and two experts' inputs and outputs."""
+    def _step_records(self, route: dict[str, str], refs: tuple[str, ...], request_id: str, step: int) -> Iterator[Event]:
+        """Yield one step's records: a block's output, two experts' inputs and outputs, and maybe a vote."""
         records = self._records
         by_id = {peer.identity.peer_id: peer for peer in self.peers}
         fragment, holder_id = self._random.choice(sorted(route.items()))
@@ -232,15 +257,41 @@ class SwarmSimulator:
             start=block.start, stop=block.stop, name="hidden", digest=self._digest(), **tensor,
         ), refs)
         layer = self._random.randrange(block.start, block.stop)
+        voted = self._quorum is not None and step // TOKENS_PER_BATCH % VOTE_EVERY_STEPS == 0
+        outputs: list[tuple[int, str, str]] = []  # (expert, producer, digest)
         for expert in self._random.sample(range(EXPERTS_PER_LAYER), 2):
-            sent = self._sign(holder, records.ExpertInputSent(
-                layer=layer, expert=expert, name="hidden", digest=self._digest(), **tensor,
-            ), refs)
-            yield sent
-            expert_holder = self._random.choice(self.peers)
-            yield self._sign(expert_holder, records.ExpertOutputProduced(
-                layer=layer, expert=expert, name="output", digest=self._digest(), **tensor,
-            ), (*refs, sent.id))
+            for producer in self._random.sample(self.peers, 2 if voted else 1):
+                sent = self._sign(holder, records.ExpertInputSent(
+                    layer=layer, expert=expert, name="hidden", digest=self._digest(), **tensor,
+                ), refs)
+                yield sent
+                output = self._sign(producer, records.ExpertOutputProduced(
+                    layer=layer, expert=expert, name="output", digest=self._digest(), **tensor,
+                ), (*refs, sent.id))
+                yield output
+                outputs.append((expert, producer.identity.peer_id, output.body.digest))
+        if voted:
+            yield from self._vote(holder, refs, request_id, step, layer, outputs)
+
+    def _vote(
+        self, voter: _Peer, refs: tuple[str, ...], request_id: str, step: int, layer: int, outputs: list[tuple[int, str, str]]
+    ) -> Iterator[Event]:
+        """Yield the voter's QuorumVoted on the outputs and the agreed QuorumDecided."""
+        quorum = self._quorum
+        experts = tuple(expert for expert, _producer, _digest in outputs)
+        call = {"request_id": request_id, "model_id": MODEL_ID, "step": step, "layer": layer}
+        yield self._sign(voter, quorum.QuorumVoted(
+            dtype="bfloat16", tolerance_nano=10_000_000, experts=experts,
+            producers=tuple(producer for _expert, producer, _digest in outputs),
+            digests=tuple(digest for _expert, _producer, digest in outputs),
+            distances_nano=tuple(self._random.randrange(1_000_000) for _ in outputs), **call,
+        ), refs)
+        unique = tuple(dict.fromkeys(experts))
+        winners = tuple(next(digest for expert, _producer, digest in outputs if expert == chosen) for chosen in unique)
+        yield self._sign(voter, quorum.QuorumDecided(
+            outcome=quorum.AGREED, quorum=2, rounds=1, experts=unique, winner_digests=winners,
+            agreeing=tuple(sorted({producer for _expert, producer, _digest in outputs})), dissenting=(), **call,
+        ), refs)
 
     def _digest(self) -> str:
         return self._random.randbytes(32).hex()

@@ -17,6 +17,8 @@ from replay.views import view_json
 
 
 MAX_SHARD_ROWS = 200
+# The keys of the Router view's `load_of`, shown in words in the load column.
+ROUTER_LOAD_KEYS = ("experts_loaded", "expert_outputs", "expert_rows", "open_expert_requests", "expert_latency_ms")
 """Shard records printed in the registry table; `--json` has them all."""
 
 
@@ -25,6 +27,9 @@ def status_tables(status: dict[str, Any]) -> list[RenderableType]:
     renderables: list[RenderableType] = [
         Text(f"swarm at {format_time_ms(status['now_ms'])} UTC: {status['live_peers']} of {len(status['peers'])} peers live")
     ]
+    if status.get("excluded_peers"):
+        names = ", ".join(short_peer_id(peer) for peer in status["excluded_peers"])
+        renderables.append(Text(f"excluded by the quorum: {names}", style="bold red"))
     renderables.append(_peers_table(status["peers"]))
     for model in status["models"]:
         renderables.append(_coverage_table(model))
@@ -46,7 +51,13 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         if "requests_routed" in load:
             load_text += (f"; requests: {load['requests_routed']} routed, {load['requests_driven']} driven, "
                           f"KV {load['kv_reserved_bytes'] / 2**20:,.1f} MiB")
-        shown = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes")
+        if "expert_outputs" in load:
+            latency = load["expert_latency_ms"]
+            load_text += (f"; experts: {load['experts_loaded']} loaded, {load['expert_outputs']} outputs, "
+                          f"{load['open_expert_requests']} open requests, latency "
+                          + ("n/a" if latency is None else f"{latency} ms"))
+        shown = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes",
+                 *ROUTER_LOAD_KEYS)
         extra = {key: value for key, value in load.items() if key not in shown}
         if extra:
             load_text += " " + format_value(extra)
@@ -55,10 +66,19 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
             peer["data_endpoint"] or "-",
             format_value(peer["hardware"]) if peer["hardware"] else "-",
             Text(peer["liveness"], style=style),
-            "n/a" if peer["trust"] is None else str(peer["trust"]),
+            _trust_text(peer),
             load_text,
         )
     return table
+
+
+def _trust_text(peer: dict[str, Any]) -> Text:
+    """Return the trust cell: the score, marked in bold red when the quorum view excludes the peer."""
+    if peer["trust"] is None:
+        return Text("n/a")
+    if peer.get("excluded"):
+        return Text(f"{peer['trust']} excluded", style="bold red")
+    return Text(str(peer["trust"]))
 
 
 def _coverage_table(model: dict[str, Any]) -> RenderableType:

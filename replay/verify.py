@@ -145,8 +145,9 @@ def _check_sequences(reader: LogReader, report: VerifyReport) -> None:
                 report.add(Finding("sequence_gap", f"{missing} missing ({gap_last - gap_first + 1} events)", author, gap_first))
     recorded = {(item.author, item.seq, item.first_id, item.second_id) for item in reader.recorded_equivocations()}
     rows = reader.query(
-        "SELECT author, seq, id FROM events WHERE (author, seq) IN "
-        "(SELECT author, seq FROM events GROUP BY author, seq HAVING COUNT(*) > 1) ORDER BY author, seq, id"
+        f"SELECT author, seq, id FROM events WHERE {reader.swarm_condition} AND (author, seq) IN "
+        f"(SELECT author, seq FROM events WHERE {reader.swarm_condition} GROUP BY author, seq HAVING COUNT(*) > 1) "
+        "ORDER BY author, seq, id"
     )
     disputed: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
     for author, seq, stored_id in rows:

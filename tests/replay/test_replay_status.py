@@ -9,10 +9,12 @@ import orjson
 import pytest
 from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 
+from cortex.quorum import PeerPenalized
 from events import Acceptor, LogStore, ShardClaimed
 from replay.fold import Folder
 from replay.live import LiveViews
 from replay.reader import LogReader
+from replay.render import short_peer_id
 from replay.synthetic import generate_log
 from replay.views import available_views, view_digest
 
@@ -58,7 +60,34 @@ def test_status_table_output(scenario_log: Path, scenario: Scenario) -> None:
     assert "3 of 3 peers live" in result.stdout
     assert "coverage" in result.stdout
     assert scenario.authors[0].peer_id[-8:] in result.stdout
-    assert "note: trust: not shown" in result.stdout
+    assert "trust" in result.stdout
+    assert "1000" in result.stdout, "every peer starts at full trust"
+    assert "excluded" not in result.stdout
+
+
+def test_status_highlights_excluded_peer(tmp_path: Path, scenario: Scenario) -> None:
+    reporter, suspect = scenario.authors[0], scenario.authors[2]
+    clock = [scenario.events[-1].lamport]
+    signer = Author(reporter.identity, clock)
+    signer.seq = reporter.seq
+    # Each (reporter, peer, reason) costs REPORT_PENALTY once: six reasons take 1000 below 500.
+    reasons = ["bad_frame", "not_finite", "timed_out", "slow_reply", "bad_shape", "bad_digest"]
+    penalties = [signer.sign(PeerPenalized(suspect.peer_id, reason, ())) for reason in reasons]
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    node = NodeLog(data_dir / "events.db")
+    node.accept([event.wire for event in [*scenario.events, *penalties]])
+    node.close()
+    at = f"@{scenario.events[-1].time_ms}"
+    status = status_json("--data-dir", str(data_dir), "--at", at)
+    peers = {peer["peer_id"]: peer for peer in status["peers"]}
+    assert status["excluded_peers"] == [suspect.peer_id]
+    assert peers[suspect.peer_id]["excluded"] is True
+    assert peers[suspect.peer_id]["trust"] == 400
+    assert peers[reporter.peer_id]["excluded"] is False
+    table = run_cli("status", "--data-dir", str(data_dir), "--table", "--at", at)
+    assert "400 excluded" in table.stdout
+    assert f"excluded by the quorum: {short_peer_id(suspect.peer_id)}" in table.stdout
 
 
 def test_status_watch_prints_each_refresh(scenario_log: Path) -> None:

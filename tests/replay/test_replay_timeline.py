@@ -12,7 +12,7 @@ from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 from events import Event, Identity, ShardLoaded
 from replay.reader import EventFilter, LogReader
 from replay.reports import part_label
-from replay.synthetic import generate_log, submission
+from replay.synthetic import generate_log, quorum_types, submission
 from replay.timeline import build_timeline
 
 T0 = 1_764_900_000_000
@@ -120,7 +120,10 @@ def test_timeline_of_generated_request_with_records(tmp_path: Path) -> None:
     assert types[0] == "RequestSubmitted"
     assert types[-1] == "RequestCompleted"
     assert types.count("TokenGenerated") == 12
-    assert types.count("ExpertOutputProduced") == types.count("ExpertInputSent") == 24
+    # 12 steps of two experts; the voted steps (0, 4 and 8) run each expert twice.
+    voted = 3 if quorum_types() is not None else 0
+    assert types.count("ExpertOutputProduced") == types.count("ExpertInputSent") == 24 + 2 * voted
+    assert types.count("QuorumVoted") == types.count("QuorumDecided") == voted
     outputs = [entry for entry in timeline.entries if entry.event.type == "ExpertOutputProduced"]
     assert all(entry.depth == 1 for entry in outputs), "outputs ref the submission and their input record"
     labels = {part_label(part) for parts in timeline.served_by.values() for part in parts}
