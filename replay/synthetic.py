@@ -278,6 +278,7 @@ class SwarmSimulator:
     ) -> Iterator[Event]:
         """Yield the voter's QuorumVoted on the outputs and the agreed QuorumDecided."""
         quorum = self._quorum
+        assert quorum is not None, "votes are generated only when cortex.quorum imports"
         experts = tuple(expert for expert, _producer, _digest in outputs)
         call = {"request_id": request_id, "model_id": MODEL_ID, "step": step, "layer": layer}
         yield self._sign(voter, quorum.QuorumVoted(
