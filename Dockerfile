@@ -17,5 +17,7 @@ RUN pip install --no-cache-dir .
 
 # The node's identity, config, log and pid file live in this volume.
 VOLUME /data
+# cortex init, node start and node stop use /data/config.yaml when no --config is given.
+ENV CORTEX_HOME=/data
 ENTRYPOINT ["cortex"]
 CMD ["node", "start", "--config", "/data/config.yaml"]

@@ -19,10 +19,24 @@ CONFIG_NAME = "config.yaml"
 
 
 def cortex_home(environ: Mapping[str, str] | None = None) -> Path:
-    """Return `$CORTEX_HOME` if set and not empty, else `~/.cortex`, as an absolute path."""
+    """Return `$CORTEX_HOME` if set and not empty, else `~/.cortex`, as an absolute path.
+
+    An empty or unset HOME falls back to the user's home folder in the password database, so
+    the folder never lands in `/.cortex` by accident.
+    """
     environ = os.environ if environ is None else environ
     value = environ.get(HOME_VARIABLE, "")
-    return Path(value).expanduser().absolute() if value else Path("~/.cortex").expanduser().absolute()
+    if value:
+        return Path(value).expanduser().absolute()
+    user_home = environ.get("HOME") or _password_home()
+    return Path(user_home).absolute() / ".cortex"
+
+
+def _password_home() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except KeyError:  # a container user without a password entry
+        return os.getcwd()
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -60,6 +74,12 @@ def directory_problem(path: Path) -> str | None:
     other_place = f"or set {HOME_VARIABLE} to a folder this user can write"
     if _read_only_file_system(existing):
         return f"{existing} is on a read-only file system, so {path} cannot be written; {other_place}"
+    if existing.stat().st_uid == os.geteuid():
+        mode = f"{existing.stat().st_mode & 0o777:04o}"
+        return (
+            f"{existing} is read-only (mode {mode}) for its owner {me}, so {path} cannot be written; run "
+            f"`chmod u+w {shlex.quote(str(existing))}` and run this again, {other_place}"
+        )
     if existing == path.absolute():
         return (
             f"{path} is owned by {owner} and this user ({me}) cannot write to it; run "
