@@ -21,6 +21,17 @@ For each paused MoE layer (`MoeCall`), the router:
 Requests running at the same time send their calls independently; the replica merges the
 calls for one expert that arrive together into one forward pass (`ExpertBatcher`).
 `RouterStats` records which peer served which expert.
+
+With quorum settings (`QuorumSettings`), a request of redundancy r > 1, or a call drawn for
+a spot check, goes through `cortex.quorum.replicated.ReplicatedLayer` instead: r replicas
+per expert, outputs compared, votes and decisions published. Peers that the trust view
+excludes never appear in the directory's ranking.
+
+Stragglers (`cortex.quorum.policy.StragglerPolicy`, on the path with one replica per expert):
+each call has a deadline derived from the peer's expected latency, and a call still
+unanswered after the hedge delay is sent again to the next replicas of its experts; the
+first complete answer wins and the slow call is cancelled, its elapsed time recorded as the
+peer's round trip so later rankings avoid it.
 """
 
 from __future__ import annotations
@@ -36,7 +47,11 @@ from typing import Protocol
 import torch
 
 from cortex.driver.errors import CallFailed, NoLiveHolder
+from cortex.quorum.policy import StragglerPolicy, spot_checked
+from cortex.quorum.replicated import QuorumSettings, QuorumStats, ReplicatedLayer
+from cortex.quorum.voting import LayerCall
 from cortex.runtime.fragments import MoeCall
+from cortex.scheduler.observations import DEFAULT_LATENCY_MS
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +90,21 @@ class RouterStats:
     retries: int = 0
     single_token_dispatches: int = 0
     single_token_dispatch_s: float = 0.0  # wall time of dispatches of one token (decode steps)
+    hedges: int = 0  # calls sent again to other replicas after the hedge delay
+    hedges_won: int = 0  # hedged calls whose second answer came first
+    deadlines_missed: int = 0
+    quorum: QuorumStats = field(default_factory=QuorumStats)
 
 
 class TokenRouter:
     """An `ExpertDispatcher` that runs experts on replicas named by a `ReplicaDirectory`."""
 
-    def __init__(self, directory: ReplicaDirectory) -> None:
+    def __init__(
+        self, directory: ReplicaDirectory, quorum: QuorumSettings | None = None, stragglers: StragglerPolicy | None = None
+    ) -> None:
         self.directory = directory
+        self.quorum = quorum
+        self.stragglers = stragglers or StragglerPolicy()
         self.stats = RouterStats()
         self._in_flight: collections.Counter[str] = collections.Counter()
 
@@ -106,6 +129,16 @@ class TokenRouter:
             for expert, start, count in zip(present.tolist(), starts.tolist(), counts.tolist(), strict=True)
         }
         outputs = torch.empty_like(grouped)
+        replicas, spot_check_ppm = self._replication(session_id, step, call.layer)
+        if replicas > 1:
+            assert self.quorum is not None
+            layer_call = LayerCall(session_id, self.quorum.model_id, step, call.layer, spot_check_ppm, self.quorum.policy.seed)
+            layer = ReplicatedLayer(self, self.quorum, self.stats.quorum, layer_call, replicas)
+            rows = {expert: grouped[start : start + count] for expert, (start, count) in pending.items()}
+            for expert, output in (await layer.run(rows)).items():
+                start, count = pending[expert]
+                outputs[start : start + count] = output
+            pending = {}
         failed: set[str] = set()
         attempts: collections.Counter[int] = collections.Counter()
         while pending:
@@ -150,6 +183,47 @@ class TokenRouter:
             candidates[expert] = live[:COVER_CANDIDATES]
         return cover_replicas(candidates, self._in_flight, local=getattr(self.directory, "own_peer", None))
 
+    def _replication(self, session_id: str, step: int, layer: int) -> tuple[int, int]:
+        """Return (replicas per expert, spot-check probability in ppm or 0) for one layer call."""
+        if self.quorum is None:
+            return 1, 0
+        policy = self.quorum.policy
+        replicas = max(policy.redundancy, self.quorum.redundancy_of(session_id))
+        if replicas > 1:
+            return replicas, 0
+        if spot_checked(policy.seed, session_id, step, layer, policy.spot_check_ppm):
+            return 2, policy.spot_check_ppm
+        return 1, 0
+
+    def replicas(self, layer: int, expert: int) -> list[str]:
+        return self.directory.replicas(layer, expert)
+
+    def note_failure(self, peer: str) -> None:
+        self.directory.note_failure(peer)
+
+    async def call(self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Run the segments on `peer` within its deadline; raise CallFailed when it passes."""
+        self.stats.batches += 1
+        self.stats.messages += len(segments)
+        deadline = self.stragglers.deadline_s(self._expected_latency_ms(peer), self.directory.call_timeout_s)
+        self._in_flight[peer] += 1
+        try:
+            return await asyncio.wait_for(self.directory.call_experts(peer, request_id, step, segments), deadline)
+        except TimeoutError:
+            self.stats.deadlines_missed += 1
+            raise CallFailed(peer, "expert", f"no reply within its deadline of {deadline:.2f} s") from None
+        finally:
+            self._in_flight[peer] -= 1
+
+    def _expected_latency_ms(self, peer: str) -> float:
+        observations = getattr(self.directory, "observations", None)
+        return DEFAULT_LATENCY_MS if observations is None else float(observations.expected_latency_ms(peer))
+
+    def _record_slow(self, peer: str, elapsed_s: float) -> None:
+        observations = getattr(self.directory, "observations", None)
+        if observations is not None:
+            observations.record_round_trip(peer, elapsed_s * 1000)
+
     async def _send(
         self,
         peer: str,
@@ -161,14 +235,63 @@ class TokenRouter:
         step: int,
     ) -> torch.Tensor:
         segments = [(layer, expert, grouped[pending[expert][0] : pending[expert][0] + pending[expert][1]]) for expert in experts]
-        self.stats.batches += 1
-        self.stats.messages += len(segments)
-        self._in_flight[peer] += 1
-        try:
-            outputs = await self.directory.call_experts(peer, session_id, step, segments)
-        finally:
-            self._in_flight[peer] -= 1
+        outputs = await self._hedged(peer, session_id, step, segments)
         return torch.cat(outputs)  # [N, D] for every expert of this batch, in order
+
+    async def _hedged(
+        self, peer: str, session_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Call `peer`; past the hedge delay, also call the next replicas, and return the first complete answer."""
+        started = time.monotonic()
+        primary = asyncio.ensure_future(self.call(peer, session_id, step, segments))
+        if peer == getattr(self.directory, "own_peer", None):
+            return await primary  # this node's own experts: no network to wait for
+        delay = self.stragglers.hedge_delay_s(self._expected_latency_ms(peer))
+        done, _ = await asyncio.wait({primary}, timeout=delay)
+        if done:
+            return primary.result()
+        backup_plan = self._backup_plan(peer, segments)
+        if backup_plan is None:
+            return await primary
+        self.stats.hedges += 1
+        logger.info("expert call of layer %d on %s unanswered after %.2f s; hedging on %s", segments[0][0], peer, delay, sorted(backup_plan))
+        backup = asyncio.ensure_future(self._run_backup(backup_plan, session_id, step, segments))
+        try:
+            done, _ = await asyncio.wait({primary, backup}, return_when=asyncio.FIRST_COMPLETED)
+            first = primary if primary in done and primary.exception() is None else backup
+            if first is backup and backup in done and backup.exception() is not None:
+                first = primary
+            result = await first
+        finally:
+            for task in (primary, backup):
+                if not task.done():
+                    task.cancel()
+        if first is backup:
+            self.stats.hedges_won += 1
+            self._record_slow(peer, time.monotonic() - started)
+        return result
+
+    def _backup_plan(self, peer: str, segments: list[tuple[int, int, torch.Tensor]]) -> dict[str, list[int]] | None:
+        """Return a cover of the segments' experts over replicas other than `peer`, or None if some expert has none."""
+        candidates: dict[int, list[str]] = {}
+        for layer, expert, _ in segments:
+            others = [replica for replica in self.directory.replicas(layer, expert) if replica != peer]
+            if not others:
+                return None
+            candidates[expert] = others[:COVER_CANDIDATES]
+        return cover_replicas(candidates, self._in_flight, local=getattr(self.directory, "own_peer", None))
+
+    async def _run_backup(
+        self, plan: dict[str, list[int]], session_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        by_expert = {expert: (layer, expert, rows) for layer, expert, rows in segments}
+        replies = await asyncio.gather(
+            *(self.call(replica, session_id, step, [by_expert[e] for e in experts]) for replica, experts in plan.items())
+        )
+        outputs: dict[int, torch.Tensor] = {}
+        for experts, reply in zip(plan.values(), replies, strict=True):
+            outputs.update(zip(experts, reply, strict=True))
+        return [outputs[expert] for _, expert, _ in segments]
 
 
 def cover_replicas(

@@ -7,8 +7,12 @@ of its remote block executors. Holders of a fragment are ranked by:
 2. the scheduler's holder cost (`rank_replicas`: latency, load, trust), which ranks this
    node itself first (no network hop) and breaks ties by peer id.
 
-Failure times and round trips are this node's own observations, a local cache outside
-the views (`PeerObservations`).
+Trust comes from the trust view (`cortex.quorum.TrustView`), as a weight trust / TRUST_MAX;
+a peer the view excludes (trust below TRUST_THRESHOLD) is not ranked at all, so every node
+that folded the same quorum events stops calling it. Failure times and round trips are this
+node's own observations, a local cache outside the views (`PeerObservations`); the router
+records the elapsed time of a call that lost to its hedge there too, so a straggler's
+latency rises and its cost with it.
 
 A call that waits longer than `PROBE_AFTER_S` probes the peer's TCP endpoint every
 `PROBE_INTERVAL_S`: a refused connection means the process is gone (a crash sends no
@@ -28,6 +32,7 @@ import torch
 from cortex.comm import CommError, DataPlane, ExpertInputSent, StageInputSent
 from cortex.driver.errors import CallFailed
 from cortex.node.service import ModelService
+from cortex.quorum import TRUST_MAX, TRUST_THRESHOLD, TrustView
 from cortex.registry import RegistryView
 from cortex.scheduler import SchedulerView
 from cortex.scheduler.observations import PeerObservations
@@ -62,8 +67,10 @@ class SwarmDirectory:
         dataplane: DataPlane,
         own_peer: str,
         call_timeout_s: float,
+        trust: Callable[[], TrustView] | None = None,
     ) -> None:
         self.service = service
+        self.trust = trust
         self.registry = registry
         self.scheduler = scheduler
         self.dataplane = dataplane
@@ -82,12 +89,22 @@ class SwarmDirectory:
             ranked = cached[1]
         else:
             if self._context is None or now - self._context[0] >= RANKING_CACHE_S:
-                self._context = (now, PlanningContext(self.registry(), self.scheduler(), wall_clock_ms(), self.observations))
+                self._context = (now, self._planning_context())
             context = self._context[1]
             ranked = rank_replicas(context, context.registry.holders(self.service.model_id, fragment, context.now_ms))
             self._ranked[fragment] = (now, ranked)
         horizon = now - FAILURE_MEMORY_S
         return sorted(ranked, key=lambda peer: self.failures.get(peer, 0.0) > horizon)
+
+    def _planning_context(self) -> PlanningContext:
+        registry = self.registry()
+        if self.trust is None:
+            return PlanningContext(registry, self.scheduler(), wall_clock_ms(), self.observations)
+        view = self.trust()
+        weights = {peer: view.trust_of(peer) / TRUST_MAX for peer in registry.peers}
+        # A weight above this floor means trust >= TRUST_THRESHOLD: the peer is not excluded.
+        floor = (TRUST_THRESHOLD - 0.5) / TRUST_MAX
+        return PlanningContext(registry, self.scheduler(), wall_clock_ms(), self.observations, trust=weights, min_trust=floor)
 
     def replicas(self, layer: int, expert: int) -> list[str]:
         return self.holders(f"expert[{layer}][{expert}]")

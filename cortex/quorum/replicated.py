@@ -1,0 +1,213 @@
+"""Replicated expert calls for one MoE layer: r replicas per expert, comparison, retries, events.
+
+Shape legend: N = token rows sent to one expert, D = hidden size.
+
+`ReplicatedLayer.run` sends each expert's rows [N, D] to `replicas` distinct replicas (the
+best trusted live ones in the directory's ranking), every replica's experts in one call, all
+calls at once. A failed or timed-out call is replaced by a call to the next replica. Once an
+expert has its outputs, they are grouped (`decide_expert`); without a strict majority, one
+more replica is asked, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter publishes one
+`QuorumVoted`, one `QuorumDecided` and a `PeerPenalized` per dissenting producer, and
+returns the chosen output of each expert, or raises `QuorumFailed` with the reason when an
+expert has no quorum.
+
+A spot check (r = 2 drawn by `spot_checked`) that finds only one live replica is skipped:
+the single output is used and nothing is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from cortex.driver.errors import CallFailed, DriverError
+from cortex.quorum.compare import least_precise, tolerance_for
+from cortex.quorum.events import DISAGREED, PeerPenalized
+from cortex.quorum.policy import MAX_EXTRA_REPLICAS, QuorumPolicy
+from cortex.quorum.voting import ExpertOutcome, LayerCall, decide_expert, layer_events
+from events.codec import Event
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[..., Awaitable[Event]]
+
+
+class QuorumFailed(DriverError):
+    """The replicas of an expert returned outputs that no strict majority agrees on."""
+
+
+class Caller(Protocol):
+    """What the replicated layer needs from the router: replicas, calls, and failure notes."""
+
+    def replicas(self, layer: int, expert: int) -> list[str]: ...
+
+    async def call(self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]: ...
+
+    def note_failure(self, peer: str) -> None: ...
+
+
+@dataclass
+class QuorumSettings:
+    """A router's quorum inputs: how to publish, who this node is, its policy and the requests' redundancy."""
+
+    emit: Emit
+    model_id: str
+    own_peer: str
+    policy: QuorumPolicy
+    redundancy_of: Callable[[str], int]
+    lying: bool = False  # the wrong_voter fault mode: publish inverted votes (tests only)
+
+
+@dataclass
+class QuorumStats:
+    """Counts of replicated layers: decisions, agreements, dissents seen, extra replicas, skipped spot checks."""
+
+    decisions: int = 0
+    no_quorum: int = 0
+    dissents: int = 0
+    extra_replicas: int = 0
+    spot_checks: int = 0
+    spot_checks_skipped: int = 0
+
+
+class ReplicatedLayer:
+    """One layer's replicated expert calls; see the module docstring."""
+
+    def __init__(self, caller: Caller, settings: QuorumSettings, stats: QuorumStats, call: LayerCall, replicas: int) -> None:
+        self.caller = caller
+        self.settings = settings
+        self.stats = stats
+        self.call = call
+        self.replicas = replicas
+        self.spot_check = call.spot_check_ppm > 0
+        self.results: dict[int, dict[str, torch.Tensor]] = {}
+        self.asked: dict[int, list[str]] = {}
+        self.failed: set[str] = set()
+        self.rounds = 0
+
+    async def run(self, rows: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Return the chosen output [N, D] of every expert in `rows` (expert -> rows [N, D])."""
+        self.results = {expert: {} for expert in rows}
+        self.asked = {expert: [] for expert in rows}
+        target = dict.fromkeys(rows, self.replicas)
+        decided: dict[int, ExpertOutcome] = {}
+        single: dict[int, torch.Tensor] = {}
+        while len(decided) + len(single) < len(rows):
+            self.rounds += 1
+            await self._send_round(rows, target, decided.keys() | single.keys())
+            for expert in sorted(rows):
+                if expert in decided or expert in single:
+                    continue
+                if len(self.results[expert]) < target[expert] and self._candidates(expert):
+                    continue  # the next round asks the replicas still missing
+                outcome = self._evaluate(expert, target, single)
+                if outcome is not None:
+                    decided[expert] = outcome
+        if decided:
+            await self._publish([decided[expert] for expert in sorted(decided)])
+        chosen = dict(single)
+        for expert, outcome in decided.items():
+            if outcome.chosen is None:
+                raise QuorumFailed(self._no_quorum_message(outcome))
+            chosen[expert] = outcome.outputs[outcome.chosen]
+        return chosen
+
+    def _evaluate(self, expert: int, target: dict[int, int], single: dict[int, torch.Tensor]) -> ExpertOutcome | None:
+        """Decide one expert with the outputs it has, or raise its target and return None."""
+        results = self.results[expert]
+        if len(results) < 2:
+            if self.spot_check and results:
+                self.stats.spot_checks_skipped += 1
+                single[expert] = next(iter(results.values()))
+                return None
+            raise QuorumFailed(
+                f"expert[{self.call.layer}][{expert}] returned {len(results)} output(s) from trusted live replicas "
+                f"(asked {len(self.asked[expert])}, failed: {', '.join(sorted(self.failed)) or 'none'}); "
+                f"redundancy {self.replicas} needs at least 2. Start more replicas or lower the redundancy"
+            )
+        producers = sorted(results)
+        outputs = [results[producer] for producer in producers]
+        tolerance = tolerance_for(self._dtypes())
+        outcome = decide_expert(expert, producers, outputs, tolerance)
+        if outcome.chosen is None and target[expert] < self.replicas + MAX_EXTRA_REPLICAS and self._candidates(expert):
+            target[expert] += 1
+            self.stats.extra_replicas += 1
+            logger.warning(
+                "expert[%d][%d] outputs of %s form no quorum; asking one more replica", self.call.layer, expert, producers
+            )
+            return None
+        return outcome
+
+    def _candidates(self, expert: int) -> list[str]:
+        return [
+            peer for peer in self.caller.replicas(self.call.layer, expert) if peer not in self.asked[expert] and peer not in self.failed
+        ]
+
+    def _dtypes(self) -> list[torch.dtype]:
+        return [output.dtype for results in self.results.values() for output in results.values()] or [torch.float32]
+
+    async def _send_round(self, rows: Mapping[int, torch.Tensor], target: dict[int, int], done: Any) -> None:
+        plan: dict[str, list[int]] = collections.defaultdict(list)
+        for expert in sorted(rows):
+            if expert in done:
+                continue
+            missing = target[expert] - len(self.results[expert])
+            for peer in self._candidates(expert)[: max(missing, 0)]:
+                plan[peer].append(expert)
+                self.asked[expert].append(peer)
+        if not plan:
+            return
+        layer = self.call.layer
+        replies = await asyncio.gather(
+            *(
+                self.caller.call(peer, self.call.request_id, self.call.step, [(layer, expert, rows[expert]) for expert in experts])
+                for peer, experts in plan.items()
+            ),
+            return_exceptions=True,
+        )
+        for (peer, experts), reply in zip(plan.items(), replies, strict=True):
+            if isinstance(reply, CallFailed):
+                logger.warning("replicated call of layer %d on %s failed (%s); asking another replica", layer, peer, reply.reason)
+                self.failed.add(peer)
+                self.caller.note_failure(peer)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for expert, output in zip(experts, reply, strict=True):
+                self.results[expert][peer] = output
+
+    async def _publish(self, outcomes: list[ExpertOutcome]) -> None:
+        dtypes = self._dtypes()
+        tolerance = tolerance_for(dtypes)
+        dtype = str(least_precise(dtypes)).removeprefix("torch.")
+        voter = self.settings.own_peer
+        vote, decision = layer_events(self.call, outcomes, dtype, tolerance, self.rounds, voter, self.settings.lying)
+        self.stats.decisions += 1
+        self.stats.no_quorum += decision.outcome != "agreed"
+        self.stats.spot_checks += self.spot_check
+        refs = (self.call.request_id,)
+        vote_event = await self.settings.emit(vote, refs)
+        decision_event = await self.settings.emit(decision, (*refs, vote_event.id))
+        for peer in decision.dissenting:
+            if peer == voter:
+                continue
+            self.stats.dissents += 1
+            logger.warning(
+                "peer %s dissented on layer %d step %d of request %s; penalized",
+                peer, self.call.layer, self.call.step, self.call.request_id[:12],
+            )
+            detail = f"layer {self.call.layer} step {self.call.step}: output outside the winning group"
+            await self.settings.emit(PeerPenalized(peer, DISAGREED, (vote_event.id, decision_event.id), detail), refs)
+
+    def _no_quorum_message(self, outcome: ExpertOutcome) -> str:
+        groups = [[outcome.producers[index][:12] for index in group] for group in outcome.grouping.groups]
+        return (
+            f"no quorum for expert[{self.call.layer}][{outcome.expert}] at step {self.call.step}: "
+            f"{len(outcome.producers)} replicas split into groups {groups}, and no group is a strict majority"
+        )
