@@ -29,6 +29,11 @@ on the host and in the container.
     dtype: float32                   # float32 | bfloat16 | float16
     fallback_model: <demo model>     # light local model for degraded mode (docs/degraded.md); null or none: off
     log_level: INFO                  # DEBUG | INFO | WARNING | ERROR
+    quorum:                          # cross-checks of expert outputs (docs/quorum.md)
+      redundancy: 1                  # minimum replicas per expert call for every request this node routes, 1..8
+      spot_check: 0.0                # probability (0..1) that a call with one replica also goes to a second
+      seed: 0                        # seed of the spot-check draw, recorded in each spot-check vote
+      fault: null                    # TEST ONLY: a fault mode of cortex.node.faults, such as scale=1.10
 
 `load_config(path, environ)` returns a `NodeConfig`; any wrong key or value raises
 `ConfigError` with the key, the value and what is allowed. With `environ` (for example
@@ -101,6 +106,16 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class QuorumConfig:
+    """Quorum policy of the node (docs/quorum.md); `fault` is a test-only fault mode."""
+
+    redundancy: int = 1
+    spot_check: float = 0.0
+    seed: int = 0
+    fault: str | None = None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     data_dir: Path
     identity: Path | None = None
@@ -114,6 +129,7 @@ class NodeConfig:
     dtype: str = "float32"
     fallback_model: Path | None = Path(__file__).resolve().parent.parent / "demo_model"  # the packaged demo model
     log_level: str = "INFO"
+    quorum: QuorumConfig = field(default_factory=QuorumConfig)
 
     @property
     def identity_path(self) -> Path:
@@ -169,6 +185,7 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config", origins: Mapp
         dtype=reader.choice("dtype", "float32", DTYPES),
         fallback_model=NodeConfig.fallback_model if "fallback_model" not in raw else _path(fallback, base_dir) if fallback and fallback.lower() != "none" else None,
         log_level=reader.choice("log_level", "INFO", LOG_LEVELS, upper=True),
+        quorum=_quorum(reader.section("quorum")),
     )
     reader.reject_unknown()
     return config
@@ -195,6 +212,26 @@ def _api(reader: _Reader) -> ApiSettings:
         reader.fail("listen", listen, "HOST:PORT with a port from 0 to 65535, such as 127.0.0.1:8470 or [::1]:8470")
     reader.reject_unknown()
     return ApiSettings(listen=listen)
+
+
+def _quorum(reader: _Reader) -> QuorumConfig:
+    from cortex.node.faults import FaultSpecError, parse_fault
+
+    redundancy = reader.integer("redundancy", 1, minimum=1)
+    if redundancy > 8:
+        reader.fail("redundancy", redundancy, "an integer from 1 to 8")
+    spot_check = reader.number("spot_check", 0.0, minimum=0.0)
+    if spot_check > 1.0:
+        reader.fail("spot_check", spot_check, "a probability from 0 to 1")
+    fault = reader.optional_string("fault")
+    if fault is not None:
+        try:
+            parse_fault(fault)
+        except FaultSpecError as error:
+            reader.fail("fault", fault, f"a test fault mode ({error})")
+    config = QuorumConfig(redundancy, spot_check, reader.integer("seed", 0, minimum=0), fault)
+    reader.reject_unknown()
+    return config
 
 
 def _bus(reader: _Reader) -> BusSettings:
@@ -351,5 +388,11 @@ def config_to_yaml(config: NodeConfig) -> str:
         "dtype": config.dtype,
         "fallback_model": str(config.fallback_model) if config.fallback_model else None,
         "log_level": config.log_level,
+        "quorum": {
+            "redundancy": config.quorum.redundancy,
+            "spot_check": config.quorum.spot_check,
+            "seed": config.quorum.seed,
+            "fault": config.quorum.fault,
+        },
     }
     return yaml.safe_dump(data, sort_keys=False)
