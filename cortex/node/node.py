@@ -56,9 +56,13 @@ from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
+from cortex.node.faults import FaultInjector, parse_fault
 from cortex.node.driving import fallback_context, missing_fragments, prompt_readers_of, takeover_of
 from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
+from cortex.quorum import TrustReducer, TrustView
+from cortex.quorum.policy import QuorumPolicy
+from cortex.quorum.replicated import QuorumSettings
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.router import RouterReducer, RouterView
 from cortex.scheduler import KV_CACHE_HARDWARE_KEY, SchedulerReducer, SchedulerView
@@ -110,7 +114,10 @@ class Node:
         self.registry: Projection[RegistryView] = Projection(RegistryReducer())
         self.scheduler: Projection[SchedulerView] = Projection(SchedulerReducer())
         self.router_view: Projection[RouterView] = Projection(RouterReducer())
-        self.views: dict[str, Projection[Any]] = {"registry": self.registry, "scheduler": self.scheduler, "router": self.router_view}
+        self.trust: Projection[TrustView] = Projection(TrustReducer())
+        self.views: dict[str, Projection[Any]] = {
+            "registry": self.registry, "scheduler": self.scheduler, "router": self.router_view, "quorum": self.trust,
+        }
         self.acceptor = Acceptor(self.store, list(self.views.values()), own_peer_id=self.peer_id)
         self.writer = EventWriter(self.identity, self.acceptor)
         self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
@@ -123,6 +130,7 @@ class Node:
         )
         self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-compute")
         self.compute = worker_compute(self.workers)
+        self.faults = FaultInjector(parse_fault(config.quorum.fault) if config.quorum.fault else None)
         try:
             self.fallback = open_fallback(config.fallback_model, config.device, config.dtype, self.compute)
         except FallbackError as error:
@@ -311,9 +319,10 @@ class Node:
                 self.dataplane,
                 self.peer_id,
                 self.config.data_plane.call_timeout_s,
+                trust=lambda: self.trust.view,
             )
             self.directories[service.model_id] = directory
-            self.routers[service.model_id] = TokenRouter(directory)
+            self.routers[service.model_id] = TokenRouter(directory, self._quorum_settings(service.model_id))
             self.batchers[service.model_id] = ExpertBatcher(service, self.compute)
         self.dataplane.register_handler("stage", self._serve_stage, accepts=(StageInputSent,))
         self.dataplane.register_handler("expert", self._serve_expert, accepts=(ExpertInputSent,))
@@ -369,6 +378,14 @@ class Node:
         fields = {"model_id": body.model_id, "step": body.step, "start": body.start, "stop": body.stop}
         return Response(StageOutputProduced, fields, {"hidden": hidden})
 
+    def _quorum_settings(self, model_id: str) -> QuorumSettings:
+        settings = self.config.quorum
+        policy = QuorumPolicy(settings.redundancy, round(settings.spot_check * 1_000_000), settings.seed)
+        return QuorumSettings(
+            emit=self.emit, model_id=model_id, own_peer=self.peer_id, policy=policy,
+            redundancy_of=lambda request_id: self.router_view.view.redundancy_of(request_id), lying=self.faults.lying,
+        )
+
     async def _serve_expert(self, call: IncomingCall) -> Response:
         """Run every expert the call carries (one input per expert, all of one model and step)."""
         first = call.inputs[0].event.body
@@ -382,6 +399,8 @@ class Node:
         outputs = await asyncio.gather(
             *(batcher.run(received.event.body.layer, received.event.body.expert, received.tensor) for received in call.inputs)
         )
+        segments = [(received.event.body.layer, received.event.body.expert, received.tensor) for received in call.inputs]
+        outputs = await self.faults.apply(self.services[first.model_id], segments, list(outputs))
         tensors = {received.name: output.contiguous() for received, output in zip(call.inputs, outputs, strict=True)}
         per_tensor = {received.name: {"layer": received.event.body.layer, "expert": received.event.body.expert} for received in call.inputs}
         fields = {"model_id": first.model_id, "step": first.step}
