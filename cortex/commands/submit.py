@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--deadline", type=float, default=0.0, metavar="SECONDS",
         help="answer with the driver's fallback model (degraded) if no token arrives within this time (default: none)",
     )
+    parser.add_argument(
+        "--redundancy", type=int, default=1, choices=range(1, 9), metavar="R",
+        help="send each expert call to R replicas (1 to 8) and use the output a strict majority agrees on (default: 1)",
+    )
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 model_id = await _wait_for_model(client, args.model)
                 request_id = await client.submit(
                     model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop,
-                    deadline_ms=round(args.deadline * 1000),
+                    deadline_ms=round(args.deadline * 1000), redundancy=args.redundancy,
                 )
                 on_text = None if args.json else _write
                 result = await client.run(request_id, args.timeout, on_text)

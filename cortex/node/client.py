@@ -135,11 +135,13 @@ class SwarmClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         deadline_ms: int = 0,
+        redundancy: int = 1,
     ) -> str:
         """Publish a RequestSubmitted sealed to the request's driver and next drivers; return the request id.
 
         `deadline_ms` (0: none) is the time from submission to the first token after which the
-        driver answers with its fallback model instead (docs/degraded.md).
+        driver answers with its fallback model instead (docs/degraded.md). `redundancy` (1 to 8)
+        is the number of replicas each expert call goes to, compared by quorum (docs/quorum.md).
         """
         me = self.identity.peer_id
         nonce = new_nonce()
@@ -153,7 +155,7 @@ class SwarmClient:
         try:
             prepared = prepare_submission(
                 me, readers, model_id, prompt, max_tokens=max_tokens, nonce=nonce, stop=stop,
-                temperature=temperature, top_p=top_p, seed=seed, deadline_ms=deadline_ms,
+                temperature=temperature, top_p=top_p, seed=seed, deadline_ms=deadline_ms, redundancy=redundancy,
             )
         except ValueError as error:
             raise ClientError(str(error)) from None
