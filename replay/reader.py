@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 import events.model as event_model
 from events.codec import Event, parse_event
 from events.errors import EventRejected
+from events.identity import SIGNATURE_BYTES
 from events.store import FORMAT_VERSION, Equivocation
 from replay.arguments import LOG_FILE_NAME
 from replay.errors import EventNotFound, LogOpenError
@@ -59,9 +62,10 @@ class EventFilter:
     """Conditions on events; empty fields select everything. Conditions combine with AND.
 
     `author` matches a peer id or its start or end (lines show the end as the short id).
-    `request` selects the event with that id, every event whose refs contain it, and every
+    `request` selects the event with that id, every event whose refs contain it, every
     event whose body has `"request_id": request` (found by a substring search of the
-    canonical payload, which scans the log).
+    canonical payload, which scans the log), and the `RequestSubmitted` whose author and
+    nonce give that request id.
     `since_ms <= time_ms < until_ms` uses the authors' clocks.
     """
 
@@ -85,9 +89,10 @@ class EventFilter:
         if self.request:
             request = bytes.fromhex(self.request)
             conditions.append(
-                "(e.id = ? OR e.rowid IN (SELECT event_rowid FROM refs WHERE ref = ?) OR instr(e.wire, ?) > 0)"
+                "(e.id = ? OR e.rowid IN (SELECT event_rowid FROM refs WHERE ref = ?) OR instr(e.wire, ?) > 0"
+                f" OR (e.type = 'RequestSubmitted' AND {SUBMITTED_REQUEST_FUNCTION}(e.author, e.wire) = ?))"
             )
-            parameters.extend([request, request, request_id_pattern(self.request)])
+            parameters.extend([request, request, request_id_pattern(self.request), self.request])
         if self.since_ms is not None:
             conditions.append("e.time_ms >= ?")
             parameters.append(self.since_ms)
@@ -103,7 +108,7 @@ class EventFilter:
         if self.author and not (event.author.startswith(self.author) or event.author.endswith(self.author)):
             return False
         if self.request and event.id != self.request and self.request not in event.refs:
-            if request_id_pattern(self.request) not in event.payload:
+            if request_id_pattern(self.request) not in event.payload and submitted_request(event) != self.request:
                 return False
         if self.since_ms is not None and event.time_ms < self.since_ms:
             return False
@@ -122,6 +127,30 @@ class StoredRow:
     time_ms: int
     type: str
     wire: bytes
+
+
+SUBMITTED_REQUEST_FUNCTION = "cortex_submitted_request"
+
+
+def submitted_request(event: Event) -> str | None:
+    """Return the request id a `RequestSubmitted` event starts (from its author and nonce), else None."""
+    nonce = getattr(event.body, "nonce", None) if event.type == "RequestSubmitted" else None
+    return None if not isinstance(nonce, str) else _request_id_for(event.author, nonce)
+
+
+def _submitted_request_of_wire(author: str, wire: bytes) -> str | None:
+    """Return the request id of a stored `RequestSubmitted` wire (the SQL function of `EventFilter`)."""
+    try:
+        nonce = orjson.loads(bytes(wire)[:-SIGNATURE_BYTES])["body"]["nonce"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return _request_id_for(author, nonce) if isinstance(nonce, str) else None
+
+
+def _request_id_for(submitter: str, nonce: str) -> str:
+    from cortex.scheduler.request_events import request_id_for
+
+    return request_id_for(submitter, nonce)
 
 
 def request_id_pattern(request_id: str) -> bytes:
@@ -150,6 +179,7 @@ class LogReader:
         try:
             self._connection = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False)
             self._connection.execute("PRAGMA query_only=1")
+            self._connection.create_function(SUBMITTED_REQUEST_FUNCTION, 2, _submitted_request_of_wire, deterministic=True)
             self._check_format()
         except sqlite3.DatabaseError as error:
             raise LogOpenError(f"cannot read log file {self.path}: {error}") from error
@@ -278,9 +308,12 @@ class LogReader:
         return matches[0]
 
     def naming_request(self, request_id: str) -> list[Event]:
-        """Return the events whose body has `"request_id": request_id`, in canonical order (a scan)."""
-        query = "SELECT e.wire FROM events AS e WHERE instr(e.wire, ?) > 0" + _CANONICAL
-        rows = self._connection.execute(query, (request_id_pattern(request_id),))
+        """Return the events whose body has `"request_id": request_id`, and its submission, in canonical order (a scan)."""
+        query = (
+            "SELECT e.wire FROM events AS e WHERE instr(e.wire, ?) > 0"
+            f" OR (e.type = 'RequestSubmitted' AND {SUBMITTED_REQUEST_FUNCTION}(e.author, e.wire) = ?)" + _CANONICAL
+        )
+        rows = self._connection.execute(query, (request_id_pattern(request_id), request_id))
         return [decode_stored(wire) for (wire,) in rows]
 
     def canonical_index(self, event_id: str) -> int:

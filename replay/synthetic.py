@@ -9,7 +9,8 @@ of 8 tokens, and completed. Request content is sealed to the submitter and the d
 with `cortex.privacy`, as nodes do.
 
 With each token batch come the request-scoped records of one decoding step, as they are in
-the log of a node on the request's route. They are the output of one block
+the log of a node on the request's route, with the request id as their first ref as the data
+plane writes them. They are the output of one block
 (`StageOutputProduced`) and, for two routed experts of one MoE layer, the input sent
 (`ExpertInputSent`) and the output produced (`ExpertOutputProduced`). One step in
 VOTE_EVERY_STEPS runs its experts with redundancy 2: each expert has a second output from
@@ -44,7 +45,7 @@ from events.shards import ShardClaimed, ShardLoaded, ShardReleased, parse_fragme
 from events.store import LogStore
 from replay.reader import is_swarm_scoped
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 """Bump when the mix changes, so cached logs of the old mix are not reused."""
 
 MODEL_ID = hashlib.blake2b(b"synthetic moe model", digest_size=32).hexdigest()
@@ -235,7 +236,7 @@ class SwarmSimulator:
         for batch in range(BATCHES_PER_REQUEST):
             start = batch * TOKENS_PER_BATCH
             if self._records is not None:
-                yield from self._step_records(route, refs, request_id, step=start)
+                yield from self._step_records(route, (request_id,), request_id, step=start)
             yield self._sign(driver, scheduler.TokenGenerated(
                 request_id=request_id, step_start=start, step_stop=start + TOKENS_PER_BATCH, sealed_tokens=tokens,
             ), refs)

@@ -158,3 +158,27 @@ def test_tail_follow_duration_and_filter(tmp_path: Path) -> None:
         if writer.stdin is not None:
             writer.stdin.close()
         writer.wait(30)
+
+
+def test_tail_request_includes_submission(tmp_path: Path) -> None:
+    from cortex.scheduler import request_id_for
+    from replay.reader import EventFilter, LogReader
+    from replay.synthetic import generate_log
+
+    generate_log(tmp_path / "events.db", 400, peers=4)
+    with LogReader(tmp_path) as reader:
+        submitted = next(reader.canonical(EventFilter(types=("RequestSubmitted",))))
+        other = [event for event in reader.canonical(EventFilter(types=("RequestSubmitted",)))][1]
+    request_id = request_id_for(submitted.author, submitted.body.nonce)
+    records = json_lines(run_cli("tail", "--data-dir", str(tmp_path), "--all", "--json", "--request", request_id).stdout)
+    types = [record["type"] for record in records]
+    assert types[0] == "RequestSubmitted"
+    assert records[0]["id"] == submitted.id
+    assert types[-1] == "RequestCompleted"
+    assert other.id not in {record["id"] for record in records}
+    timeline = orjson.loads(run_cli("replay", str(tmp_path), "timeline", request_id, "--json").stdout)
+    assert [entry["id"] for entry in timeline["events"]] == [record["id"] for record in records]
+    # The bus tail filters in Python: the same rule.
+    event_filter = EventFilter(request=request_id)
+    assert event_filter.matches(submitted)
+    assert not event_filter.matches(other)

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 
+from cortex.scheduler import request_id_for
 from events import Event, Identity, ShardLoaded
 from replay.reader import EventFilter, LogReader
 from replay.reports import part_label
@@ -115,7 +116,7 @@ def test_timeline_of_generated_request_with_records(tmp_path: Path) -> None:
     generate_log(tmp_path / "events.db", 800, peers=4)
     with LogReader(tmp_path) as reader:
         submitted = next(reader.canonical(EventFilter(types=("RequestSubmitted",))))
-        timeline = build_timeline(reader, submitted.id)
+        timeline = build_timeline(reader, request_id_for(submitted.author, submitted.body.nonce))
     types = [entry.event.type for entry in timeline.entries]
     assert types[0] == "RequestSubmitted"
     assert types[-1] == "RequestCompleted"
@@ -125,7 +126,7 @@ def test_timeline_of_generated_request_with_records(tmp_path: Path) -> None:
     assert types.count("ExpertOutputProduced") == types.count("ExpertInputSent") == 24 + 2 * voted
     assert types.count("QuorumVoted") == types.count("QuorumDecided") == voted
     outputs = [entry for entry in timeline.entries if entry.event.type == "ExpertOutputProduced"]
-    assert all(entry.depth == 1 for entry in outputs), "outputs ref the submission and their input record"
+    assert all(entry.depth == 1 for entry in outputs), "outputs ref the request id and their input record"
     labels = {part_label(part) for parts in timeline.served_by.values() for part in parts}
     assert any(label.startswith("expert[") and label.endswith(" output") for label in labels)
     assert any(label.endswith(" on route") for label in labels)
