@@ -1,0 +1,127 @@
+"""Helpers of the degraded-mode tests: a test checkpoint, its local greedy reference, swarms and requests.
+
+Swarms are real node processes on loopback (`LocalSwarm`); requests go through a real bus
+client (`SwarmClient`). Nodes keep the default fallback model (the packaged demo model), a
+different model from the swarm's, so a degraded answer differs from the swarm's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from cortex.node.client import RequestResult, SwarmClient
+from cortex.node.launcher import LocalSwarm
+from cortex.node.report import expert_records
+from cortex.runtime.testmodels import make_test_checkpoint, test_tokenizer
+from cortex.scheduler import RequestAccepted
+from events import LogStore
+
+PROMPT = "Return the number of items in the container"
+CALL_TIMEOUT_S = 3.0
+REQUEST_TIMEOUT_S = 120.0
+
+
+def make_checkpoint(root: Path) -> Path:
+    return make_test_checkpoint("deepseek_v3", root / "deepseek_v3", seed=0, tokenizer=test_tokenizer())
+
+
+@functools.lru_cache(maxsize=4)
+def reference_tokens(folder: Path, prompt: str, max_tokens: int) -> tuple[int, ...]:
+    """Greedy tokens of the whole model in this process, up to and including the first EOS token."""
+    from transformers import AutoTokenizer
+
+    from cortex.runtime.engine import LocalModel
+    from cortex.runtime.generation import _eos_ids, generate_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = LocalModel.load(folder, device="cpu", terminal=False)
+    ids = list(tokenizer(prompt)["input_ids"])
+    return tuple(generate_tokens(model, ids, max_tokens, eos_token_ids=_eos_ids(tokenizer, model.config)))
+
+
+def start_swarm(root: Path, folder: Path, layout: list[list[str]]) -> LocalSwarm:
+    swarm = LocalSwarm(root, folder, layout, call_timeout_s=CALL_TIMEOUT_S)
+    asyncio.run(swarm.start())
+    return swarm
+
+
+def live_fragments(swarm: LocalSwarm) -> set[str]:
+    return {f for node in swarm.nodes if node.process and node.process.poll() is None for f in node.fragments}
+
+
+async def open_client(swarm: LocalSwarm, root: Path) -> SwarmClient:
+    """Start a bus client and wait until every fragment a live node holds has a live holder."""
+    client = SwarmClient(root, swarm.client_transport_factory())
+    await client.start()
+    await client.wait_for_model(client.resolve_model(str(swarm.model_dir)), live_fragments(swarm), 60.0)
+    return client
+
+
+async def ask(client: SwarmClient, swarm: LocalSwarm, max_tokens: int, deadline_ms: int = 0, on_text: Any = None) -> RequestResult:
+    model_id = client.resolve_model(str(swarm.model_dir))
+    request_id = await client.submit(model_id, PROMPT, max_tokens, deadline_ms=deadline_ms)
+    return await client.run(request_id, REQUEST_TIMEOUT_S, on_text)
+
+
+def holders_of(swarm: LocalSwarm, fragment: str) -> list[int]:
+    return [node.index for node in swarm.nodes if fragment in node.fragments]
+
+
+def pause(swarm: LocalSwarm, indexes: list[int], paused: bool) -> None:
+    """SIGSTOP (or SIGCONT) the node processes: a holder that stops answering without dying."""
+    for index in indexes:
+        process = swarm.nodes[index].process
+        assert process is not None and process.poll() is None
+        os.kill(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
+async def restart(swarm: LocalSwarm, index: int, wait: bool = True) -> None:
+    """Start node `index` again from its data directory (same key, same fragments)."""
+    node = swarm.nodes[index]
+    assert node.process is None or node.process.poll() is not None, f"node {index} still runs"
+    swarm._spawn(node)  # the launcher's own start of one node, as in LocalSwarm.start
+    if wait:
+        await swarm._wait_serving(node)
+
+
+def stop(swarm: LocalSwarm, index: int, kill: bool) -> None:
+    """SIGKILL (a crash) or SIGTERM (a clean leave) node `index` and wait for it to exit."""
+    process = swarm.nodes[index].process
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def assert_swarm_served(swarm: LocalSwarm, result: RequestResult) -> None:
+    """Assert the request completed, not degraded, with expert outputs from remote holders of those experts."""
+    assert result.failed is None, result.failed
+    assert result.completed is not None
+    assert result.completed.degraded is False, result.completed.degraded_reason
+    assert result.route, "a swarm answer has a route of block holders"
+    fragments_of = {node.peer_id: set(node.fragments) for node in swarm.nodes}
+    block_holders = set(result.route.values())
+    records = [r for node in swarm.nodes if node.peer_id in block_holders for r in expert_records(node.data_dir, {result.request_id})]
+    assert records, "no expert output of this request is in the block holders' logs"
+    for record in records:
+        assert record.author not in block_holders
+        assert f"expert[{record.layer}][{record.expert}]" in fragments_of[record.author]
+
+
+def accepted_by(store: LogStore, request_id: str) -> list[tuple[str, RequestAccepted]]:
+    """Return (author, body) of every RequestAccepted of the request in `store`, in log order."""
+    return [
+        (event.author, event.body)
+        for event in store.events(type="RequestAccepted")
+        if isinstance(event.body, RequestAccepted) and event.body.request_id == request_id
+    ]

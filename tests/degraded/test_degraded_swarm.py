@@ -1,0 +1,161 @@
+"""Degraded mode on a swarm of node processes: deadlines, lost expert holders, recovery and churn.
+
+One swarm serves every test of this module, in order: node 0 holds the head and every block,
+nodes 1 to 3 the routed experts, two replicas each. Each test leaves the swarm able to serve.
+The nodes' fallback model is the packaged demo model, so a degraded answer is the demo
+model's greedy text, not the swarm model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from degraded_helpers import (
+    PROMPT,
+    assert_swarm_served,
+    ask,
+    holders_of,
+    live_fragments,
+    open_client,
+    pause,
+    reference_tokens,
+    restart,
+    start_swarm,
+    stop,
+)
+
+import cortex.scheduler  # noqa: F401 - registers the request event types
+from cortex.commands.generate import DEMO_MODEL_DIR
+from cortex.node.client import RequestResult
+from cortex.node.launcher import LocalSwarm, demo_layout
+from cortex.runtime.loader import Loader
+from cortex.scheduler import RequestCompleted, RequestFailed
+from events import LogStore
+
+pytestmark = pytest.mark.slow
+
+EXPERT_NODES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def swarm(degraded_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    loader = Loader(degraded_checkpoint, device="cpu")
+    layout = demo_layout(loader.num_layers, loader.moe_layers, loader.num_experts, nodes=4)
+    swarm = start_swarm(tmp_path_factory.mktemp("degraded-swarm"), degraded_checkpoint, layout)
+    try:
+        yield swarm
+    finally:
+        for index in EXPERT_NODES:
+            process = swarm.nodes[index].process
+            if process is not None and process.poll() is None:
+                pause(swarm, [index], False)  # a failed test may leave a node stopped
+        asyncio.run(swarm.stop())
+
+
+def assert_fallback_answer(result: RequestResult, max_tokens: int) -> None:
+    """Assert the request completed degraded, with the fallback (demo) model's greedy tokens."""
+    assert result.failed is None, result.failed
+    assert result.completed is not None
+    assert result.completed.degraded is True
+    assert result.route == {}, "a degraded answer is accepted with an empty route"
+    assert result.token_ids == list(reference_tokens(DEMO_MODEL_DIR, PROMPT, max_tokens))
+
+
+async def test_deadline_before_first_token_degrades_and_late_results_are_dropped(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    try:
+        pause(swarm, EXPERT_NODES, True)  # every expert call now waits past the 2 s deadline
+        try:
+            late = await ask(client, swarm, 16, deadline_ms=2_000)
+        finally:
+            pause(swarm, EXPERT_NODES, False)  # their replies to the abandoned calls now reach the driver
+        assert_fallback_answer(late, 16)
+        assert late.completed is not None and late.completed.degraded_reason.startswith("deadline_exceeded:")
+
+        # The abandoned attempt's late replies must leave sessions, caches and views intact.
+        await asyncio.sleep(1.0)
+        again = await ask(client, swarm, 32)
+        assert again.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, 32))
+        assert_swarm_served(swarm, again)
+    finally:
+        await client.stop()
+
+
+async def test_killed_expert_holders_degrade_then_a_restart_recovers(swarm: LocalSwarm, tmp_path: Path) -> None:
+    loader = Loader(swarm.model_dir, device="cpu")
+    fragment = f"expert[{loader.moe_layers[0]}][0]"
+    victims = holders_of(swarm, fragment)
+    assert len(victims) == 2
+    client = await open_client(swarm, tmp_path)
+    try:
+        for index in victims:
+            stop(swarm, index, kill=True)
+        degraded = await ask(client, swarm, 16)
+        assert_fallback_answer(degraded, 16)
+        assert degraded.completed is not None
+        reason = degraded.completed.degraded_reason
+        assert reason.split(":")[0] in ("holder_failed", "fragment_unserved"), reason
+        assert "expert[" in reason, reason
+
+        await restart(swarm, victims[0])
+        await client.wait_for_model(client.resolve_model(str(swarm.model_dir)), live_fragments(swarm), 60.0)
+        served = await ask(client, swarm, 32)
+        assert served.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, 32))
+        assert_swarm_served(swarm, served)
+    finally:
+        await client.stop()
+
+
+async def test_churn_every_request_completes(swarm: LocalSwarm, tmp_path: Path) -> None:
+    """Expert nodes leave (SIGTERM or SIGKILL) and join again every 3 s while 8 requests run."""
+    reference = list(reference_tokens(swarm.model_dir, PROMPT, 24))
+    client = await open_client(swarm, tmp_path)
+    steps: list[str] = []
+
+    async def churn() -> None:
+        plan = [(2, "join"), (3, "term"), (3, "join"), (1, "kill"), (1, "join"), (2, "term"), (2, "join"), (3, "kill"), (3, "join")]
+        for index, action in plan:
+            await asyncio.sleep(3.0)
+            if action == "join":
+                process = swarm.nodes[index].process
+                if process is None or process.poll() is not None:
+                    await restart(swarm, index, wait=False)
+            else:
+                stop(swarm, index, kill=action == "kill")
+            steps.append(f"{action} {index}")
+
+    results: list[RequestResult] = []
+    churning = asyncio.ensure_future(churn())
+    try:
+        for _ in range(8):
+            results.append(await asyncio.wait_for(ask(client, swarm, 24), 150.0))
+            await asyncio.sleep(0.5)
+    finally:
+        churning.cancel()
+        await client.stop()
+    assert len(steps) >= 3, f"the requests ended before the churn got going: {steps}"
+    for result in results:
+        assert result.failed is None, result.failed
+        assert result.completed is not None
+        if result.completed.degraded:
+            assert result.completed.degraded_reason and result.route == {}
+        else:
+            assert result.token_ids == reference
+    served = [result for result in results if result.completed is not None and not result.completed.degraded]
+    assert served, "no request was served by the swarm during the churn"
+    print(f"churn: {steps}; {len(served)} of {len(results)} requests served by the swarm, the others degraded")
+
+    # None is lost: the driver's log holds one outcome per request.
+    store = LogStore(swarm.nodes[0].data_dir / "events.db")
+    try:
+        outcomes = {event.body.request_id for event in store.events() if isinstance(event.body, (RequestCompleted, RequestFailed))}
+    finally:
+        store.close()
+    assert {result.request_id for result in results} <= outcomes
+    for index in EXPERT_NODES:  # leave every node running for the next module's use of the machine
+        process = swarm.nodes[index].process
+        if process is None or process.poll() is not None:
+            await restart(swarm, index, wait=False)

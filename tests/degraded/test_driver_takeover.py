@@ -1,0 +1,81 @@
+"""The driver of a request dies mid-stream: the next head holder takes over and the text stays the same.
+
+Two nodes hold the head and every block, a third holds every expert. The test SIGKILLs the
+request's driver when the first text reaches the submitter; the other head holder takes the
+request over once the driver is silent, replays the prompt and the streamed tokens, and
+streams on from the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from degraded_helpers import PROMPT, accepted_by, open_client, reference_tokens, start_swarm
+
+import cortex.scheduler  # noqa: F401 - registers the request event types
+from cortex.node.launcher import LocalSwarm
+from cortex.runtime.loader import Loader
+from cortex.scheduler import TokenGenerated
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def swarm(degraded_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    loader = Loader(degraded_checkpoint, device="cpu")
+    block = f"block[0:{loader.num_layers}]"
+    experts = [f"expert[{layer}][{index}]" for layer in loader.moe_layers for index in range(loader.num_experts)]
+    swarm = start_swarm(tmp_path_factory.mktemp("takeover-swarm"), degraded_checkpoint, [["head", block], ["head", block], experts])
+    try:
+        yield swarm
+    finally:
+        asyncio.run(swarm.stop())
+
+
+async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    request: list[str] = []
+    killed: list[str] = []
+
+    def on_text(piece: str) -> None:
+        if killed:
+            return
+        driver = accepted_by(client.store, request[0])[0][0]
+        swarm.kill(next(node.index for node in swarm.nodes if node.peer_id == driver))
+        killed.append(driver)
+
+    try:
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
+        result = await client.run(request[0], 180.0, on_text)
+        accepted = accepted_by(client.store, request[0])
+        batches = [
+            (event.author, event.body)
+            for event in client.store.events(type="TokenGenerated")
+            if isinstance(event.body, TokenGenerated) and event.body.request_id == request[0]
+        ]
+    finally:
+        await client.stop()
+
+    assert killed, "no text arrived before the end, so the kill did not land mid-stream"
+    assert result.failed is None, result.failed
+    assert result.completed is not None and result.completed.degraded is False
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+
+    successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != killed[0])
+    assert [author for author, _ in accepted] == [killed[0], successor]
+    assert accepted[1][1].takeover_of == killed[0]
+    assert result.driver == successor
+
+    # The log shows the kill mid-stream, and no step streamed twice.
+    before = sorted((body.step_start, body.step_stop) for author, body in batches if author == killed[0])
+    after = sorted((body.step_start, body.step_stop) for author, body in batches if author == successor)
+    assert before and after
+    assert before[0][0] == 0 and 0 < after[0][0] == before[-1][1] < len(result.token_ids)
+    ranges = before + after
+    assert all(first[1] == second[0] for first, second in zip(ranges, ranges[1:]))
+    assert ranges[-1][1] == len(result.token_ids)

@@ -1,0 +1,110 @@
+"""Degraded mode in one process: the config default, the fallback driver, and reading a streamed text back."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cortex.commands.generate import DEMO_MODEL_DIR
+from cortex.driver.fallback import FallbackModel
+from cortex.driver.requests import DriverContext, RequestDriver
+from cortex.driver.takeover import UnreadableStream, streamed_tokens
+from cortex.node.config import parse_config
+from cortex.privacy import open_json, seal
+from cortex.scheduler import RequestAccepted, RequestCompleted, RequestFailed, RequestSubmitted, TokenGenerated
+from cortex.scheduler.content import TokenBatcher
+from cortex.scheduler.request_events import request_id_for
+from events import Event, Identity, sign_event
+
+SUBMITTER = Identity.generate()
+NODE = Identity.generate()
+PROMPT = "Return the number of items in the"
+
+
+def test_fallback_model_defaults_to_the_demo_model_and_null_or_none_turns_it_off() -> None:
+    assert parse_config({}, Path("/tmp")).fallback_model == DEMO_MODEL_DIR
+    assert parse_config({"fallback_model": None}, Path("/tmp")).fallback_model is None
+    assert parse_config({"fallback_model": "none"}, Path("/tmp")).fallback_model is None
+    assert parse_config({"fallback_model": "light"}, Path("/tmp")).fallback_model == Path("/tmp/light")
+
+
+def _submitted(max_tokens: int) -> Event:
+    body = RequestSubmitted(
+        secrets.token_hex(16), "ab" * 32, max_tokens, len(PROMPT.encode()), sealed_prompt=seal(PROMPT.encode(), [SUBMITTER.peer_id, NODE.peer_id])
+    )
+    return sign_event(SUBMITTER, body, seq=1, lamport=1, time_ms=1_000)
+
+
+def _context(fallback: FallbackModel | None, emitted: list[Any]) -> DriverContext:
+    async def emit(body: Any, refs: tuple[str, ...]) -> Event:
+        emitted.append(body)
+        return sign_event(NODE, body, seq=len(emitted), lamport=len(emitted), time_ms=2_000)
+
+    return DriverContext(
+        identity=NODE, emit=emit, model_id="ab" * 32, head=None, tokenizer=None, eos_token_ids=[], geometry=None,
+        compute=_inline, planning=lambda own: None,  # type: ignore[arg-type,return-value]
+        record=lambda request_id: None, executor_for=lambda spec, holder: None,  # type: ignore[arg-type,return-value]
+        records_of=lambda request_id: [], fallback=fallback,
+    )
+
+
+async def _inline(function: Any, *args: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return function(*args)
+
+
+@pytest.mark.slow
+async def test_a_node_without_the_head_answers_with_its_fallback_model_marked_degraded() -> None:
+    from cortex.runtime.engine import LocalModel
+    from cortex.runtime.generation import _eos_ids, generate_tokens
+    from transformers import AutoTokenizer
+
+    emitted: list[Any] = []
+    submitted = _submitted(12)
+    await RequestDriver(_context(FallbackModel(DEMO_MODEL_DIR, "cpu", "float32", _inline), emitted), submitted).run()
+
+    accepted = [body for body in emitted if isinstance(body, RequestAccepted)]
+    assert len(accepted) == 1 and accepted[0].route == {}
+    tokens = [token for body in emitted if isinstance(body, TokenGenerated) for token in open_json(body.sealed_tokens, SUBMITTER)["token_ids"]]
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL_DIR), local_files_only=True)
+    model = LocalModel.load(DEMO_MODEL_DIR, device="cpu", terminal=False)
+    expected = list(generate_tokens(model, tokenizer(PROMPT)["input_ids"], 12, eos_token_ids=_eos_ids(tokenizer, model.config)))
+    assert tokens == expected
+    completed = emitted[-1]
+    assert isinstance(completed, RequestCompleted)
+    assert completed.degraded and completed.degraded_reason.startswith("no_head_holder:")
+    assert completed.completion_tokens == len(expected)
+    assert completed.request_id == request_id_for(SUBMITTER.peer_id, submitted.body.nonce)
+
+
+async def test_without_a_fallback_model_the_request_fails_with_the_reason() -> None:
+    emitted: list[Any] = []
+    await RequestDriver(_context(None, emitted), _submitted(4)).run()
+    assert len(emitted) == 1 and isinstance(emitted[0], RequestFailed)
+    assert emitted[0].reason_code == "no_head_holder"
+    assert "fallback_model is off" in emitted[0].message
+
+
+def _batches(readers: tuple[str, ...]) -> list[TokenGenerated]:
+    batcher = TokenBatcher("cd" * 32, readers, max_tokens=2)
+    found = [batcher.add(token, f" t{token}", 0) for token in range(5)]
+    return [batch for batch in [*found, batcher.flush()] if batch is not None]
+
+
+def test_streamed_tokens_reads_the_batches_back_in_step_order() -> None:
+    batches = _batches((SUBMITTER.peer_id, NODE.peer_id))
+    assert streamed_tokens(reversed(batches), NODE) == ([0, 1, 2, 3, 4], " t0 t1 t2 t3 t4")
+    assert streamed_tokens([], NODE) == ([], "")
+
+
+def test_streamed_tokens_refuses_a_gap_or_a_batch_sealed_to_others() -> None:
+    batches = _batches((SUBMITTER.peer_id, NODE.peer_id))
+    with pytest.raises(UnreadableStream, match="steps from 2 on are missing"):
+        streamed_tokens([batches[0], batches[2]], NODE)
+    with pytest.raises(UnreadableStream, match="cannot be opened"):
+        streamed_tokens(_batches((SUBMITTER.peer_id,)), NODE)
