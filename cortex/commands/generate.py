@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The names `RequestCompleted.finish_reason` uses, so generate, submit and demo print one field.
+FINISH_REASONS = {"max_tokens": "length"}
+
+
 def _print_json(folder: Path, result: GenerationResult) -> None:
     import orjson
 
@@ -145,7 +149,7 @@ def _print_json(folder: Path, result: GenerationResult) -> None:
         "prompt_token_ids": result.prompt_ids,
         "generated_token_ids": result.generated_ids,
         "text": result.text,
-        "stop_reason": result.stop_reason,
+        "finish_reason": FINISH_REASONS.get(result.stop_reason, result.stop_reason),
     }
     sys.stdout.write(orjson.dumps(record).decode() + "\n")
 

@@ -126,7 +126,7 @@ def test_cli_generate_json(checkpoint: CheckpointFactory, capsys: pytest.Capture
     assert record["prompt"] == "def open(file)"
     assert len(record["generated_token_ids"]) == 8
     assert record["prompt_token_ids"][0] == 0  # the tokenizer's BOS
-    assert record["stop_reason"] == "max_tokens"
+    assert record["finish_reason"] == "length"
     assert len(record["model_id"]) == 64
     reference = LocalModel.load(folder, device="cpu")
     assert record["generated_token_ids"] == list(generate_tokens(reference, record["prompt_token_ids"], 8))
