@@ -48,12 +48,18 @@ def run(args: argparse.Namespace) -> int:
     from cortex.node.config import ConfigError, load_config
     from cortex.node.launcher import transport_factory
 
+    config = None
     if args.config is not None:
         try:
             config = load_config(args.config)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        from cortex.node.lifecycle import read_status
+
+        status = read_status(config.data_dir)
+        if status is not None and status.get("state") == "bus_failed" and config.fallback_model is not None:
+            return _answer_locally(args, config.fallback_model, f"bus_unavailable: the node's bus could not start ({status.get('bus_error')})")
         settings = _bus_of_node(config, args.config)
         if isinstance(settings, str):
             print(f"error: {settings}", file=sys.stderr)
@@ -85,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(submit())
-    except (ClientError, BusError, IdentityError) as error:
+    except BusError as error:
+        if config is not None and config.fallback_model is not None:
+            return _answer_locally(args, config.fallback_model, f"bus_unavailable: this client's bus could not start ({error})")
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ClientError, IdentityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -181,6 +192,37 @@ def _report(result: object, as_json: bool) -> int:
     if result.failed is not None:
         print(f"error: request failed ({result.failed.reason_code}): {result.failed.message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _answer_locally(args: argparse.Namespace, fallback: Path, reason: str) -> int:
+    """Answer with the config's fallback model in this process, marked degraded: the swarm cannot be reached."""
+    import orjson
+
+    from cortex.driver.fallback import answer_locally
+    from cortex.runtime.generation import SamplingSettings
+
+    print(f"degraded: the swarm cannot be reached, so the fallback model {fallback} answers here ({reason})", file=sys.stderr)
+    settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    result = answer_locally(fallback, args.prompt, args.max_tokens, settings, args.stop, None if args.json else _write)
+    if args.json:
+        record = {
+            "request_id": None,
+            "driver": "local",
+            "route": {},
+            "token_ids": result.generated_ids,
+            "text": result.text,
+            "completed": {
+                "finish_reason": {"eos": "eos", "stop": "stop"}.get(result.stop_reason, "length"),
+                "timings_ms": {},
+                "degraded": True,
+                "degraded_reason": reason,
+            },
+            "failed": None,
+        }
+        sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    else:
+        sys.stdout.write("\n")
     return 0
 
 

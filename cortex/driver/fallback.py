@@ -108,3 +108,21 @@ def open_fallback(path: Path | None, device: str, dtype: str, compute: Compute) 
     if path is None:
         return None
     return FallbackModel(path, device, dtype, compute)
+
+
+def answer_locally(path: Path, prompt: str, max_tokens: int, settings: Any, stop: list[str], on_text: Any = None) -> Any:
+    """Generate with the fallback model in this process, with no network; return a GenerationResult.
+
+    `cortex submit --config` uses it when the node of that config could not start its bus,
+    or the submitter's own bus cannot start (docs/degraded.md).
+    """
+    from transformers import AutoTokenizer
+
+    from cortex.runtime.generation import generate_text
+
+    model = LocalModel.load(path, device="cpu", terminal=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int):
+        max_tokens = max(1, min(max_tokens, limit - len(tokenizer(prompt)["input_ids"])))
+    return generate_text(model, tokenizer, prompt, max_tokens, settings, stop, on_text)

@@ -146,6 +146,7 @@ class Node:
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
+        self.bus_failure: str | None = None  # why the bus could not start; the status file says it
 
     # --- construction -----------------------------------------------------------
 
@@ -180,7 +181,11 @@ class Node:
             loop.add_signal_handler(signum, self.stopping.set)
         try:
             self.bus.add_listener(self._on_events)
-            await self.bus.start()
+            try:
+                await self.bus.start()
+            except Exception as error:
+                self.bus_failure = str(error) or repr(error)  # `cortex submit --config` then answers locally
+                raise
             listen = self.config.data_plane.listen
             self.endpoint = await self.dataplane.start(listen[:-2] + ":*" if listen.endswith(":0") else listen)
             await self._check_join()
@@ -263,7 +268,7 @@ class Node:
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.writer.close()
         self.store.close()
-        self._write_status("stopped")
+        self._write_status("bus_failed" if self.bus_failure is not None else "stopped")
         remove_pid_file(self.config.pid_path)
         logger.info("node %s stopped", self.peer_id)
 
@@ -279,6 +284,7 @@ class Node:
     def _write_status(self, state: str) -> None:
         status = {
             "state": state,
+            "bus_error": self.bus_failure,
             "pid": os.getpid(),
             "peer_id": self.peer_id,
             "data_endpoint": self.endpoint,
