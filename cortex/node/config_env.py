@@ -9,9 +9,9 @@ A key's variable is `CORTEX_` followed by its path in upper case, with `_` betwe
     models[1].memory_budget_mb CORTEX_MODELS_1_MEMORY_BUDGET_MB
     models (the whole list)    CORTEX_MODELS, a YAML flow list such as [{path: package:demo_model}]
 
-Values are text, read by the key's type: numbers as YAML numbers, lists either as a YAML flow
-list (`[a, b]`) or as comma-separated items, optional keys as null when the value is empty,
-`null` or `~`, and every other key as the text itself. `CORTEX_MODELS_<i>_<KEY>` changes entry
+Values are text, read by the key's type. Numbers are read as Python reads them (`4`, `2.5`,
+`1e3`), and lists either as a YAML flow list (`[a, b]`) or as comma-separated items. An optional key is null when the value
+is empty, `null` or `~`. Every other key takes the text itself. `CORTEX_MODELS_<i>_<KEY>` changes entry
 i of `models`, and i equal to the number of entries appends one (it then needs its `_PATH`).
 
 A variable under a section prefix (`CORTEX_BUS_`, `CORTEX_DATA_PLANE_`, `CORTEX_API_`,
@@ -171,6 +171,8 @@ def _parse_value(variable: str, value: str, kind: str, source: str) -> Any:
         return None if text in ("", "null", "~") else text
     if kind == "text":
         return text
+    if kind == "number":
+        return _number(text)
     if kind in ("list", "fragments") and not text.startswith("["):
         if kind == "fragments" and text == "auto":
             return text
@@ -179,6 +181,16 @@ def _parse_value(variable: str, value: str, kind: str, source: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: environment variable {variable} = {value!r} is not valid YAML: {error}") from None
+
+
+def _number(text: str) -> int | float | str:
+    """Return `text` as an int or a float (Python syntax, so 1e3 counts), else unchanged for the parser to reject."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _allowed_in(variable: str) -> str:

@@ -79,6 +79,17 @@ dtype: {dtype}
 fallback_model: package:demo_model
 # DEBUG, INFO, WARNING or ERROR.
 log_level: INFO
+
+quorum:
+  # Minimum replicas that compute each expert call of the requests this node routes, 1 to 8;
+  # with 2 or more, their outputs are compared.
+  redundancy: 1
+  # Probability (0 to 1) that a call with one replica also goes to a second one, to compare them.
+  spot_check: 0.0
+  # Seed of the spot-check draw, recorded in each spot-check vote.
+  seed: 0
+  # TEST ONLY: a fault mode that makes this node compute wrong outputs on purpose; keep null.
+  fault: null
 """
 
 
