@@ -52,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         print(f"error: --max-tokens must be at least 1, got {args.max_tokens}", file=sys.stderr)
         return 2
-    from cortex.commands.generate import _model_dir
+    from cortex.commands.generate import _model_dir, swarm_prompt_problem
 
     folder = _model_dir(args.model)
     if folder is None:
+        return 2
+    from cortex.driver.takeover import TAKEOVER_READERS
+
+    # Checked before any process starts. The prompt is sealed to the client, the driver and the next drivers.
+    problem = swarm_prompt_problem(folder, args.prompt, args.max_tokens, readers=2 + min(args.nodes - 1, TAKEOVER_READERS))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     import asyncio

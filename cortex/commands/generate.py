@@ -83,6 +83,42 @@ def _model_dir(model: Path | None) -> Path | None:
     return None
 
 
+def swarm_prompt_problem(folder: Path, prompt: str, max_tokens: int, readers: int) -> str | None:
+    """Return why a swarm of this model cannot take the prompt, or None when it fits.
+
+    Checks what the swarm would reject only once it runs: the prompt sealed to `readers`
+    peers must fit inline in the request event (`MAX_INLINE_PROMPT_CHARS`), and its tokens
+    plus `max_tokens` must fit the model's positions. Call it before starting any process.
+    """
+    from cortex.privacy import seal
+    from cortex.scheduler.admission import ModelGeometry
+    from cortex.scheduler.content import MAX_INLINE_PROMPT_CHARS
+    from cortex.scheduler.errors import ContextTooLong
+    from events import Identity
+
+    recipients = [Identity.generate().peer_id for _ in range(readers)]
+    size = len(prompt.encode())
+    if len(seal(prompt.encode(), recipients)) > MAX_INLINE_PROMPT_CHARS:
+        low, high = 0, size  # the largest prompt in bytes whose sealed text fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if len(seal(b"a" * middle, recipients)) <= MAX_INLINE_PROMPT_CHARS else (low, middle - 1)
+        return (
+            f"the prompt has {size} bytes, but a request event carries at most {low} bytes of prompt "
+            f"(sealed to {readers} peers in at most {MAX_INLINE_PROMPT_CHARS} characters); shorten --prompt"
+        )
+    import orjson
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    geometry = ModelGeometry.from_config(orjson.loads((folder / "config.json").read_bytes()), dtype="float32")
+    try:
+        geometry.check_context(len(tokenizer(prompt)["input_ids"]), max_tokens)
+    except ContextTooLong as error:
+        return f"{error} (--prompt, --max-tokens)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         print(f"error: --max-tokens must be at least 1, got {args.max_tokens}", file=sys.stderr)
