@@ -20,7 +20,8 @@ extras=""
 start_mode="node"  # node, demo or none
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    # The comment block at the top of this file, without its "# " marks.
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 }
 
 while [[ $# -gt 0 ]]; do

@@ -1,8 +1,9 @@
-"""install.sh: missing build prerequisites stop it early with the package to install."""
+"""install.sh: missing build prerequisites stop it early with the package to install; its help and the README."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,25 @@ def test_install_prerequisites_pass_here(tmp_path: Path) -> None:
     result = _run_install(tmp_path, tools)
     assert "missing build prerequisites" not in result.stderr
     assert result.returncode == 7
+
+
+def _shell_blocks(markdown: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", markdown, flags=re.DOTALL)]
+
+
+def test_readme_commands_in_step_with_ci() -> None:
+    ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for readme in ("README.md", "README.fr.md"):
+        blocks = _shell_blocks((ROOT / readme).read_text(encoding="utf-8"))
+        assert blocks[:2] == ["./install.sh --demo", "./install.sh --dev --no-start && .venv/bin/pytest -q -ra"], readme
+        assert blocks[1] in ci_script.splitlines(), readme
+
+
+def test_install_help_lists_every_option() -> None:
+    result = subprocess.run(["bash", str(ROOT / "install.sh"), "--help"], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0
+    for option in ("--demo", "--no-start", "--dev", "--venv DIR"):
+        assert option in result.stdout, option
+    assert "#" not in result.stdout
+    assert "set -euo" not in result.stdout
