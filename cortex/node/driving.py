@@ -23,7 +23,14 @@ from cortex.node.service import ModelService
 from cortex.privacy import is_recipient
 from cortex.registry import RegistryView
 from cortex.scheduler.lifecycle import RequestRecord
-from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
+from cortex.scheduler.request_events import (
+    DRIVER_STOPPED,
+    RequestAccepted,
+    RequestFailed,
+    RequestSubmitted,
+    TokenGenerated,
+    plan_digest,
+)
 from events import Event, Identity, LogStore
 
 logger = logging.getLogger(__name__)
@@ -66,11 +73,12 @@ def prompt_readers_of(registry: RegistryView, request: RequestSubmitted) -> list
 
 def takeover_of(
     registry: RegistryView, store: LogStore, record: RequestRecord, identity: Identity, now_ms: int
-) -> tuple[Event, Takeover] | None:
-    """Return (RequestSubmitted event, Takeover) when this node should take `record` over now, else None.
+) -> tuple[Event, Takeover | str] | None:
+    """Return (RequestSubmitted event, what to do) when this node should take `record` over now, else None.
 
-    Returns None, after logging why, when the streamed tokens cannot be read here: another
-    peer of the order may be able to, and the submitter keeps what it received.
+    What to do is a `Takeover`, or the message of the `RequestFailed` to publish instead when
+    the text cannot go on here: the streamed tokens cannot be read, or the silent driver was
+    answering with its fallback model. Then the request ends rather than hangs.
     """
     previous = takeover_due(registry, record, identity.peer_id, now_ms)
     if previous is None:
@@ -91,15 +99,25 @@ def takeover_of(
     try:
         tokens, text = streamed_tokens(batches, identity)
     except UnreadableStream as error:
-        logger.warning("cannot take request %s over from %s: %s", record.request_id[:12], previous or "nobody", error)
-        return None
+        return submitted, f"the driver {previous} stopped and this node cannot continue its text: {error}"
     if tokens and record.drivers and not record.route:
-        logger.warning(
-            "cannot take request %s over: its driver %s was answering with its fallback model, and this node "
-            "cannot continue another model's text", record.request_id[:12], previous,
+        return submitted, (
+            f"the driver {previous} stopped while answering with its fallback model after {len(tokens)} tokens; "
+            "an answer does not switch models, so it ends here"
         )
-        return None
     return submitted, Takeover(previous, tokens, text)
+
+
+async def end_taken_over(emit: Emit, record: RequestRecord, submitted: Event, message: str) -> None:
+    """Accept `record` as its new driver (empty route) and fail it with DRIVER_STOPPED and `message`.
+
+    Only a driver's RequestFailed counts once someone accepted the request, so the
+    acceptance comes first.
+    """
+    previous = record.driver
+    logger.warning("request %s ends: %s", record.request_id[:12], message)
+    await emit(RequestAccepted(record.request_id, {}, {}, 0, plan_digest({}, {}, 0), previous), (submitted.id,))
+    await emit(RequestFailed(record.request_id, DRIVER_STOPPED, message[:500]), (submitted.id,))
 
 
 def fallback_context(

@@ -50,14 +50,14 @@ from cortex.comm import (
 from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
-from cortex.driver.requests import DriverContext, RequestDriver
+from cortex.driver.requests import DriverContext, RequestDriver, Takeover
 from cortex.driver.takeover import fallback_order
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
 from cortex.node.faults import FaultInjector, parse_fault
-from cortex.node.driving import fallback_context, missing_fragments, prompt_readers_of, takeover_of
+from cortex.node.driving import end_taken_over, fallback_context, missing_fragments, prompt_readers_of, takeover_of
 from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.quorum import TrustReducer, TrustView
@@ -478,8 +478,12 @@ class Node:
             if service is None or service.head is None or record.request_id in self.driving:
                 continue
             found = takeover_of(self.registry.view, self.store, record, self.identity, now)
-            if found is not None:
+            if found is not None and isinstance(found[1], str):
+                self.driving.add(record.request_id)
+                self._task_group.create_task(end_taken_over(self.emit, record, found[0], found[1]))
+            elif found is not None:
                 submitted, takeover = found
+                assert isinstance(takeover, Takeover)
                 logger.warning(
                     "taking request %s over from silent driver %s after %d streamed tokens",
                     record.request_id[:12], takeover.previous_driver or "(none accepted)", len(takeover.token_ids),
