@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from replay.arguments import EXIT_USAGE, report_error
+    from replay.arguments import EXIT_OK, EXIT_USAGE, quiet_broken_pipe, report_error
     from replay.errors import ReplayError
 
     try:
@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         return report_error(error)
     except KeyboardInterrupt:
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of a pipe went away (`| head`): what it read is all it wanted.
+        quiet_broken_pipe()
+        return EXIT_OK
 
 
 def _dispatch(args: argparse.Namespace) -> int:
