@@ -56,9 +56,9 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
             load_text += (f"; experts: {load['experts_loaded']} loaded, {load['expert_outputs']} outputs, "
                           f"{load['open_expert_requests']} open requests, latency "
                           + ("n/a" if latency is None else f"{latency} ms"))
-        shown = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes",
+        described = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes",
                  *ROUTER_LOAD_KEYS)
-        extra = {key: value for key, value in load.items() if key not in shown}
+        extra = {key: value for key, value in load.items() if key not in described}
         if extra:
             load_text += " " + format_value(extra)
         table.add_row(

@@ -3,8 +3,8 @@
 Three `cortex node` processes serve a tiny Mixtral checkpoint (node 0 the head and blocks,
 nodes 1 and 2 a replica of every expert each), a client sends one request with redundancy 2
 so the quorum votes, and the swarm stops.
-Each node writes the digest of every view it folds (registry, scheduler, router, and any
-other it reports) to its status file as it stops; replaying its log must give the same digests.
+Each node writes the digest of every view it folds (registry, scheduler, router, quorum) to
+its status file as it stops. Replaying its log must give the same digests.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def no_swarm(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def refuse(self: LocalSwarm) -> None:
+    async def fail_start(self: LocalSwarm) -> None:
         raise AssertionError("the demo started its swarm for a prompt it should have rejected")
 
-    monkeypatch.setattr(LocalSwarm, "start", refuse)
+    monkeypatch.setattr(LocalSwarm, "start", fail_start)
 
 
 def test_demo_rejects_oversized_prompt(llama: Path, no_swarm: None, capsys: pytest.CaptureFixture[str]) -> None:
