@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from replay.fold import Folder
-from replay.reader import LogReader
+from replay.reader import LogReader, is_swarm_scoped
 from replay.views import LoadedView
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class LiveViews:
             return 0
         self._version = version
         rows, self.last_rowid = self.reader.arrivals_batch(None, self.last_rowid)
-        if any(self.reader.events_at(event.author, event.seq) > 1 for _rowid, event in rows):
+        if any(is_swarm_scoped(event.type) and self.reader.events_at(event.author, event.seq) > 1 for _rowid, event in rows):
             logger.info("an arriving event completes an equivocation; folding the log again")
             self._rebuild()
             return len(rows)
