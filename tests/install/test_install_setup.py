@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cortex.node.config import load_config
@@ -30,6 +31,7 @@ def test_install_first_run_sets_up_home(tmp_path: Path) -> None:
     assert config.identity_path == home / "node.key"
 
 
+@pytest.mark.slow
 def test_install_second_run_changes_nothing(tmp_path: Path) -> None:
     first = run_install(tmp_path, "--no-start")
     assert first.returncode == 0, first.stderr
@@ -56,6 +58,7 @@ def test_install_keeps_existing_identity(tmp_path: Path) -> None:
     assert "kept the existing node key" in result.stdout
 
 
+@pytest.mark.slow
 def test_install_keeps_existing_config(tmp_path: Path) -> None:
     home = tmp_path / ".cortex"
     home.mkdir()
