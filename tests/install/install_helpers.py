@@ -18,6 +18,11 @@ INSTALL_TIMEOUT_S = 240  # a native start waits up to 120 s for the node to serv
 NAMESPACE_UID = 1234
 
 Snapshot = dict[str, tuple[int, str]]
+# Exits 0 only in a process whose effective capability set is empty.
+_NO_CAPABILITIES_CHECK = (
+    "import sys; effective = [line.split()[1] for line in open('/proc/self/status') if line.startswith('CapEff')]; "
+    "sys.exit(0 if effective == ['0000000000000000'] else 1)"
+)
 
 
 def base_environment(home: Path, **extra: str) -> dict[str, str]:
@@ -74,11 +79,16 @@ class Unprivileged:
 def unprivileged() -> Unprivileged:
     """Return how to run install.sh as an unprivileged user.
 
-    As a user other than root, that is this user. As root (CI), it is a user namespace that maps
-    uid 1234 to root without capabilities, else `setpriv` to nobody when nobody can run this Python.
+    As a user other than root, that is this user. As root (CI), it is root without capabilities
+    (`setpriv` empties the bounding set, so file permissions apply to it as to any owner), else a
+    user namespace that maps uid 1234 to root without capabilities, else `setpriv` to nobody when
+    nobody can run this Python.
     """
     if os.geteuid() != 0:
         return Unprivileged([], os.geteuid(), None)
+    no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    if shutil.which("setpriv") and _runs([*no_capabilities, sys.executable, "-c", _NO_CAPABILITIES_CHECK]):
+        return Unprivileged(no_capabilities, 0, 65534)
     namespace = ["unshare", "--user", f"--map-user={NAMESPACE_UID}", f"--map-group={NAMESPACE_UID}"]
     if shutil.which("unshare") and _runs([*namespace, sys.executable, "-c", "pass"]):
         return Unprivileged(namespace, 0, 65534)
