@@ -80,6 +80,17 @@ def _startup_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, known) else None
 
 
+def _default_config() -> Path | None:
+    """Return `<Cortex home>/config.yaml`, or print how to create it and return None if it is missing."""
+    from cortex.node.home import default_config_path
+
+    path = default_config_path()
+    if not path.is_file():
+        print(f"error: no --config given and {path} does not exist; run `cortex init` to create it", file=sys.stderr)
+        return None
+    return path
+
+
 def _run_start(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -88,10 +99,10 @@ def _run_start(args: argparse.Namespace) -> int:
 
     from cortex.node.config import ConfigError, load_config
     from cortex.node.config_checks import check_paths
-    from cortex.node.home import default_config_path
-
     if args.config is None:
-        args.config = default_config_path()
+        args.config = _default_config()
+        if args.config is None:
+            return 2
     try:
         config = load_config(args.config, environ=os.environ)
         check_paths(config, str(args.config))
@@ -130,13 +141,15 @@ def _run_stop(args: argparse.Namespace) -> int:
     import os
 
     from cortex.node.config import ConfigError, load_config
-    from cortex.node.home import default_config_path
     from cortex.node.lifecycle import NodeRefused, signal_node
 
     data_dir = args.data_dir
     if data_dir is None:
+        config_path = args.config or _default_config()
+        if config_path is None:
+            return 2
         try:
-            data_dir = load_config(args.config or default_config_path(), environ=os.environ).data_dir
+            data_dir = load_config(config_path, environ=os.environ).data_dir
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
