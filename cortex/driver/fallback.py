@@ -1,4 +1,4 @@
-"""Degraded mode: a light model this node loads whole and answers with when the swarm cannot.
+"""Degraded mode: a light model that this node loads whole and generates with when the swarm cannot serve.
 
 A node's config names a fallback model (`fallback_model`, the packaged demo model by
 default; null turns it off). The node reads its checkpoint header at start (to announce its

@@ -74,7 +74,7 @@ class DriverContext:
     """The node services a driver uses: identity, publishing, the head, planning, executors, fallback.
 
     `head`, `tokenizer` and `geometry` are None on a node that does not hold the model's
-    head; it drives a request only to answer it with its fallback model.
+    head; it drives a request only to generate the reply with its fallback model.
     """
 
     identity: Identity
@@ -104,7 +104,7 @@ class Takeover:
 
 
 class Degrade(Exception):
-    """The swarm cannot serve the request before its first token: answer with the fallback model."""
+    """The swarm cannot serve the request before its first token, so the fallback model generates the reply."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -171,7 +171,7 @@ class RequestDriver:
 
     async def _run_swarm(self, started: float) -> None:
         if self.context.head is None:
-            raise Degrade(NO_HEAD_HOLDER, f"no live peer holds the head of model {self.context.model_id[:16]}")
+            raise Degrade(NO_HEAD_HOLDER, f"no live peer has loaded the head of model {self.context.model_id[:16]}")
         prompt_ids = self._prompt_ids(self.context.tokenizer)
         if self._deadline_left_s() == 0.0 and not self.generated:
             raise Degrade(DEADLINE_EXCEEDED, f"the deadline of {self.request.deadline_ms} ms passed before the request was planned")

@@ -31,6 +31,8 @@ from cortex.scheduler.request_events import TokenGenerated
 from events import Identity
 
 TAKEOVER_READERS = 2
+# NOTE: a driver alive but stalled for longer than this is taken over too, and nothing stops it
+# afterwards, so two drivers then stream the same steps (equal tokens only for greedy requests).
 DRIVER_SILENCE_MS = 5_000
 # A request whose last event is older than this is history (a join sync), not a live request.
 ABANDONED_AFTER_MS = 60_000
@@ -72,6 +74,9 @@ def is_silent(registry: RegistryView, peer: str, now_ms: int) -> bool:
 
 def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms: int) -> str | None:
     """Return the driver `me` takes `record` over from ("" if none accepted it), or None if not due.
+
+    NOTE: only head holders call this, so a request driven by a fallback driver (no head holder
+    anywhere) is not taken over when that driver dies.
 
     Due when the request is in flight and recent, its current driver is silent (or nobody
     accepted it `DRIVER_SILENCE_MS` after submission), and `me` is the first peer of the

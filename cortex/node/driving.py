@@ -129,7 +129,7 @@ def fallback_context(
     records_of: Callable[[str], list[str]],
     readers: Callable[[RequestSubmitted], list[str]],
 ) -> DriverContext:
-    """Return a DriverContext that can only answer with the fallback model (no head of `model_id` here)."""
+    """Return a DriverContext that can only generate with the fallback model, since this node lacks the head of `model_id`."""
 
     def no_blocks(spec: str, holder: str) -> BlockExecutor:
         raise AssertionError(f"a fallback-only driver runs no block ({spec} on {holder})")
