@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from cortex.node.client import RequestResult, SwarmClient
-from cortex.node.launcher import LocalSwarm
+from cortex.node.launcher import LocalSwarm, SwarmNode
 from cortex.node.report import expert_records
 from cortex.runtime.testmodels import make_test_checkpoint, test_tokenizer
 from cortex.scheduler import RequestAccepted
-from events import LogStore
+from events import Identity, LogStore, wall_clock_ms
 
 PROMPT = "Return the number of items in the container"
 CALL_TIMEOUT_S = 3.0
@@ -81,13 +81,37 @@ def pause(swarm: LocalSwarm, indexes: list[int], paused: bool) -> None:
         os.kill(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
-async def restart(swarm: LocalSwarm, index: int, wait: bool = True) -> None:
-    """Start node `index` again from its data directory (same key, same fragments)."""
-    node = swarm.nodes[index]
-    assert node.process is None or node.process.poll() is not None, f"node {index} still runs"
+async def join(swarm: LocalSwarm, fragments: list[str], wait: bool = True) -> SwarmNode:
+    """Start a new node (a fresh key and data directory) holding `fragments`; return it.
+
+    A fresh key, not a restart of a stopped node's key: libp2p numbers a node's gossip
+    messages from the wall clock in seconds, so a key restarted within a minute reuses
+    message numbers that peers still remember and drop (see the report of this work).
+    """
+    from cortex.bus.libp2p_transport import free_port_address
+
+    index = len(swarm.nodes)
+    data_dir = swarm.root / f"node{index}"
+    identity = Identity.load_or_create(data_dir / "node.key")
+    node = SwarmNode(index, data_dir, identity.peer_id, list(fragments), free_port_address(quic=False))
+    swarm.nodes.append(node)
     swarm._spawn(node)  # the launcher's own start of one node, as in LocalSwarm.start
     if wait:
         await swarm._wait_serving(node)
+    return node
+
+
+async def wait_loaded(client: SwarmClient, swarm: LocalSwarm, node: SwarmNode, timeout_s: float = 60.0) -> None:
+    """Wait until the client's view shows `node` live with every fragment of it loaded."""
+    model_id = client.resolve_model(str(swarm.model_dir))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        coverage = client.registry.view.coverage(model_id, wall_clock_ms())
+        if all(node.peer_id in coverage[f].loaded for f in node.fragments if f in coverage):
+            if all(f in coverage for f in node.fragments):
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"node {node.index} did not show its fragments as loaded within {timeout_s} s")
 
 
 def stop(swarm: LocalSwarm, index: int, kill: bool) -> None:
