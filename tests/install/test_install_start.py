@@ -88,7 +88,8 @@ def test_install_demo_runs_demo_not_node(tmp_path: Path) -> None:
 def test_install_native_start_then_node_stop(tmp_path: Path) -> None:
     tools = tmp_path / "tools"
     write_tool(tools, "docker", NO_ENGINE)
-    environment = base_environment(tmp_path, PATH=path_with(tools))
+    # The override reaches the node: it serves the head and blocks only, not the whole model.
+    environment = base_environment(tmp_path, PATH=path_with(tools), CORTEX_MODELS_0_FRAGMENTS="head, block[0:4]")
     home = tmp_path / ".cortex"
     pid = None
     try:
@@ -104,6 +105,7 @@ def test_install_native_start_then_node_stop(tmp_path: Path) -> None:
         assert status["state"] == "serving"
         assert status["pid"] == pid
         assert all("/ip4/127.0.0.1/" in address for address in status["bus_addresses"])
+        assert list(status["models"].values()) == [["head", "block[0:4]"]]
         assert (home / "node.log").stat().st_size > 0
 
         again = run_install(tmp_path, environment=environment)
