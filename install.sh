@@ -131,7 +131,7 @@ start_native() {
     log="$home/node.log"
     pid=$(cat "$data_dir/node.pid" 2>/dev/null || true)
     if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        echo "A node already runs from $data_dir (pid $pid); stop it with: $cortex node stop"
+        echo "A node already runs from $data_dir (pid $pid); stop it with: $cortex node stop --config $config"
         return 0
     fi
     echo "Starting the node in the background (log: $log)"
@@ -141,7 +141,7 @@ start_native() {
     # Bounded wait for the node's status file to say it serves, or for the process to exit.
     for _ in $(seq 1 1200); do
         if grep -q '"state": *"serving"' "$data_dir/node.status.json" 2>/dev/null; then
-            echo "The node serves (pid $pid). Stop it with: $cortex node stop"
+            echo "The node serves (pid $pid). Stop it with: $cortex node stop --config $config"
             return 0
         fi
         if ! kill -0 "$pid" 2>/dev/null; then
@@ -151,7 +151,7 @@ start_native() {
         fi
         sleep 0.1
     done
-    echo "install.sh: the node (pid $pid) does not serve after 120 s; see $log, stop it with: $cortex node stop" >&2
+    echo "install.sh: the node (pid $pid) does not serve after 120 s; see $log, stop it with: $cortex node stop --config $config" >&2
     return 1
 }
 

@@ -52,7 +52,8 @@ class SetupReport:
             f"{hardware.disk_free_mb} MiB free disk",
             f"GPUs: {describe_gpus(hardware)}",
             *(f"warning: {warning}" for warning in self.warnings),
-            f"start the node: cortex node start --config {self.config_path}   (stop it: cortex node stop)",
+            f"start the node: cortex node start --config {self.config_path}",
+            f"stop it: cortex node stop --config {self.config_path}",
         ]
 
 
