@@ -91,13 +91,12 @@ def test_env_whole_models_list(tmp_path: Path) -> None:
     assert config.models[0].fragments == ("head",)
 
 
-def test_env_without_environ_reads_file_only(tmp_path: Path) -> None:
+def test_env_without_environ_reads_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, "log_level: WARNING\n")
-    os.environ["CORTEX_LOG_LEVEL"] = "DEBUG"
-    try:
-        assert load_config(path).log_level == "WARNING"
-    finally:
-        del os.environ["CORTEX_LOG_LEVEL"]
+    monkeypatch.setenv("CORTEX_LOG_LEVEL", "DEBUG")
+
+    assert load_config(path).log_level == "WARNING"
+    assert load_config(path, os.environ).log_level == "DEBUG"
 
 
 @pytest.mark.parametrize(
