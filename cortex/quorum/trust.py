@@ -12,9 +12,9 @@ effect), checked from the event alone:
 
 - a `QuorumVoted` that gives two outputs of one expert with equal digests different
   distances (equal bytes are at equal distance from any reference);
-- a `QuorumDecided` with outcome `agreed` whose agreeing producers are not a strict majority
-  of the producers it names, or that names dissenters while no producer other than the voter
-  agrees (a voter cannot outvote everyone with its own output).
+- a `QuorumDecided` with outcome `agreed` that names dissenters while its quorum is below 2,
+  fewer producers than the quorum agree, or no producer other than the voter agrees (a voter
+  cannot outvote everyone with its own output).
 
 Votes and decisions of a voter that is excluded when they fold are passed over and counted
 as ignored. An equivocating author has trust 0 from the start of the fold, so all of its
@@ -35,7 +35,6 @@ from typing import Any
 
 import orjson
 
-from cortex.quorum.compare import majority
 from cortex.quorum.events import AGREED, DISAGREED, EQUIVOCATED, FALSE_VOTE, QUORUM, PeerPenalized, QuorumDecided, QuorumVoted
 from cortex.quorum.rules import (
     DISSENT_PENALTY,
@@ -249,13 +248,17 @@ def _fold_report(state: FoldState, fact: Fact, equivocated: dict[str, int]) -> N
     record.reports += 1
 
 
-def decision_is_valid(voter: str, agreeing: tuple[str, ...], dissenting: tuple[str, ...]) -> bool:
-    """Return whether an `agreed` decision is possible: a strict majority agrees, not by the voter alone."""
-    named = len(agreeing) + len(dissenting)
-    if len(agreeing) < majority(named):
-        return False
-    others = [peer for peer in agreeing if peer != voter]
-    return bool(others) or not [peer for peer in dissenting if peer != voter]
+def decision_is_valid(voter: str, quorum: int, agreeing: tuple[str, ...], dissenting: tuple[str, ...]) -> bool:
+    """Return whether an `agreed` decision that names dissenters is possible.
+
+    Each expert's winning group is a strict majority of its outputs, so at least 2 outputs
+    (quorum >= 2) by producers that all appear in `agreeing`, and one of them is not the
+    voter's own. The per-expert counts are in the vote, not in the decision, so this checks
+    the layer as a whole.
+    """
+    if not [peer for peer in dissenting if peer != voter]:
+        return True
+    return quorum >= 2 and len(agreeing) >= quorum and any(peer != voter for peer in agreeing)
 
 
 def vote_is_consistent(vote: QuorumVoted) -> bool:
@@ -280,7 +283,7 @@ def _apply_vote(view: TrustView, event: Event) -> TrustView:
 def _apply_decision(view: TrustView, event: Event) -> TrustView:
     decision: QuorumDecided = event.body
     agreed = decision.outcome == AGREED
-    consistent = not agreed or decision_is_valid(event.author, decision.agreeing, decision.dissenting)
+    consistent = not agreed or decision_is_valid(event.author, decision.quorum, decision.agreeing, decision.dissenting)
     view.insert(
         Fact(_stamp(event), event.id, "decision", event.author, decision.agreeing, decision.dissenting, agreed, consistent)
     )

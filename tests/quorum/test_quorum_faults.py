@@ -1,0 +1,114 @@
+"""Faulty replicas and a lying voter in a 3-replica swarm of real node processes.
+
+Layout: node 0 and node 1 hold the head and every block and drive requests; node 1 is a
+lying voter (fault `wrong_voter`). Nodes 2 and 3 are honest replicas of every expert, and
+nodes 4 to 8 each hold a fifth of the experts with one fault mode, so every expert has
+exactly three replicas: two honest and one faulty. Requests ask for redundancy 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from quorum_swarm import DRIVER, EXPERTS, PROMPT, QuorumSwarm, ask, assert_reference_answer, split_experts, start, trust_view, wait_for_same_quorum_events
+
+from cortex.node.client import RequestResult
+from cortex.node.config import QuorumConfig
+from cortex.quorum import TRUST_MAX
+from cortex.quorum.rules import DISSENT_PENALTY, TRUST_START, is_excluded
+
+pytestmark = pytest.mark.slow
+
+HONEST_DRIVER, LIAR, HONEST_A, HONEST_B = 0, 1, 2, 3
+FAULTS = ["scale=1.10", "noise=0.05", "nan", "other_expert", "zeros"]
+FAULTY = list(range(4, 4 + len(FAULTS)))
+HONEST = [HONEST_DRIVER, HONEST_A, HONEST_B]
+MAX_TOKENS = 12
+MAX_REQUESTS = 8
+# Three dissents exclude a peer; decisions of layers already in flight when the third one
+# folds may add a few more before the router stops calling it.
+MAX_DISSENTS = TRUST_START // DISSENT_PENALTY
+
+
+@pytest.fixture(scope="module")
+def swarm(quorum_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumSwarm]:
+    layout = [DRIVER, DRIVER, list(EXPERTS), list(EXPERTS), *split_experts(len(FAULTS))]
+    quorum = {LIAR: QuorumConfig(fault="wrong_voter")}
+    quorum.update({index: QuorumConfig(fault=fault) for index, fault in zip(FAULTY, FAULTS, strict=True)})
+    swarm = start(tmp_path_factory.mktemp("quorum-faults"), quorum_checkpoint, layout, quorum)
+    try:
+        yield swarm
+    finally:
+        asyncio.run(swarm.stop())
+
+
+@pytest.fixture(scope="module")
+def results(swarm: QuorumSwarm, tmp_path_factory: pytest.TempPathFactory) -> list[RequestResult]:
+    """Requests of redundancy 3 until both the honest driver and the liar drove at least one."""
+    root = tmp_path_factory.mktemp("quorum-faults-client")
+    done: list[RequestResult] = []
+    drivers = {swarm.peer(HONEST_DRIVER), swarm.peer(LIAR)}
+    while len(done) < MAX_REQUESTS and not drivers <= {result.driver for result in done}:
+        done.append(asyncio.run(ask(swarm, root / f"client{len(done)}", PROMPT, MAX_TOKENS, redundancy=3)))
+    return done
+
+
+def test_answers_equal_reference(swarm: QuorumSwarm, results: list[RequestResult]) -> None:
+    drivers = {result.driver for result in results}
+
+    assert drivers == {swarm.peer(HONEST_DRIVER), swarm.peer(LIAR)}
+    for result in results:
+        assert_reference_answer(swarm, result, PROMPT, MAX_TOKENS)
+
+
+def test_faulty_replicas_excluded(swarm: QuorumSwarm, results: list[RequestResult]) -> None:
+    wait_for_same_quorum_events(swarm, HONEST)
+    view = trust_view(swarm.nodes[HONEST_DRIVER].data_dir)
+
+    for index, fault in zip(FAULTY, FAULTS, strict=True):
+        record = view.peer(swarm.peer(index))
+        assert view.is_excluded(swarm.peer(index)), f"{fault}: trust {record.trust}"
+        assert 3 <= record.dissents <= MAX_DISSENTS + 2, f"{fault}: {record.dissents} dissents"
+        assert record.agreements == 0, fault
+    assert results
+
+
+def test_honest_views_agree(swarm: QuorumSwarm, results: list[RequestResult]) -> None:
+    events = wait_for_same_quorum_events(swarm, HONEST)
+    views = [trust_view(swarm.nodes[index].data_dir) for index in HONEST]
+
+    assert events
+    assert len({view.digest() for view in views}) == 1
+    assert sorted(views[0].excluded_peers()) == sorted(swarm.peer(index) for index in [LIAR, *FAULTY])
+    assert views[0].counts()["decisions"] > 0
+
+
+def test_lying_voter_excluded_honest_kept(swarm: QuorumSwarm, results: list[RequestResult]) -> None:
+    wait_for_same_quorum_events(swarm, HONEST)
+    view = trust_view(swarm.nodes[HONEST_A].data_dir)
+
+    for index in (HONEST_A, HONEST_B):
+        assert view.trust_of(swarm.peer(index)) == TRUST_MAX
+        assert view.peer(swarm.peer(index)).dissents == 0
+    liar = view.peer(swarm.peer(LIAR))
+    assert is_excluded(liar.trust)
+    assert liar.false_votes == 2
+    assert view.counts()["ignored"] > 0
+
+
+def test_always_wrong_never_regains(swarm: QuorumSwarm, results: list[RequestResult], tmp_path: Path) -> None:
+    wait_for_same_quorum_events(swarm, HONEST)
+    before = trust_view(swarm.nodes[HONEST_DRIVER].data_dir)
+    for _ in range(2):
+        result = asyncio.run(ask(swarm, tmp_path / f"again{_}", "Open the file", MAX_TOKENS, redundancy=3))
+        assert_reference_answer(swarm, result, "Open the file", MAX_TOKENS)
+    wait_for_same_quorum_events(swarm, HONEST)
+    after = trust_view(swarm.nodes[HONEST_DRIVER].data_dir)
+
+    for index in FAULTY:
+        assert after.trust_of(swarm.peer(index)) <= before.trust_of(swarm.peer(index))
+        assert after.is_excluded(swarm.peer(index))
+        assert after.peer(swarm.peer(index)).agreements == 0
