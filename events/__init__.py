@@ -19,16 +19,18 @@ from events.errors import (
 )
 from events.identity import Identity, curve_public_key_from_peer_id, peer_id_from_public_key, public_key_from_peer_id
 from events.membership import PeerHeartbeat, PeerJoined, PeerLeft, SequenceSkipped
-from events.model import SCHEMA_MAJOR, UnknownBody, event_type, registered_types
+from events.model import REQUEST_SCOPE, SCHEMA_MAJOR, SWARM_SCOPE, UnknownBody, event_type, registered_types, scope_of
 from events.shards import Fragment, ShardClaimed, ShardLoaded, ShardReleased, parse_fragment
-from events.store import Equivocation, LogStore, SeqReservation
+from events.store import Equivocation, LogStore, SeqReservation, request_reservation_key
 from events.views import Dispatcher, Projection, Reducer
 from events.writer import LAMPORT_RESERVATION_BLOCK, SEQ_RESERVATION_BLOCK, EventWriter, current_boot_id, wall_clock_ms
 
 __all__ = [
     "LAMPORT_RESERVATION_BLOCK",
     "MAX_PAYLOAD_BYTES",
+    "REQUEST_SCOPE",
     "SCHEMA_MAJOR",
+    "SWARM_SCOPE",
     "SEQ_RESERVATION_BLOCK",
     "AcceptResult",
     "Acceptor",
@@ -69,6 +71,8 @@ __all__ = [
     "peer_id_from_public_key",
     "public_key_from_peer_id",
     "registered_types",
+    "request_reservation_key",
+    "scope_of",
     "sign_event",
     "verify_event",
     "wall_clock_ms",

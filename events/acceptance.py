@@ -10,7 +10,11 @@ For each incoming event, in this order (cheap checks before the signature):
 5. append to the log, in one transaction per batch (`accept_many`);
 6. equivocation: a second, different event with an author and seq already stored is kept
    as evidence and recorded. From then on the views ignore that author's events from the
-   disputed seq on, so they are refolded from the log once, when it is detected;
+   disputed seq on, so they are refolded from the log once, when it is detected. Seqs
+   count per scope (`events.model`): a request-scoped record with a seq taken by the
+   author's swarm event is no conflict. Two request-scoped records with one author and
+   seq are kept and counted (`request_equivocations`), but not recorded, because the views
+   and the equivocation table are about the swarm sequence;
 7. after the commit, fold each new event into every view. Events of unknown types (a newer
    minor version) are stored and passed to the views, whose dispatch skips them.
 
@@ -28,6 +32,7 @@ from typing import Any
 
 from events.codec import Event, parse_event, verify_event
 from events.errors import EventRejected, RejectReason
+from events.model import REQUEST_SCOPE, scope_of
 from events.store import Equivocation, LogStore
 from events.views import Projection
 
@@ -101,13 +106,23 @@ class Acceptor:
         fsynced: the writer's fsynced seq reservation is what keeps seqs from being reused
         after power loss (see `events.writer`).
         """
-        if event.author != self.own_peer_id:
-            raise ValueError(f"accept_own got an event by {event.author}, but this node is {self.own_peer_id}")
+        self.accept_own_many((event,))
+
+    def accept_own_many(self, events: Sequence[Event]) -> None:
+        """Append events this node signed in one transaction (see `accept_own`), then fold them."""
+        for event in events:
+            if event.author != self.own_peer_id:
+                raise ValueError(f"accept_own got an event by {event.author}, but this node is {self.own_peer_id}")
         result = AcceptResult()
-        with self.store.transaction():
-            earlier = [stored_id for stored_id, _wire in self.store.stored_at(event.author, event.seq)]
-            self._insert(event, earlier, result)
-        self.counters["own"] += 1
+        store = self.store
+        with store.transaction():
+            for event in events:
+                scope = scope_of(event.type)
+                earlier = []
+                if event.seq <= store.max_seq(event.author, scope):
+                    earlier = [stored_id for stored_id, _wire in store.stored_at(event.author, event.seq, scope)]
+                self._insert(event, earlier, result)
+        self.counters["own"] += len(events)
         self._apply_all(result)
 
     def rebuild_views(self) -> None:
@@ -123,8 +138,9 @@ class Acceptor:
         """Return the checked event and the ids stored at its (author, seq), or None for a duplicate."""
         event = parse_event(wire)
         earlier: list[str] = []
-        if event.seq <= self.store.max_seq(event.author):
-            for stored_id, stored_wire in self.store.stored_at(event.author, event.seq):
+        scope = scope_of(event.type)
+        if event.seq <= self.store.max_seq(event.author, scope):
+            for stored_id, stored_wire in self.store.stored_at(event.author, event.seq, scope):
                 if stored_id != event.id:
                     earlier.append(stored_id)
                     continue
@@ -154,6 +170,16 @@ class Acceptor:
         result.accepted.append(event)
         if not event.is_known_type:
             self.counters["stored_unknown_type"] += 1
+        if earlier and scope_of(event.type) == REQUEST_SCOPE:
+            self.counters["request_equivocations"] += 1
+            logger.warning(
+                "%s signed two request-scoped records with seq %d (%s and %s); both kept",
+                event.author,
+                event.seq,
+                earlier[0],
+                event.id,
+            )
+            return
         for stored_id in earlier:
             equivocation = self.store.record_equivocation(event.author, event.seq, stored_id, event.id)
             result.equivocations.append(equivocation)

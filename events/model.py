@@ -22,6 +22,16 @@ older node cannot read is a new major for the whole swarm. A newer minor of a ty
 optional fields, which an older node ignores. At a version the node has registered, unknown
 fields are rejected. The family groups types for views (`membership`, `shards`, ...): a view
 handles every type of the families it projects and passes over the rest.
+
+Each type also has a scope: where its events travel and which sequence numbers
+they take (docs/events.md, "Scopes"):
+
+- `swarm` (the default): gossiped to every node; the author numbers them 1, 2, 3, ... in
+  its swarm sequence, which heartbeats announce and anti-entropy fills gaps in;
+- `request`: request-scoped records that travel point to point with their tensors and stay
+  in the logs of the nodes on the request's route. The author numbers them in a separate
+  request sequence, so they leave no gaps in its swarm sequence and anti-entropy never
+  offers them.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ from typing import Any, TypeVar
 from events.errors import SchemaError
 
 SCHEMA_MAJOR = 1
+SWARM_SCOPE = "swarm"
+REQUEST_SCOPE = "request"
+SCOPES = (SWARM_SCOPE, REQUEST_SCOPE)
 
 _VERSION_PATTERN = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
 _TYPE_NAME_PATTERN = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
@@ -72,14 +85,15 @@ class _Field:
 class EventType:
     """A registered event type: its class, name, version, family and field converters."""
 
-    __slots__ = ("cls", "name", "major", "minor", "version", "family", "check_envelope", "_fields", "_names")
+    __slots__ = ("cls", "name", "major", "minor", "version", "family", "scope", "check_envelope", "_fields", "_names")
 
-    def __init__(self, cls: type, name: str, version: str, family: str) -> None:
+    def __init__(self, cls: type, name: str, version: str, family: str, scope: str = SWARM_SCOPE) -> None:
         self.cls = cls
         self.name = name
         self.major, self.minor = parse_version(version)
         self.version = version
         self.family = family
+        self.scope = scope
         self.check_envelope: Callable[[Any, str, int], None] | None = getattr(cls, "check_envelope", None)
         hints = typing.get_type_hints(cls)
         self._fields = tuple(
@@ -138,12 +152,17 @@ _TYPES_BY_NAME: dict[str, EventType] = {}
 _TYPES_BY_CLASS: dict[type, EventType] = {}
 
 
-def event_type(*, version: str, family: str, name: str | None = None) -> Callable[[type[T]], type[T]]:
+def event_type(
+    *, version: str, family: str, name: str | None = None, scope: str = SWARM_SCOPE
+) -> Callable[[type[T]], type[T]]:
     """Register a frozen dataclass as an event type (a class decorator).
 
-    `version` is `MAJOR.MINOR` with MAJOR equal to SCHEMA_MAJOR. Registering a second class
-    under a name already taken raises SchemaError.
+    `version` is `MAJOR.MINOR` with MAJOR equal to SCHEMA_MAJOR. `scope` is `swarm` or
+    `request` (see the module docstring). Registering a second class under a name already
+    taken raises SchemaError.
     """
+    if scope not in SCOPES:
+        raise SchemaError(f"event scope {scope!r} is not one of {list(SCOPES)}")
 
     def register(cls: type[T]) -> type[T]:
         type_name = name or cls.__name__
@@ -154,7 +173,7 @@ def event_type(*, version: str, family: str, name: str | None = None) -> Callabl
             raise SchemaError(f"event type name {type_name!r} must match {_TYPE_NAME_PATTERN.pattern}")
         if not _FAMILY_PATTERN.fullmatch(family):
             raise SchemaError(f"event family {family!r} must match {_FAMILY_PATTERN.pattern}")
-        registered = EventType(cls, type_name, version, family)
+        registered = EventType(cls, type_name, version, family, scope)
         if registered.major != SCHEMA_MAJOR:
             raise SchemaError(
                 f"event type {type_name} has version {version}, but this build's schema major is {SCHEMA_MAJOR}"
@@ -172,6 +191,12 @@ def event_type(*, version: str, family: str, name: str | None = None) -> Callabl
 def type_by_name(name: str) -> EventType | None:
     """Return the registered type with this wire name, or None if this node does not know it."""
     return _TYPES_BY_NAME.get(name)
+
+
+def scope_of(type_name: str) -> str:
+    """Return the scope of the events of this wire type; a type this node does not know is swarm-scoped."""
+    registered = _TYPES_BY_NAME.get(type_name)
+    return SWARM_SCOPE if registered is None else registered.scope
 
 
 def type_of(body: Any) -> EventType:

@@ -2,7 +2,7 @@
 
 File format (SQLite, `PRAGMA user_version = 1`):
 
-    events(rowid, id BLOB UNIQUE, author, seq, lamport, time_ms, type, wire BLOB)
+    events(rowid, id BLOB UNIQUE, author, seq, lamport, time_ms, type, wire BLOB, scope)
     refs(ref BLOB, event_rowid)           one row per id in an event's refs
     equivocations(author, seq, first_id, second_id)
     seq_reservations(author PRIMARY KEY, seq_up_to, lamport_up_to, boot_id)
@@ -14,6 +14,12 @@ the canonical order (lamport, author, seq), which is also the replay order.
 `seq_reservations` contains the node's own `EventWriter` reservation (see `events.writer`). It
 was added to format version 1 as a new table, created when missing, so files written before
 it still open and readers of the other tables need no change.
+`scope` is `swarm` or `request` (see `events.model`): each author numbers its events in one
+sequence per scope, so `(author, scope, seq)` names an event slot. Seq gaps, heads and
+anti-entropy (`max_seq`, `missing_ranges`, `wires`) look at the swarm scope only;
+iteration (`events`) returns both. The column was also added to format version 1 (with
+default `swarm`, which every event before it was), and the request sequence's writer
+reservation is stored under `request_reservation_key(author)`.
 
 Durability settings, chosen for crash safety at the lowest cost:
 
@@ -49,6 +55,7 @@ from typing import Any
 from events.codec import Event, parse_event
 from events.errors import EventRejected, LogStoreError
 from events.membership import SequenceSkipped
+from events.model import REQUEST_SCOPE, SWARM_SCOPE, scope_of
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +76,6 @@ CREATE TABLE IF NOT EXISTS events (
     wire BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_canonical ON events (lamport, author, seq);
-CREATE INDEX IF NOT EXISTS events_author_seq ON events (author, seq);
 CREATE INDEX IF NOT EXISTS events_type ON events (type);
 CREATE INDEX IF NOT EXISTS events_time ON events (time_ms);
 CREATE TABLE IF NOT EXISTS refs (
@@ -92,7 +98,15 @@ CREATE TABLE IF NOT EXISTS seq_reservations (
 ) WITHOUT ROWID;
 """
 
-_INSERT_EVENT = "INSERT OR IGNORE INTO events (id, author, seq, lamport, time_ms, type, wire) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# Run after the `scope` column exists, which an older file gets from `_add_scope_column`.
+_SCOPE_SCHEMA = """
+DROP INDEX IF EXISTS events_author_seq;
+CREATE INDEX IF NOT EXISTS events_author_scope_seq ON events (author, scope, seq);
+"""
+
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (id, author, seq, lamport, time_ms, type, wire, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_REF = "INSERT OR IGNORE INTO refs (ref, event_rowid) VALUES (?, ?)"
 _CANONICAL = " ORDER BY e.lamport, e.author, e.seq"
 
@@ -138,7 +152,11 @@ class LogStore:
             self._connection.close()
             raise
         self._in_transaction = False
-        self._max_seq: dict[str, int] = dict(self._connection.execute("SELECT author, MAX(seq) FROM events GROUP BY author"))
+        self._max_seq: dict[str, int] = {}
+        self._max_request_seq: dict[str, int] = {}
+        heads = self._connection.execute("SELECT author, scope, MAX(seq) FROM events GROUP BY author, scope")
+        for author, scope, seq in heads:
+            (self._max_request_seq if scope == REQUEST_SCOPE else self._max_seq)[author] = seq
 
     def _open(self) -> None:
         connection = self._connection
@@ -153,6 +171,10 @@ class LogStore:
                 "use the software that wrote it or start a new log and fetch events from peers"
             )
         connection.executescript(_SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+        if "scope" not in columns:
+            connection.execute(f"ALTER TABLE events ADD COLUMN scope TEXT NOT NULL DEFAULT '{SWARM_SCOPE}'")
+        connection.executescript(_SCOPE_SCHEMA)
         connection.execute(f"PRAGMA user_version={FORMAT_VERSION}")
 
     def close(self) -> None:
@@ -182,7 +204,7 @@ class LogStore:
         connection = self._connection
         if durable:
             connection.execute(f"PRAGMA synchronous={SYNCHRONOUS_DURABLE}")
-        max_seq_before = dict(self._max_seq)
+        max_seq_before = dict(self._max_seq), dict(self._max_request_seq)
         connection.execute("BEGIN IMMEDIATE")
         self._in_transaction = True
         try:
@@ -190,7 +212,7 @@ class LogStore:
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
-            self._max_seq = max_seq_before
+            self._max_seq, self._max_request_seq = max_seq_before
             raise
         finally:
             self._in_transaction = False
@@ -199,17 +221,19 @@ class LogStore:
 
     def insert(self, event: Event) -> bool:
         """Insert one event inside `transaction()`; return False if its id is already stored."""
+        scope = scope_of(event.type)
         cursor = self._connection.execute(
             _INSERT_EVENT,
-            (bytes.fromhex(event.id), event.author, event.seq, event.lamport, event.time_ms, event.type, event.wire),
+            (bytes.fromhex(event.id), event.author, event.seq, event.lamport, event.time_ms, event.type, event.wire, scope),
         )
         if cursor.rowcount != 1:
             return False
         if event.refs:
             rowid = cursor.lastrowid
             self._connection.executemany(_INSERT_REF, [(bytes.fromhex(ref), rowid) for ref in event.refs])
-        if event.seq > self._max_seq.get(event.author, 0):
-            self._max_seq[event.author] = event.seq
+        heads = self._max_request_seq if scope == REQUEST_SCOPE else self._max_seq
+        if event.seq > heads.get(event.author, 0):
+            heads[event.author] = event.seq
         return True
 
     def append(self, event: Event, durable: bool = False) -> bool:
@@ -257,18 +281,20 @@ class LogStore:
         rows = self._connection.execute("SELECT author, MIN(seq) FROM equivocations GROUP BY author")
         return {author: seq for author, seq in rows}
 
-    def max_seq(self, author: str) -> int:
-        """Return the highest seq stored for `author`, 0 if none."""
-        return self._max_seq.get(author, 0)
+    def max_seq(self, author: str, scope: str = SWARM_SCOPE) -> int:
+        """Return the highest seq stored for `author` in `scope` (the swarm sequence by default), 0 if none."""
+        return (self._max_request_seq if scope == REQUEST_SCOPE else self._max_seq).get(author, 0)
 
     def max_lamport(self) -> int:
         """Return the highest Lamport clock in the log, 0 if the log is empty."""
         row = self._connection.execute("SELECT MAX(lamport) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def stored_at(self, author: str, seq: int) -> list[tuple[str, bytes]]:
-        """Return (id, wire) of every stored event with this author and seq (two or more: equivocation)."""
-        rows = self._connection.execute("SELECT id, wire FROM events WHERE author = ? AND seq = ?", (author, seq))
+    def stored_at(self, author: str, seq: int, scope: str = SWARM_SCOPE) -> list[tuple[str, bytes]]:
+        """Return (id, wire) of every stored event with this author, scope and seq (two or more: equivocation)."""
+        rows = self._connection.execute(
+            "SELECT id, wire FROM events WHERE author = ? AND scope = ? AND seq = ?", (author, scope, seq)
+        )
         return [(event_id.hex(), wire) for event_id, wire in rows]
 
     def get(self, event_id: str) -> Event | None:
@@ -284,7 +310,7 @@ class LogStore:
         return int(self._connection.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def authors(self) -> list[str]:
-        """Return every author with at least one stored event, sorted."""
+        """Return every author with at least one stored swarm-scoped event, sorted."""
         return sorted(self._max_seq)
 
     def events(
@@ -307,9 +333,9 @@ class LogStore:
             yield _decode_stored(wire)
 
     def wires(self, *, author: str | None = None, first_seq: int = 1, last_seq: int | None = None) -> Iterator[bytes]:
-        """Iterate over stored wire bytes by author and seq range (for anti-entropy replies)."""
-        query = "SELECT wire FROM events WHERE seq >= ?"
-        parameters: list[Any] = [first_seq]
+        """Iterate over stored swarm-scoped wire bytes by author and seq range (for anti-entropy replies)."""
+        query = "SELECT wire FROM events WHERE scope = ? AND seq >= ?"
+        parameters: list[Any] = [SWARM_SCOPE, first_seq]
         if author is not None:
             query += " AND author = ?"
             parameters.append(author)
@@ -320,7 +346,7 @@ class LogStore:
             yield wire
 
     def missing_ranges(self, author: str, up_to: int | None = None) -> list[tuple[int, int]]:
-        """Return the seq ranges (first, last), inclusive, missing from `author`'s events.
+        """Return the seq ranges (first, last), inclusive, missing from `author`'s swarm-scoped events.
 
         Seqs start at 1. Without `up_to` only gaps below the highest stored seq count; with
         it (the `latest_seq` of a heartbeat, say) missing trailing events count too. Ranges
@@ -329,8 +355,8 @@ class LogStore:
         publish before losing them are ordinary events wherever they are stored.
         """
         rows = self._connection.execute(
-            "SELECT seq, LEAD(seq) OVER (ORDER BY seq) FROM (SELECT DISTINCT seq FROM events WHERE author = ?)",
-            (author,),
+            "SELECT seq, LEAD(seq) OVER (ORDER BY seq) FROM (SELECT DISTINCT seq FROM events WHERE author = ? AND scope = ?)",
+            (author, SWARM_SCOPE),
         ).fetchall()
         ranges: list[tuple[int, int]] = []
         if rows and rows[0][0] > 1:
@@ -365,6 +391,11 @@ class LogStore:
         """Run SQLite's integrity check; return "ok" or the problems it found."""
         rows = self._connection.execute("PRAGMA integrity_check").fetchall()
         return "\n".join(str(row[0]) for row in rows)
+
+
+def request_reservation_key(author: str) -> str:
+    """Return the `seq_reservations` key of `author`'s request-sequence reservation."""
+    return f"{author}/{REQUEST_SCOPE}"
 
 
 def _select_events(

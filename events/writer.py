@@ -31,6 +31,13 @@ At start the writer compares the log with the stored reservation:
   is `SequenceSkipped(first, last)`, which `LogStore.missing_ranges` honours. Peers that
   hold events from that range keep them, and peers that lack them stop asking.
 
+Request-scoped records (`events.model`, scope `request`) take their seqs from a second
+sequence of the same author, with its own reservation (`request_reservation_key`) kept the
+same way. After an unclean stop in another boot the writer resumes that sequence above its
+reservation, without a `SequenceSkipped`: gaps in it are never looked for. Lamport clocks are one
+sequence for both scopes. `write_many` signs several events and appends them in one
+transaction, which is what the data plane uses for the records of one message.
+
 NOTE: the boot-id check assumes the log is on a local file system. On a network file
 system, a server crash can lose unsynced writes while the client's boot id stays the same.
 """
@@ -41,7 +48,7 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from events.acceptance import Acceptor
@@ -49,7 +56,8 @@ from events.codec import MAX_INT, Event, sign_event
 from events.errors import EventError, LogStoreError
 from events.identity import Identity
 from events.membership import SequenceSkipped
-from events.store import SeqReservation
+from events.model import REQUEST_SCOPE, type_of
+from events.store import SeqReservation, request_reservation_key
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +119,35 @@ class EventWriter:
         reservation = store.seq_reservation(identity.peer_id) or SeqReservation(0, 0, None)
         self._reservation = reservation
         self._lamport_floor = 0
+        self._request_key = request_reservation_key(identity.peer_id)
+        self._last_request_seq = store.max_seq(identity.peer_id, REQUEST_SCOPE)
+        self._request_reservation = store.seq_reservation(self._request_key) or SeqReservation(0, 0, None)
         self.skipped: Event | None = None
         if reservation.seq_up_to > self._last_seq and not self._same_boot(reservation):
             self.skipped = self._void_reserved_range(reservation)
         elif self._last_seq:
             logger.info("event writer for %s resumes after seq %d", identity.peer_id, self._last_seq)
+        request_reserved = self._request_reservation.seq_up_to
+        if request_reserved > self._last_request_seq and not self._same_boot(self._request_reservation):
+            logger.warning(
+                "event writer for %s stopped uncleanly in an earlier OS boot: its request sequence resumes after "
+                "the reserved seq %d, not after the stored seq %d",
+                identity.peer_id,
+                request_reserved,
+                self._last_request_seq,
+            )
+            self._last_request_seq = request_reserved
+            self._lamport_floor = max(self._lamport_floor, reservation.lamport_up_to)
 
     @property
     def last_seq(self) -> int:
         """The seq of the last event this node wrote, 0 if none."""
         return self._last_seq
+
+    @property
+    def last_request_seq(self) -> int:
+        """The seq of the last request-scoped record this node wrote, 0 if none."""
+        return self._last_request_seq
 
     @property
     def reservation(self) -> SeqReservation:
@@ -132,20 +159,47 @@ class EventWriter:
 
         Returns the event; publish `event.wire` only after this returns. If signing or the
         append fails, the seq is not used, and the next call signs a new event with that seq.
+        A request-scoped body takes the next seq of the request sequence.
         """
-        seq = self._last_seq + 1
-        lamport = max(self.acceptor.lamport, self._lamport_floor) + 1
+        return self.write_many((body,), refs)[0]
+
+    def write_many(self, bodies: Sequence[Any], refs: tuple[str, ...] = ()) -> list[Event]:
+        """Sign `bodies` in order, all with `refs`, and append them in one transaction.
+
+        Each body takes the next seq of its scope's sequence and the next Lamport clock. If
+        anything fails, none of the seqs is used. Returns the events in the order given.
+        """
+        if not bodies:
+            return []
+        scopes = [type_of(body).scope == REQUEST_SCOPE for body in bodies]
+        requests = sum(scopes)
+        last_seq, last_request_seq = self._last_seq + len(bodies) - requests, self._last_request_seq + requests
+        lamport = max(self.acceptor.lamport, self._lamport_floor)
         # NOTE: a valid peer can sign an event with a Lamport clock near 2**63 and so exhaust
         # every node's clock. Bounding the jump a peer may make is left to the admission policy.
-        if lamport > MAX_INT:
+        if lamport + len(bodies) > MAX_INT:
             raise EventError(f"the Lamport clock reached the limit of {MAX_INT}; this log cannot grow further")
-        if seq > self._reservation.seq_up_to or lamport > self._reservation.lamport_up_to:
-            self._reserve(seq, lamport)
-        event = sign_event(self.identity, body, seq=seq, lamport=lamport, time_ms=self._clock_ms(), refs=refs)
-        self.acceptor.accept_own(event)
-        self._last_seq = seq
-        logger.debug("wrote %s seq %d lamport %d id %s", event.type, seq, lamport, event.id)
-        return event
+        if last_seq > self._reservation.seq_up_to or lamport + len(bodies) > self._reservation.lamport_up_to:
+            self._reserve(last_seq, lamport + len(bodies))
+        if last_request_seq > self._request_reservation.seq_up_to:
+            self._reserve_requests(last_request_seq)
+        time_ms = self._clock_ms()
+        events: list[Event] = []
+        seq, request_seq = self._last_seq, self._last_request_seq
+        for body, is_request in zip(bodies, scopes):
+            lamport += 1
+            if is_request:
+                request_seq += 1
+            else:
+                seq += 1
+            number = request_seq if is_request else seq
+            events.append(sign_event(self.identity, body, seq=number, lamport=lamport, time_ms=time_ms, refs=refs))
+        self.acceptor.accept_own_many(events)
+        self._last_seq, self._last_request_seq = seq, request_seq
+        if logger.isEnabledFor(logging.DEBUG):
+            for event in events:
+                logger.debug("wrote %s seq %d lamport %d id %s", event.type, event.seq, event.lamport, event.id)
+        return events
 
     def close(self) -> None:
         """Release the reserved seqs not yet used, so the next start resumes at `last_seq + 1`.
@@ -155,6 +209,14 @@ class EventWriter:
         in another boot voids the unused seqs, which is safe. A `write` after `close` reserves
         a new block.
         """
+        request = self._request_reservation
+        if request.seq_up_to > self._last_request_seq:
+            released_requests = SeqReservation(self._last_request_seq, request.lamport_up_to, self._boot_id)
+            try:
+                self.acceptor.store.reserve_seqs(self._request_key, released_requests)
+                self._request_reservation = released_requests
+            except (LogStoreError, sqlite3.Error) as error:
+                logger.warning("could not release the request seqs of %s: %r", self.identity.peer_id, error)
         current = self._reservation
         if current.seq_up_to <= self._last_seq:
             return
@@ -191,6 +253,13 @@ class EventWriter:
             reservation.lamport_up_to,
             self.identity.peer_id,
         )
+
+    def _reserve_requests(self, seq: int) -> None:
+        """Store a reservation of the request sequence that covers `seq`, durably, before it is signed."""
+        up_to = max(self._request_reservation.seq_up_to, min(seq + SEQ_RESERVATION_BLOCK - 1, MAX_INT))
+        reservation = SeqReservation(up_to, 0, self._boot_id)
+        self.acceptor.store.reserve_seqs(self._request_key, reservation)
+        self._request_reservation = reservation
 
     def _store_reservation(self, reservation: SeqReservation) -> None:
         self.acceptor.store.reserve_seqs(self.identity.peer_id, reservation)

@@ -94,7 +94,7 @@ def open_dataplane(directory: Path, request_id: str, handler_timeout_s: float) -
 
     dataplane = DataPlane(
         identity,
-        sign=writer.write,
+        sign_many=writer.write_many,
         is_known_request={request_id}.__contains__,
         acceptor=acceptor,
         on_reject=on_reject,

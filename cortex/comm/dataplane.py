@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[IncomingCall], Awaitable[Response]]
 Signer = Callable[[Any, tuple[str, ...]], Event]
+BatchSigner = Callable[[Sequence[Any], tuple[str, ...]], Sequence[Event]]
 
 DEFAULT_HANDLER_TIMEOUT_S = 30.0
 MAX_CONCURRENT_CALLS = 256
@@ -58,8 +59,10 @@ TRACKER_TIMEOUT_S = 5.0
 class DataPlane:
     """A node's tensor channels: serves registered handlers and calls other nodes' handlers.
 
-    `sign(body, refs)` signs a record as this node's next event and appends it to the node's
-    log; pass `EventWriter.write`. `is_known_request(request_id)` returns whether a request may
+    `sign_many(bodies, refs)` signs the records of one message and appends them to the
+    node's log in one transaction; pass `EventWriter.write_many`. `sign(body, refs)` (such
+    as `EventWriter.write`), one record at a time, is used when `sign_many` is not given.
+    `is_known_request(request_id)` returns whether a request may
     use this node (the Scheduler view decides). Received records are appended to the log
     through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook. Calls
     beyond `max_concurrent_calls` in flight, or `max_calls_per_peer` from one peer, get `busy`.
@@ -69,7 +72,8 @@ class DataPlane:
         self,
         identity: Identity,
         *,
-        sign: Signer,
+        sign: Signer | None = None,
+        sign_many: BatchSigner | None = None,
         is_known_request: Callable[[str], bool],
         acceptor: Acceptor | None = None,
         on_reject: Callable[[Rejection], None] | None = None,
@@ -82,7 +86,12 @@ class DataPlane:
         self.limits = limits
         self.counters: collections.Counter[str] = collections.Counter()
         self.endpoint = ""
-        self._sign = sign
+        if sign_many is None:
+            if sign is None:
+                raise ValueError("a DataPlane needs sign_many (EventWriter.write_many) or sign (EventWriter.write)")
+            single = sign
+            sign_many = lambda bodies, refs: [single(body, refs) for body in bodies]  # noqa: E731
+        self._sign_many = sign_many
         self._is_known_request = is_known_request
         self._acceptor = acceptor
         self._on_reject = on_reject
@@ -251,7 +260,7 @@ class DataPlane:
         refs: tuple[str, ...],
         tensor_fields: Mapping[str, Mapping[str, Any]],
     ) -> tuple[list[Part], list[zmq.MessageTracker], tuple[str, ...]]:
-        """Sign one record per tensor and lay out the message; return its parts, send trackers and record ids."""
+        """Sign one record per tensor, in one batch, and lay out the message; return its parts, send trackers and record ids."""
         if not tensors:
             raise ValueError("a data-plane message needs at least one tensor")
         unknown = tensor_fields.keys() - tensors.keys()
@@ -263,15 +272,18 @@ class DataPlane:
         overlap = TENSOR_FIELDS & (fields.keys() | {key for extra in tensor_fields.values() for key in extra})
         if overlap:
             raise ValueError(f"fields {sorted(overlap)} are filled from each tensor; leave them out of `fields`")
-        records: list[tuple[Event, list[Part]]] = []
+        bodies: list[Any] = []
+        all_chunks: list[list[Part]] = []
         trackers: list[zmq.MessageTracker] = []
         for name, tensor in tensors.items():
             _flat, data = tensor_bytes(tensor)
-            body = record(**{**fields, **tensor_fields.get(name, {})}, **describe(name, tensor, data))
+            bodies.append(record(**{**fields, **tensor_fields.get(name, {})}, **describe(name, tensor, data)))
             chunks = chunk_parts(data)
-            records.append((self._sign(body, refs), chunks))
+            all_chunks.append(chunks)
             trackers.extend(chunk.tracker for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker)
-        return encode_message(op, call_id, kind, records), trackers, tuple(event.id for event, _chunks in records)
+        events = self._sign_many(bodies, refs)
+        records = list(zip(events, all_chunks, strict=True))
+        return encode_message(op, call_id, kind, records), trackers, tuple(event.id for event in events)
 
     async def _serve(self) -> None:
         assert self._router is not None
@@ -394,7 +406,7 @@ class DataPlane:
         if not reason.penalized or self._on_reject is None:
             return
         try:
-            self._on_reject(Rejection(reason, rejection.message, peer_id, curve_key))
+            self._on_reject(Rejection(reason, rejection.message, peer_id, curve_key, rejection.evidence))
         except Exception:
             logger.exception("the penalty hook failed on a %s rejection", reason.value)
 

@@ -59,11 +59,16 @@ class FrameRejected(CommError):
     """A received frame failed a check; `reason` names the check.
 
     `peer_id` is the sender's peer id once its records' author has been matched to the
-    authenticated connection, and None before that.
+    authenticated connection, and None before that. `evidence` lists the ids of the
+    sender's signed records that the receiver stored and that show the fault (a record
+    whose digest does not match the bytes that came with it).
     """
 
-    def __init__(self, reason: FrameReason, message: str, peer_id: str | None = None) -> None:
+    def __init__(
+        self, reason: FrameReason, message: str, peer_id: str | None = None, evidence: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
         self.peer_id = peer_id
+        self.evidence = evidence

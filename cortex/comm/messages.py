@@ -86,10 +86,12 @@ class Rejection:
     `peer_id` is the peer at fault when it is known: the called peer for a reply, or the
     author of a call whose author matched its CurveZMQ key. `curve_key` is the sender's
     authenticated CurveZMQ public key (Z85), which the node can map to a peer through the
-    `curve_public_key` of its `PeerJoined` event.
+    `curve_public_key` of its `PeerJoined` event. `evidence` lists the ids of the sender's
+    signed records that this node stored and that show the fault, when there are any.
     """
 
     reason: FrameReason
     message: str
     peer_id: str | None
     curve_key: str | None
+    evidence: tuple[str, ...] = ()

@@ -1,6 +1,8 @@
 """Request-scoped tensor records: the signed events that travel with tensors on the data plane.
 
-Family `records`. Each event describes exactly one tensor of one message: which request it
+Family `records`, scope `request` (see `events.model`): the author numbers these events in
+its request sequence, so they stay on the request's route and anti-entropy never copies
+them to other nodes. Each event describes exactly one tensor of one message: which request it
 belongs to, where in the model it sits, and what its bytes are. The request id (the id of
 the request's `RequestSubmitted` event) is the first entry of `refs`. A reply's records also
 reference the input records they were computed from: `refs = (request_id, *input_ids)`.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from events import event_type
+from events import REQUEST_SCOPE, event_type
 
 RECORDS = "records"
 MAX_DIMS = 8
@@ -60,7 +62,7 @@ def _check_block(start: int, stop: int) -> None:
         raise ValueError(f"block range [{start}:{stop}] is empty or negative; need 0 <= start < stop")
 
 
-@event_type(version="1.0", family=RECORDS)
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
 @dataclass(frozen=True, slots=True)
 class ExpertInputSent:
     """The author sent this tensor as input to routed expert `expert` of MoE layer `layer`."""
@@ -80,7 +82,7 @@ class ExpertInputSent:
         _check_tensor_fields(self.name, self.dtype, self.shape, self.digest, self.nbytes)
 
 
-@event_type(version="1.0", family=RECORDS)
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
 @dataclass(frozen=True, slots=True)
 class ExpertOutputProduced:
     """The author computed this tensor with routed expert `expert` of MoE layer `layer`."""
@@ -100,7 +102,7 @@ class ExpertOutputProduced:
         _check_tensor_fields(self.name, self.dtype, self.shape, self.digest, self.nbytes)
 
 
-@event_type(version="1.0", family=RECORDS)
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
 @dataclass(frozen=True, slots=True)
 class StageInputSent:
     """The author sent this tensor as input to decoder layers `start` to `stop - 1`.
@@ -126,7 +128,7 @@ class StageInputSent:
         _check_tensor_fields(self.name, self.dtype, self.shape, self.digest, self.nbytes)
 
 
-@event_type(version="1.0", family=RECORDS)
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
 @dataclass(frozen=True, slots=True)
 class StageOutputProduced:
     """The author computed this tensor with decoder layers `start` to `stop - 1`."""

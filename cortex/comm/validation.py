@@ -84,7 +84,12 @@ def receive_records(
     try:
         _check_signatures(events, acceptor)
         for event, (_event_part, chunks) in zip(events, records):
-            check_digest(event.body, chunks)
+            try:
+                check_digest(event.body, chunks)
+            except FrameRejected as rejection:
+                # The record passed the signature check; it is stored when an acceptor is wired.
+                rejection.evidence = (event.id,) if acceptor is not None else ()
+                raise
     except FrameRejected as rejection:
         # The author matched the authenticated connection or the called peer, so the sender is known.
         rejection.peer_id = events[0].author

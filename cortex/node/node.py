@@ -47,6 +47,7 @@ from cortex.comm import (
     StageInputSent,
     StageOutputProduced,
 )
+from cortex.comm.penalties import FramePenalties
 from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
@@ -123,11 +124,12 @@ class Node:
         self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
         self.dataplane = DataPlane(
             self.identity,
-            sign=self.writer.write,
+            sign_many=self.writer.write_many,
             is_known_request=lambda request_id: self.scheduler.view.record(request_id) is not None,
             acceptor=self.acceptor,
             on_reject=self._on_reject,
         )
+        self.penalties = FramePenalties(self.peer_id, self.emit, lambda: self.registry.view.peers)
         self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-compute")
         self.compute = worker_compute(self.workers)
         self.faults = FaultInjector(parse_fault(config.quorum.fault) if config.quorum.fault else None)
@@ -413,8 +415,7 @@ class Node:
         return Response(ExpertOutputProduced, fields, tensors, per_tensor)
 
     def _on_reject(self, rejection: Rejection) -> None:
-        # NOTE: penalties are not published as events yet; the rejection is logged by the data plane.
-        logger.debug("data-plane rejection from %s: %s", rejection.peer_id, rejection.reason)
+        self.penalties(rejection)  # a rate-limited PeerPenalized for an identified sender
 
     def records_of(self, request_id: str) -> list[str]:
         """Return the ids of the request-scoped records in this node's log for `request_id`."""

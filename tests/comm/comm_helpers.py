@@ -71,7 +71,7 @@ def make_node(
     rejections: list[Rejection] = []
     dataplane = DataPlane(
         identity,
-        sign=writer.write,
+        sign_many=writer.write_many,
         is_known_request=is_known_request or known.__contains__,
         acceptor=acceptor,
         on_reject=on_reject or rejections.append,

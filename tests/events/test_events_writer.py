@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -274,10 +275,10 @@ def test_interrupted_void_is_voided_again(tmp_path: Path, alice: Identity) -> No
     with LogStore(path) as store:
         acceptor = Acceptor(store, own_peer_id=alice.peer_id)
 
-        def crash(event: Event) -> None:
+        def crash(events: Sequence[Event]) -> None:
             raise KeyboardInterrupt("process died before the SequenceSkipped was committed")
 
-        acceptor.accept_own = crash  # type: ignore[method-assign]
+        acceptor.accept_own_many = crash  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             EventWriter(alice, acceptor, boot_id=lambda: "boot-b")
         assert store.seq_reservation(alice.peer_id) == SeqReservation(
