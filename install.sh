@@ -134,7 +134,7 @@ start_native() {
         echo "A node already runs from $data_dir (pid $pid); stop it with: $cortex node stop --config $config"
         return 0
     fi
-    echo "Starting the node in the background (log: $log)"
+    echo "Starting the node in the background (log: $log); waiting up to 120 s for it to serve"
     rm -f "$data_dir/node.status.json"
     nohup "$cortex" node start --config "$config" >>"$log" 2>&1 </dev/null &
     pid=$!
@@ -197,7 +197,7 @@ start_node() {
 
 case "$start_mode" in
     none)
-        echo "Set up without starting a node. Start one with: $cortex node start (foreground), or run ./install.sh"
+        echo "Set up without starting a node. Start one with: $cortex node start --config $config (foreground), or run ./install.sh"
         ;;
     demo)
         exec "$cortex" demo
