@@ -6,10 +6,10 @@ Shape legend: N = token rows sent to one expert, D = hidden size.
 best trusted live ones in the directory's ranking), every replica's experts in one call, all
 calls at once. A failed or timed-out call is replaced by a call to the next replica. Once an
 expert has its outputs, they are grouped (`decide_expert`); without a strict majority, one
-more replica is asked, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter publishes one
-`QuorumVoted`, one `QuorumDecided` and a `PeerPenalized` per dissenting producer, and
-returns the chosen output of each expert, or raises `QuorumFailed` with the reason when an
-expert has no quorum.
+more replica is asked, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter queues one
+`QuorumVoted`, one `QuorumDecided` and a `PeerPenalized` per dissenting producer for its
+`Publisher`, which publishes them in order in the background, and returns the chosen output
+of each expert, or raises `QuorumFailed` with the reason when an expert has no quorum.
 
 A spot check (r = 2 drawn by `spot_checked`) that finds only one live replica is skipped:
 the single output is used and nothing is published.
@@ -21,7 +21,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -52,6 +52,39 @@ class Caller(Protocol):
     def note_failure(self, peer: str) -> None: ...
 
 
+class Publisher:
+    """Publishes quorum events in order, off the token's path: one consumer task drains a queue.
+
+    NOTE: events still queued when the node stops are lost; they only record votes, and the
+    outputs they describe were already used.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
+        self._consumer: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+        self._queue.put_nowait(job)
+        if self._consumer is None or self._consumer.done():
+            self._consumer = asyncio.ensure_future(self._drain())
+
+    async def idle(self) -> None:
+        """Wait until every submitted job ran."""
+        await self._queue.join()
+
+    async def _drain(self) -> None:
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            try:
+                await job()
+            except Exception:  # noqa: BLE001 - a failed publish must not stop the ones after it
+                self.failures += 1
+                logger.exception("publishing quorum events failed")
+            finally:
+                self._queue.task_done()
+
+
 @dataclass
 class QuorumSettings:
     """A router's quorum inputs: how to publish, who this node is, its policy and the requests' redundancy."""
@@ -62,6 +95,7 @@ class QuorumSettings:
     policy: QuorumPolicy
     redundancy_of: Callable[[str], int]
     lying: bool = False  # the wrong_voter fault mode: publish inverted votes (tests only)
+    publisher: Publisher = field(default_factory=Publisher)
 
 
 @dataclass
@@ -110,7 +144,9 @@ class ReplicatedLayer:
                 if outcome is not None:
                     decided[expert] = outcome
         if decided:
-            await self._publish([decided[expert] for expert in sorted(decided)])
+            outcomes = [decided[expert] for expert in sorted(decided)]
+            self._count(outcomes)
+            self.settings.publisher.submit(lambda: self._publish(outcomes))
         chosen = dict(single)
         for expert, outcome in decided.items():
             if outcome.chosen is None:
@@ -188,22 +224,24 @@ class ReplicatedLayer:
         dtype = str(least_precise(dtypes)).removeprefix("torch.")
         voter = self.settings.own_peer
         vote, decision = layer_events(self.call, outcomes, dtype, tolerance, self.rounds, voter, self.settings.lying)
-        self.stats.decisions += 1
-        self.stats.no_quorum += decision.outcome != "agreed"
-        self.stats.spot_checks += self.spot_check
         refs = (self.call.request_id,)
         vote_event = await self.settings.emit(vote, refs)
         decision_event = await self.settings.emit(decision, (*refs, vote_event.id))
         for peer in decision.dissenting:
             if peer == voter:
                 continue
-            self.stats.dissents += 1
             logger.warning(
                 "peer %s dissented on layer %d step %d of request %s; penalized",
                 peer, self.call.layer, self.call.step, self.call.request_id[:12],
             )
             detail = f"layer {self.call.layer} step {self.call.step}: output outside the winning group"
             await self.settings.emit(PeerPenalized(peer, DISAGREED, (vote_event.id, decision_event.id), detail), refs)
+
+    def _count(self, outcomes: list[ExpertOutcome]) -> None:
+        self.stats.decisions += 1
+        self.stats.no_quorum += any(outcome.chosen is None for outcome in outcomes)
+        self.stats.spot_checks += self.spot_check
+        self.stats.dissents += len({peer for outcome in outcomes if outcome.chosen is not None for peer in outcome.losers})
 
     def _no_quorum_message(self, outcome: ExpertOutcome) -> str:
         groups = [[outcome.producers[index][:12] for index in group] for group in outcome.grouping.groups]
