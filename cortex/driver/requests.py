@@ -322,6 +322,10 @@ class RequestDriver:
         if fallback is None:
             raise Stopped(degrade.code, f"{degrade.message}; this node has no fallback model (fallback_model is off)")
         logger.warning("request %s degrades to the fallback model %s: %s", self.request_id[:12], fallback.name, degrade)
+        # Accept before the first load of the fallback, which can take seconds, so no other head
+        # holder takes the request over meanwhile. The prompt's token count comes with RequestCompleted.
+        previous = self.takeover.previous_driver if self.takeover else ""
+        await self.context.emit(RequestAccepted(self.request_id, {}, {}, 0, plan_digest({}, {}, 0), previous), self.refs)
         loaded = await fallback.load()
         prompt_ids = self._prompt_ids(loaded.tokenizer)
         max_tokens = self.request.max_tokens
@@ -330,9 +334,6 @@ class RequestDriver:
         if max_tokens < 1:
             raise Stopped(degrade.code, f"{degrade.message}; the prompt's {len(prompt_ids)} tokens do not fit the fallback model's context of {loaded.max_positions}")
         self.tokenizer, self.eos_token_ids = loaded.tokenizer, loaded.eos_token_ids
-        previous = self.takeover.previous_driver if self.takeover else ""
-        accepted = RequestAccepted(self.request_id, {}, {}, len(prompt_ids), plan_digest({}, {}, len(prompt_ids)), previous)
-        await self.context.emit(accepted, self.refs)
         admission_ms = int((time.monotonic() - started) * 1000)
         loop = fallback.loop(loaded)
         outcome = await loop.generate(self.request_id, prompt_ids, max_tokens, self._settings(), self.eos_token_ids, self._on_token)

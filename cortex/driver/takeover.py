@@ -6,9 +6,9 @@ next drivers in that order can open the prompt and the text already streamed.
 
 Takeover. A driver is silent when its last heartbeat is older than `DRIVER_SILENCE_MS`
 (about five missed heartbeats). Each head holder checks the in-flight requests once a
-heartbeat (`takeover_due`): when a request's driver is silent, or nobody accepted it
-`DRIVER_SILENCE_MS` after it was submitted while the driver the order names is silent, the
-first live peer of `driver_order` without the silent ones takes it over. It publishes
+heartbeat (`takeover_due`). When a request's driver is silent, or no driver accepted it within
+`DRIVER_SILENCE_MS` of its submission, the first live peer of `driver_order` without the
+silent ones takes it over. It publishes
 `RequestAccepted` with `takeover_of` set, replays the prompt and the tokens already streamed
 (`streamed_tokens`) as one prefill, and streams on from the next step, so the submitter
 sees no duplicated or changed token.
@@ -78,9 +78,9 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     NOTE: only head holders call this, so a request driven by a fallback driver (no head holder
     anywhere) is not taken over when that driver dies.
 
-    Due when the request is in flight and recent, its current driver is silent (or nobody
-    accepted it `DRIVER_SILENCE_MS` after submission), and `me` is the first peer of the
-    driver order once the silent peers are left out.
+    Due when the request is in flight and recent, its current driver is silent or no driver
+    accepted it within `DRIVER_SILENCE_MS` of its submission, and `me` is the first peer of
+    the driver order once the silent peers are left out.
     """
     if not record.is_in_flight or record.submission is None or record.driver == me:
         return None
@@ -94,9 +94,10 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
         if record.driver not in silent:
             return None
         previous = record.driver
+    elif now_ms - record.submitted_ms < DRIVER_SILENCE_MS:
+        return None
     else:
-        if now_ms - record.submitted_ms < DRIVER_SILENCE_MS or not full or full[0] not in silent:
-            return None
+        # Nobody accepted it: its first driver died, perhaps before the views counted it dead.
         previous = ""
     order = [peer for peer in full if peer not in silent]
     return previous if order and order[0] == me else None
