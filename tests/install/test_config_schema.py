@@ -241,3 +241,13 @@ def _keys(mapping: object, prefix: str = "") -> set[str]:
             else:
                 keys.add(f"{prefix}{key}")
     return keys
+
+
+def test_env_misspelt_top_level_key_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _write(tmp_path, "log_level: INFO\n")
+
+    config = load_config(path, {"CORTEX_LOG_LEVLE": "DEBUG", "CORTEX_PROTOCOL_VERSION": "1.0"})
+
+    assert config.log_level == "INFO"
+    assert "environment variable CORTEX_LOG_LEVLE is not a config key; did you mean CORTEX_LOG_LEVEL?" in caplog.text
+    assert "CORTEX_PROTOCOL_VERSION" not in caplog.text
