@@ -29,9 +29,9 @@ excludes never appear in the directory's ranking.
 
 Stragglers (`cortex.quorum.policy.StragglerPolicy`, on the path with one replica per expert):
 each call has a deadline derived from the peer's expected latency, and a call still
-unanswered after the hedge delay is sent again to the next replicas of its experts; the
-first complete answer wins and the slow call is cancelled, its elapsed time recorded as the
-peer's round trip so later rankings avoid it.
+unanswered after the hedge delay is sent again to the next replicas of its experts. The
+first complete reply wins and the slow call is cancelled. Its elapsed time is recorded as the
+peer's round trip, so later rankings avoid it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class RouterStats:
     single_token_dispatches: int = 0
     single_token_dispatch_s: float = 0.0  # wall time of dispatches of one token (decode steps)
     hedges: int = 0  # calls sent again to other replicas after the hedge delay
-    hedges_won: int = 0  # hedged calls whose second answer came first
+    hedges_won: int = 0  # hedged calls whose second reply came first
     deadlines_missed: int = 0
     quorum: QuorumStats = field(default_factory=QuorumStats)
 
@@ -241,7 +241,7 @@ class TokenRouter:
     async def _hedged(
         self, peer: str, session_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """Call `peer`; past the hedge delay, also call the next replicas, and return the first complete answer."""
+        """Call `peer`, and past the hedge delay also the next replicas; return the first complete reply."""
         started = time.monotonic()
         primary = asyncio.ensure_future(self.call(peer, session_id, step, segments))
         if peer == getattr(self.directory, "own_peer", None):

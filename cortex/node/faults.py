@@ -125,7 +125,7 @@ def _altered(
     if mode.kind == "other_expert":
         others = sorted(index for index in service.experts.get(layer, {}) if index != expert)
         if not others:
-            raise RuntimeError(f"fault other_expert needs a second expert of layer {layer} on this node; it holds only {expert}")
+            raise RuntimeError(f"fault other_expert needs a second expert of layer {layer} on this node, but it serves only expert {expert}; give it more experts")
         return service.run_expert(layer, others[0], rows)
     if mode.kind == "bfloat16":
         with torch.autocast("cpu", dtype=torch.bfloat16):

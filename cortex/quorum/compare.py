@@ -14,9 +14,9 @@ distance infinity from everything, including another non-finite output.
 Grouping (`group_outputs`): outputs agree when their distance is at most the tolerance.
 The reference of a group is its member with the smallest sum of distances to the others
 (a medoid), so one outlier never drags the reference. The candidates are visited in a fixed
-order (ascending medoid score, then producer id), each output joins the first group whose
-reference it agrees with, and the largest group wins; a tie between groups of equal size
-is no quorum, since neither side has more support.
+order (ascending medoid score, then producer id). Each output joins the first group whose
+reference it agrees with, and the largest group wins. A tie between groups of equal size
+is no quorum, because neither side has more support.
 """
 
 from __future__ import annotations

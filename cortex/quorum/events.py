@@ -12,8 +12,8 @@ sampled (`cortex.quorum.policy.spot_checked`).
 
 `QuorumDecided` is the outcome for that layer and step after every round of votes (a round
 asks more replicas when the first ones did not form a quorum): the winning digest of each
-expert, the producers that agreed on every expert they computed, and those that dissented on
-at least one. Its refs name the request and the `QuorumVoted` events it rests on. The
+expert, the producers that agreed on every expert they computed, and the producers that
+dissented on at least one. Its refs name the request and the `QuorumVoted` events it rests on. The
 `TrustReducer` (`cortex.quorum.trust`) folds trust from decisions.
 
 `PeerPenalized` records that its author penalized `peer`, with a reason code and the ids of
@@ -184,7 +184,7 @@ class QuorumDecided:
 @event_type(version="1.0", family=QUORUM)
 @dataclass(frozen=True, slots=True)
 class PeerPenalized:
-    """The author penalized `peer` for `reason`; `evidence` holds the ids of the events that show it."""
+    """A penalty by the author on `peer` for `reason`, with the ids of the events that show it in `evidence`."""
 
     peer: str
     reason: str

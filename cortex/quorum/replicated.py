@@ -6,10 +6,10 @@ Shape legend: N = token rows sent to one expert, D = hidden size.
 best trusted live ones in the directory's ranking), every replica's experts in one call, all
 calls at once. A failed or timed-out call is replaced by a call to the next replica. Once an
 expert has its outputs, they are grouped (`decide_expert`); without a strict majority, one
-more replica is asked, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter queues one
-`QuorumVoted`, one `QuorumDecided` and a `PeerPenalized` per dissenting producer for its
-`Publisher`, which publishes them in order in the background, and returns the chosen output
-of each expert, or raises `QuorumFailed` with the reason when an expert has no quorum.
+more replica is called, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter queues one
+`QuorumVoted`, one `QuorumDecided` and a `PeerPenalized` per dissenting producer, which its
+`Publisher` publishes in order in the background. It returns the chosen output of each
+expert, or raises `QuorumFailed` with the reason when an expert has no quorum.
 
 A spot check (r = 2 drawn by `spot_checked`) that finds only one live replica is skipped:
 the single output is used and nothing is published.
@@ -43,7 +43,7 @@ class QuorumFailed(DriverError):
 
 
 class Caller(Protocol):
-    """What the replicated layer needs from the router: replicas, calls, and failure notes."""
+    """The router methods a replicated layer uses: ranked replicas, calls, and failure notes."""
 
     def replicas(self, layer: int, expert: int) -> list[str]: ...
 
@@ -53,9 +53,9 @@ class Caller(Protocol):
 
 
 class Publisher:
-    """Publishes quorum events in order, off the token's path: one consumer task drains a queue.
+    """An ordered publisher of quorum events off the token's path: one consumer task drains a queue.
 
-    NOTE: events still queued when the node stops are lost; they only record votes, and the
+    NOTE: events still queued when the node stops are lost. They only record votes, and the
     outputs they describe were already used.
     """
 
@@ -139,7 +139,7 @@ class ReplicatedLayer:
                 if expert in decided or expert in single:
                     continue
                 if len(self.results[expert]) < target[expert] and self._candidates(expert):
-                    continue  # the next round asks the replicas still missing
+                    continue  # the next round calls the replicas still missing
                 outcome = self._evaluate(expert, target, single)
                 if outcome is not None:
                     decided[expert] = outcome

@@ -3,7 +3,7 @@
 The view keeps every quorum fact (one per `QuorumVoted`, `QuorumDecided` and
 `PeerPenalized`) sorted by the canonical stamp (lamport, author, seq), and folds them in
 that order with the rule of `cortex.quorum.rules`. A fact that sorts after every folded one
-is folded at once; a late fact that sorts before them marks the fold stale, and the next
+is folded at once. A late fact that sorts before them marks the fold stale, so the next
 query refolds from the start. So two nodes that accepted the same events hold the same
 trust whatever order the events arrived in.
 
@@ -89,7 +89,7 @@ class PeerTrust:
 
 @dataclass
 class FoldState:
-    """What folding the facts in canonical order gives."""
+    """The result of folding the facts in canonical order."""
 
     peers: dict[str, PeerTrust] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)

@@ -69,7 +69,7 @@ def decide_expert(expert: int, producers: Sequence[str], outputs: Sequence[torch
 
 @dataclass(frozen=True)
 class LayerCall:
-    """Where a layer's comparison happened: request, model, step, layer, and how it was sampled."""
+    """The identity of a layer's comparison: request, model, step, layer, and its spot-check sampling."""
 
     request_id: str
     model_id: str
