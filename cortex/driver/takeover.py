@@ -2,7 +2,8 @@
 
 Readers. The submitter seals the prompt, and the driver seals every token batch, to the
 first `1 + TAKEOVER_READERS` peers of the request's driver order (`prompt_readers`), so the
-next drivers in that order can open the prompt and the text already streamed.
+next drivers in that order can open the prompt and the text already streamed. Every peer
+leaves out of the driver order the peers that cannot open the prompt (`readable_order`).
 
 Takeover. A driver is silent when its last heartbeat is older than `DRIVER_SILENCE_MS`
 (about five missed heartbeats). Each head holder checks the in-flight requests once a
@@ -23,11 +24,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
-from cortex.privacy import open_json
+from cortex.privacy import is_recipient, open_json
 from cortex.registry import RegistryView
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.planning import driver_order, rendezvous_score
-from cortex.scheduler.request_events import TokenGenerated
+from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
 from events import Identity
 
 TAKEOVER_READERS = 2
@@ -68,6 +69,21 @@ def prompt_readers(registry: RegistryView, model_id: str, request_id: str, now_m
     return request_drivers(registry, model_id, request_id, now_ms, submitter)[: 1 + TAKEOVER_READERS]
 
 
+def can_read(request: RequestSubmitted, peer: str) -> bool:
+    """Return whether `peer` can open the request's prompt (a prompt sent by digest counts as readable)."""
+    return not request.sealed_prompt or is_recipient(request.sealed_prompt, peer)
+
+
+def readable_order(order: list[str], request: RequestSubmitted) -> list[str]:
+    """Return the peers of a driver order that can open the request's prompt, in order.
+
+    Views differ for a moment between peers, so the submitter may seal to a driver order
+    without a head holder that has just joined. Leaving out the peers that cannot read the
+    prompt makes every peer pick the same driver among the ones the submitter chose.
+    """
+    return [peer for peer in order if can_read(request, peer)]
+
+
 def is_silent(registry: RegistryView, peer: str, now_ms: int) -> bool:
     return not registry.is_live(peer, now_ms, timeout_ms=DRIVER_SILENCE_MS)
 
@@ -88,7 +104,7 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     if now_ms - last_activity > ABANDONED_AFTER_MS:
         return None
     model_id = record.submission.model_id
-    full = driver_order(registry, model_id, record.request_id, now_ms, record.submitter)
+    full = readable_order(driver_order(registry, model_id, record.request_id, now_ms, record.submitter), record.submission)
     silent = {peer for peer in [*full, *record.drivers] if is_silent(registry, peer, now_ms)}
     if record.driver:
         if record.driver not in silent:

@@ -52,7 +52,7 @@ from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver, Takeover
-from cortex.driver.takeover import fallback_order
+from cortex.driver.takeover import fallback_order, readable_order
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
@@ -450,10 +450,10 @@ class Node:
             logger.info("request %s was submitted %d s ago; not driving it", request_id[:12], (wall_clock_ms() - event.time_ms) // 1000)
             return
         now = wall_clock_ms()
-        order = driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author)
+        order = readable_order(driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author), request)
         if order and order[0] == self.peer_id and service is not None and service.head is not None:
             self._start_driver(RequestDriver(self._driver_context(service), event))
-        elif not order and self.fallback is not None and fallback_order(self.registry.view, request_id, now, event.author)[:1] == [self.peer_id]:
+        elif not order and self.fallback is not None and readable_order(fallback_order(self.registry.view, request_id, now, event.author), request)[:1] == [self.peer_id]:
             # No live head holder: this node is the request's fallback driver (docs/degraded.md).
             context = fallback_context(
                 self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
