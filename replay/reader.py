@@ -32,28 +32,25 @@ from urllib.parse import quote
 
 import orjson
 
-import events.model as event_model
 from events.codec import Event, parse_event
 from events.errors import EventRejected
 from events.identity import SIGNATURE_BYTES
+from events.model import SWARM_SCOPE, scope_of
 from events.store import FORMAT_VERSION, Equivocation
 from replay.arguments import LOG_FILE_NAME
 from replay.errors import EventNotFound, LogOpenError
 
 _CANONICAL = " ORDER BY e.lamport, e.author, e.seq, e.id"
-SWARM_SCOPE = "swarm"
 
 
 def is_swarm_scoped(type_name: str) -> bool:
     """Return whether events of this type take seqs in the author's swarm sequence.
 
     Request-scoped records take seqs in a sequence of their own (`events.model.scope_of`).
-    A build without event scopes numbers every event in one sequence.
     """
-    # NOTE: `scope_of` arrives with the record scopes of the event core; until every build
-    # has them, a missing function means one sequence per author.
-    scope_of = getattr(event_model, "scope_of", None)
-    return scope_of is None or scope_of(type_name) == SWARM_SCOPE
+    return scope_of(type_name) == SWARM_SCOPE
+
+
 _ID_PATTERN_CHARS = frozenset("0123456789abcdef")
 
 

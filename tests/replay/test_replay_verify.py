@@ -9,10 +9,12 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import MODEL, Author, Scenario, run_cli
+from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 
 from events import Acceptor, Identity, LogStore, PeerHeartbeat, ShardClaimed, sign_event
+from replay.fold import Folder
 from replay.reader import LogReader
+from replay.views import load_view
 from replay.verify import verify_log
 
 
@@ -156,3 +158,28 @@ def test_verify_honours_voided_seqs(tmp_path: Path, identities: list[Identity]) 
     assert report["counts"] == {"voided_seqs": 1, "sequence_gap": 1}
     assert report["warnings"][0]["message"] == "seqs 2 to 3 declared void by the author"
     assert report["problems"][0]["seq"] == 6
+
+
+def test_record_seqs_are_not_equivocations(tmp_path: Path, scenario: Scenario) -> None:
+    from cortex.comm.records import ExpertOutputProduced
+
+    author = scenario.authors[0]
+    request_id = "cd" * 32
+    # Request-scoped records number their own sequence, so seq 1 and 2 are taken twice.
+    records = [
+        author.sign(ExpertOutputProduced(MODEL, 0, 1, expert, "out", "float32", (1, 4), "ee" * 32, 16), refs=(request_id,), seq=seq)
+        for seq, expert in ((1, 0), (2, 1))
+    ]
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    node = NodeLog(data_dir / "events.db")
+    node.accept([event.wire for event in [*scenario.events, *records]])
+    node.close()
+    verify = run_cli("replay", str(data_dir), "--verify", "--json")
+    assert verify.status == 0, verify.stdout
+    with LogReader(data_dir) as reader:
+        assert reader.disputed_keys() == set()
+        folder = Folder(reader, [load_view("router")])
+        folder.run()
+    assert folder.excluded == {}
+    assert folder.view("router").replica_stats(author.peer_id).expert_outputs == 2
