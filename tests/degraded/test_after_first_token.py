@@ -1,9 +1,15 @@
-"""The driver of a request dies mid-stream: the next head holder takes over and the text stays the same.
+"""Failures after the first streamed token: the answer never switches models.
 
-Two nodes hold the head and every block, a third holds every expert. The test SIGKILLs the
-request's driver when the first text reaches the submitter; the other head holder takes the
-request over once the driver is silent, replays the prompt and the streamed tokens, and
-streams on from the next step.
+Two nodes hold the head and every block, a third holds every expert. The tests run in order
+on one swarm:
+
+1. SIGKILL the request's driver when the first text reaches the submitter: the other head
+   holder takes the request over once the driver is silent, replays the prompt and the
+   streamed tokens, and streams on from the next step.
+2. SIGKILL the only expert holder at the first text, then start a new one: the driver waits,
+   replays, and the answer equals the reference.
+3. SIGKILL the expert holder at the first text with none to come back: the request fails at
+   its deadline with `deadline_exceeded`, after streaming only swarm tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from degraded_helpers import PROMPT, accepted_by, open_client, reference_tokens, start_swarm
+from degraded_helpers import PROMPT, accepted_by, join, open_client, reference_tokens, start_swarm, stop
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.node.launcher import LocalSwarm
@@ -79,3 +85,59 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     ranges = before + after
     assert all(first[1] == second[0] for first, second in zip(ranges, ranges[1:]))
     assert ranges[-1][1] == len(result.token_ids)
+
+
+def _expert_holder(swarm: LocalSwarm) -> int:
+    return next(
+        node.index for node in swarm.nodes
+        if "head" not in node.fragments and node.process is not None and node.process.poll() is None
+    )
+
+
+async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    holder = _expert_holder(swarm)
+    killed: list[int] = []
+    joined: list[asyncio.Task[object]] = []
+
+    def on_text(piece: str) -> None:
+        if not killed:
+            stop(swarm, holder, kill=True)
+            killed.append(holder)
+            joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holder].fragments)))
+
+    try:
+        request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=150_000)
+        result = await client.run(request_id, 180.0, on_text)
+        accepted = accepted_by(client.store, request_id)
+        await asyncio.gather(*joined)
+    finally:
+        await client.stop()
+    assert killed, "no text arrived before the end, so the kill did not land mid-stream"
+    assert result.failed is None, result.failed
+    assert result.completed is not None and result.completed.degraded is False
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    assert len(accepted) == 1 and accepted[0][1].route, "accepted once, with a route: no switch to the fallback model"
+
+
+async def test_lost_expert_holder_after_the_first_token_fails_at_the_deadline(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    holder = _expert_holder(swarm)
+    killed: list[int] = []
+
+    def on_text(piece: str) -> None:
+        if not killed:
+            stop(swarm, holder, kill=True)
+            killed.append(holder)
+
+    try:
+        request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=12_000)
+        result = await client.run(request_id, 120.0, on_text)
+    finally:
+        await client.stop()
+    assert killed
+    assert result.completed is None
+    assert result.failed is not None and result.failed.reason_code == "deadline_exceeded", result.failed
+    reference = list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    assert 0 < len(result.token_ids) < len(reference)
+    assert result.token_ids == reference[: len(result.token_ids)], "only the swarm model's tokens were streamed"
