@@ -205,7 +205,8 @@ class TokenRouter:
         """Run the segments on `peer` within its deadline; raise CallFailed when it passes."""
         self.stats.batches += 1
         self.stats.messages += len(segments)
-        deadline = self.stragglers.deadline_s(self._expected_latency_ms(peer), self.directory.call_timeout_s)
+        rows = sum(int(segment.shape[0]) for _, _, segment in segments)
+        deadline = self.stragglers.deadline_s(self._expected_latency_ms(peer), self.directory.call_timeout_s, rows)
         self._in_flight[peer] += 1
         try:
             return await asyncio.wait_for(self.directory.call_experts(peer, request_id, step, segments), deadline)
@@ -246,7 +247,8 @@ class TokenRouter:
         primary = asyncio.ensure_future(self.call(peer, session_id, step, segments))
         if peer == getattr(self.directory, "own_peer", None):
             return await primary  # this node's own experts: no network to wait for
-        delay = self.stragglers.hedge_delay_s(self._expected_latency_ms(peer))
+        rows = sum(int(segment.shape[0]) for _, _, segment in segments)
+        delay = self.stragglers.hedge_delay_s(self._expected_latency_ms(peer), rows)
         done, _ = await asyncio.wait({primary}, timeout=delay)
         if done:
             return primary.result()

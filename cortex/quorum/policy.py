@@ -11,10 +11,12 @@ that each spot-check vote records.
 
 Stragglers (`StragglerPolicy`): a call with no reply after the hedge delay is sent again to
 the next replica, and the first reply wins. The hedge delay is
-`clamp(HEDGE_LATENCY_FACTOR * expected latency, HEDGE_MIN_S, HEDGE_MAX_S)`; the expected
-latency is this node's smoothed round trip to the peer. A call also has its own deadline,
-`clamp(DEADLINE_LATENCY_FACTOR * expected latency, DEADLINE_MIN_S, call timeout)`, after which it
-fails and is retried elsewhere like a call to a dead peer. A call that lost to its hedge is
+`clamp(HEDGE_LATENCY_FACTOR * expected latency * size, HEDGE_MIN_S, HEDGE_MAX_S)`. The
+expected latency is this node's smoothed round trip to the peer, which decode calls of a
+few rows dominate, so `size = max(1, rows / ROWS_PER_LATENCY)` gives a prefill call with
+many rows more time. A call also has its own deadline,
+`clamp(DEADLINE_LATENCY_FACTOR * expected latency * size, DEADLINE_MIN_S, call timeout)`,
+after which it fails and is retried elsewhere like a call to a dead peer. A call that lost to its hedge is
 recorded as a round trip of its elapsed time, a lower bound, so the slow peer's smoothed
 latency rises and later rankings put it behind the others.
 """
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 
 from cortex.quorum.events import PPM
 
-HEDGE_LATENCY_FACTOR = 3.0
-HEDGE_MIN_S = 0.05  # below this, scheduling noise on a loaded host would hedge healthy calls
+HEDGE_LATENCY_FACTOR = 4.0
+HEDGE_MIN_S = 0.2  # below this, scheduling noise on a loaded host would hedge healthy calls
+ROWS_PER_LATENCY = 16  # rows of a typical call behind the smoothed latency (a decode step, top-k experts)
 HEDGE_MAX_S = 1.0
 DEADLINE_LATENCY_FACTOR = 20.0
 DEADLINE_MIN_S = 2.0  # a first call (prefill) runs many rows, so the deadline never drops below this
@@ -69,10 +72,16 @@ class StragglerPolicy:
     deadline_factor: float = DEADLINE_LATENCY_FACTOR
     deadline_min_s: float = DEADLINE_MIN_S
 
-    def hedge_delay_s(self, expected_latency_ms: float) -> float:
-        """Return how long to wait for a reply before sending the call to another replica."""
-        return min(max(self.hedge_factor * expected_latency_ms / 1000, self.hedge_min_s), self.hedge_max_s)
+    def hedge_delay_s(self, expected_latency_ms: float, rows: int = 1) -> float:
+        """Return how long to wait for a reply to a call of `rows` rows before calling another replica."""
+        scaled = self.hedge_factor * expected_latency_ms / 1000 * _size(rows)
+        return min(max(scaled, self.hedge_min_s), self.hedge_max_s)
 
-    def deadline_s(self, expected_latency_ms: float, call_timeout_s: float) -> float:
-        """Return the call's deadline: a multiple of the expected latency, at most the call timeout."""
-        return min(max(self.deadline_factor * expected_latency_ms / 1000, self.deadline_min_s), call_timeout_s)
+    def deadline_s(self, expected_latency_ms: float, call_timeout_s: float, rows: int = 1) -> float:
+        """Return the deadline of a call of `rows` rows: a multiple of the expected latency, at most the call timeout."""
+        scaled = self.deadline_factor * expected_latency_ms / 1000 * _size(rows)
+        return min(max(scaled, self.deadline_min_s), call_timeout_s)
+
+
+def _size(rows: int) -> float:
+    return max(1.0, rows / ROWS_PER_LATENCY)

@@ -102,6 +102,8 @@ def test_straggler_policy_bounds() -> None:
 
     assert policy.hedge_delay_s(0.0) == policy.hedge_min_s
     assert policy.hedge_delay_s(10_000.0) == policy.hedge_max_s
-    assert policy.hedge_delay_s(100.0) == pytest.approx(0.3)
+    assert policy.hedge_delay_s(100.0) == pytest.approx(0.4)
+    assert policy.hedge_delay_s(100.0, rows=32) == pytest.approx(0.8)
     assert policy.deadline_s(10.0, 10.0) == policy.deadline_min_s
     assert policy.deadline_s(10_000.0, 10.0) == 10.0
+    assert policy.deadline_s(200.0, 10.0, rows=32) == pytest.approx(8.0)
