@@ -1,7 +1,7 @@
 """Honest drift and recovery in a swarm of real node processes.
 
-Node 0 drives. Nodes 1 and 2 are honest replicas of every expert, node 3 scales its outputs
-by 1.0001 (float32 drift), node 4 computes layer 1's experts in bfloat16, and node 5 scales
+Node 0 drives. Nodes 1 and 2 are honest replicas of every expert. Node 3 scales its outputs
+by 1.0001 (float32 drift), and node 4 computes layer 1's experts in bfloat16. Node 5 scales
 its first served call by 1.10 and is right afterwards. Requests ask for redundancy 5, so
 layer 1 compares five outputs under the bfloat16 tolerance and layer 2 four float32 outputs
 under the float32 tolerance.

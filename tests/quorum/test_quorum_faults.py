@@ -18,7 +18,7 @@ from quorum_swarm import DRIVER, EXPERTS, PROMPT, QuorumSwarm, ask, assert_refer
 from cortex.node.client import RequestResult
 from cortex.node.config import QuorumConfig
 from cortex.quorum import TRUST_MAX
-from cortex.quorum.rules import DISSENT_PENALTY, TRUST_START, is_excluded
+from cortex.quorum.rules import is_excluded
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,10 @@ FAULTY = list(range(4, 4 + len(FAULTS)))
 HONEST = [HONEST_DRIVER, HONEST_A, HONEST_B]
 MAX_TOKENS = 12
 MAX_REQUESTS = 8
-# Three dissents exclude a peer; decisions of layers already in flight when the third one
-# folds may add a few more before the router stops calling it.
-MAX_DISSENTS = TRUST_START // DISSENT_PENALTY
+# Three dissents exclude a peer. Calls already in flight when the third decision folds, and
+# rankings reused for up to 100 ms, may add a few more before the router stops calling it.
+DISSENTS_TO_EXCLUDE = 3
+IN_FLIGHT_SLACK = 4
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_faulty_replicas_excluded(swarm: QuorumSwarm, results: list[RequestResul
     for index, fault in zip(FAULTY, FAULTS, strict=True):
         record = view.peer(swarm.peer(index))
         assert view.is_excluded(swarm.peer(index)), f"{fault}: trust {record.trust}"
-        assert 3 <= record.dissents <= MAX_DISSENTS + 2, f"{fault}: {record.dissents} dissents"
+        assert DISSENTS_TO_EXCLUDE <= record.dissents <= DISSENTS_TO_EXCLUDE + IN_FLIGHT_SLACK, f"{fault}: {record.dissents} dissents"
         assert record.agreements == 0, fault
     assert results
 
@@ -102,8 +103,8 @@ def test_lying_voter_excluded_honest_kept(swarm: QuorumSwarm, results: list[Requ
 def test_always_wrong_never_regains(swarm: QuorumSwarm, results: list[RequestResult], tmp_path: Path) -> None:
     wait_for_same_quorum_events(swarm, HONEST)
     before = trust_view(swarm.nodes[HONEST_DRIVER].data_dir)
-    for _ in range(2):
-        result = asyncio.run(ask(swarm, tmp_path / f"again{_}", "Open the file", MAX_TOKENS, redundancy=3))
+    for attempt in range(2):
+        result = asyncio.run(ask(swarm, tmp_path / f"again{attempt}", "Open the file", MAX_TOKENS, redundancy=3))
         assert_reference_answer(swarm, result, "Open the file", MAX_TOKENS)
     wait_for_same_quorum_events(swarm, HONEST)
     after = trust_view(swarm.nodes[HONEST_DRIVER].data_dir)

@@ -107,7 +107,8 @@ def test_minority_agreeing_decision_is_false() -> None:
     assert view.trust_of(HONEST_A.peer_id) == TRUST_MAX
 
 
-def test_vote_with_equal_digests_at_different_distances_is_false() -> None:
+def test_inconsistent_vote_is_false() -> None:
+    # Outputs with equal digests are equal bytes, so they cannot be at different distances.
     producers = [HONEST_A.peer_id, HONEST_B.peer_id, FAULTY.peer_id]
     honest_vote = vote(producers, [DIGEST_A, DIGEST_A, DIGEST_B], [0, 0, 100_000_000])
     lying_vote = vote(producers, [DIGEST_A, DIGEST_A, DIGEST_B], [0, 200_000_000, 0])
