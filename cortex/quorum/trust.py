@@ -100,6 +100,8 @@ class FoldState:
 class TrustView:
     """Quorum facts in canonical order, the equivocating authors, and the folded trust."""
 
+    # NOTE: every fact is kept for refolds, one per replicated layer call and step, so the list
+    # grows without bound on a long-running swarm with redundancy; nothing compacts it yet.
     facts: list[Fact] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     equivocated: dict[str, int] = field(default_factory=dict)
