@@ -220,6 +220,12 @@ class TokenRouter:
         observations = getattr(self.directory, "observations", None)
         return DEFAULT_LATENCY_MS if observations is None else float(observations.expected_latency_ms(peer))
 
+    def hedge_delay_s(self, peer: str, rows: int) -> float:
+        return self.stragglers.hedge_delay_s(self._expected_latency_ms(peer), rows)
+
+    def record_slow(self, peer: str, elapsed_s: float) -> None:
+        self._record_slow(peer, elapsed_s)
+
     def _record_slow(self, peer: str, elapsed_s: float) -> None:
         observations = getattr(self.directory, "observations", None)
         if observations is not None:

@@ -11,6 +11,10 @@ more replica is called, up to `MAX_EXTRA_REPLICAS` beyond r. Then the voter queu
 `Publisher` publishes in order in the background. It returns the chosen output of each
 expert, or raises `QuorumFailed` with the reason when an expert has no quorum.
 
+Stragglers: a round's calls still pending after the router's hedge delay get one more
+replica per slow expert, and the round ends once every expert has its r outputs; calls still
+pending then are cancelled and their elapsed time recorded as the peers' round trips.
+
 A spot check (r = 2 drawn by `spot_checked`) that finds only one live replica is skipped:
 the single output is used and nothing is published.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +55,10 @@ class Caller(Protocol):
     async def call(self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]: ...
 
     def note_failure(self, peer: str) -> None: ...
+
+    def hedge_delay_s(self, peer: str, rows: int) -> float: ...
+
+    def record_slow(self, peer: str, elapsed_s: float) -> None: ...
 
 
 class Publisher:
@@ -108,6 +117,7 @@ class QuorumStats:
     extra_replicas: int = 0
     spot_checks: int = 0
     spot_checks_skipped: int = 0
+    hedges: int = 0  # extra replicas called because a call was still pending after the hedge delay
 
 
 class ReplicatedLayer:
@@ -189,33 +199,78 @@ class ReplicatedLayer:
         return [output.dtype for results in self.results.values() for output in results.values()] or [torch.float32]
 
     async def _send_round(self, rows: Mapping[int, torch.Tensor], target: dict[int, int], done: Any) -> None:
+        """Call the replicas each pending expert still lacks; past the hedge delay, call more for the slow ones."""
+        plan = self._plan(rows, target, done, limit=None)
+        if not plan:
+            return
+        started = time.monotonic()
+        tasks = {self._start_call(peer, experts, rows): (peer, experts) for peer, experts in plan.items()}
+        pending = set(tasks)
+        try:
+            delay = max(self.caller.hedge_delay_s(peer, sum(int(rows[e].shape[0]) for e in experts)) for peer, experts in plan.items())
+            finished, pending = await asyncio.wait(pending, timeout=delay)
+            self._collect(finished, tasks)
+            if pending:
+                self._hedge(rows, target, done, tasks, pending, delay)
+            while pending and any(len(self.results[expert]) < target[expert] for expert in rows if expert not in done):
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                self._collect(finished, tasks)
+            for task in pending:
+                self.caller.record_slow(tasks[task][0], time.monotonic() - started)
+        finally:
+            for task in pending:
+                task.cancel()
+
+    def _hedge(
+        self,
+        rows: Mapping[int, torch.Tensor],
+        target: dict[int, int],
+        done: Any,
+        tasks: dict[asyncio.Task[list[torch.Tensor]], tuple[str, list[int]]],
+        pending: set[asyncio.Task[list[torch.Tensor]]],
+        delay: float,
+    ) -> None:
+        """Start one more replica's call for each expert of the calls still pending."""
+        short = {expert for task in pending for expert in tasks[task][1]}
+        hedges = self._plan(rows, target, done, limit=short)
+        if hedges:
+            logger.info("replicated calls of layer %d still pending after %.2f s; hedging on %s", self.call.layer, delay, sorted(hedges))
+            self.stats.hedges += len(hedges)
+        for peer, experts in hedges.items():
+            task = self._start_call(peer, experts, rows)
+            tasks[task] = (peer, experts)
+            pending.add(task)
+
+    def _plan(self, rows: Mapping[int, torch.Tensor], target: dict[int, int], done: Any, limit: set[int] | None) -> dict[str, list[int]]:
+        """Pick the next candidates of the experts short of their target (only those in `limit` if given)."""
         plan: dict[str, list[int]] = collections.defaultdict(list)
         for expert in sorted(rows):
-            if expert in done:
+            if expert in done or (limit is not None and expert not in limit):
                 continue
             missing = target[expert] - len(self.results[expert])
+            if limit is not None:
+                missing = 1 if missing > 0 else 0  # one hedge call per slow expert
             for peer in self._candidates(expert)[: max(missing, 0)]:
                 plan[peer].append(expert)
                 self.asked[expert].append(peer)
-        if not plan:
-            return
-        layer = self.call.layer
-        replies = await asyncio.gather(
-            *(
-                self.caller.call(peer, self.call.request_id, self.call.step, [(layer, expert, rows[expert]) for expert in experts])
-                for peer, experts in plan.items()
-            ),
-            return_exceptions=True,
-        )
-        for (peer, experts), reply in zip(plan.items(), replies, strict=True):
-            if isinstance(reply, CallFailed):
-                logger.warning("replicated call of layer %d on %s failed (%s); asking another replica", layer, peer, reply.reason)
+        return plan
+
+    def _start_call(self, peer: str, experts: list[int], rows: Mapping[int, torch.Tensor]) -> asyncio.Task[list[torch.Tensor]]:
+        segments = [(self.call.layer, expert, rows[expert]) for expert in experts]
+        return asyncio.ensure_future(self.caller.call(peer, self.call.request_id, self.call.step, segments))
+
+    def _collect(self, finished: set[asyncio.Task[list[torch.Tensor]]], tasks: Mapping[asyncio.Task[list[torch.Tensor]], tuple[str, list[int]]]) -> None:
+        for task in finished:
+            peer, experts = tasks[task]
+            error = task.exception()
+            if isinstance(error, CallFailed):
+                logger.warning("replicated call of layer %d on %s failed (%s); asking another replica", self.call.layer, peer, error.reason)
                 self.failed.add(peer)
                 self.caller.note_failure(peer)
                 continue
-            if isinstance(reply, BaseException):
-                raise reply
-            for expert, output in zip(experts, reply, strict=True):
+            if error is not None:
+                raise error
+            for expert, output in zip(experts, task.result(), strict=True):
                 self.results[expert][peer] = output
 
     async def _publish(self, outcomes: list[ExpertOutcome]) -> None:

@@ -194,3 +194,16 @@ async def test_deadline_moves_call_to_next_replica() -> None:
 
     assert router.stats.deadlines_missed == 1
     assert router.stats.retries == 1
+
+
+async def test_replicated_slow_replica_is_hedged() -> None:
+    emitter = _Emitter()
+    directory = _Directory(["a", "b", "c"], slow={"a": 30.0})
+    router = _router(directory, emitter, redundancy=2)
+    router.stragglers = StragglerPolicy(hedge_min_s=0.01, hedge_max_s=0.05)
+    await asyncio.wait_for(_dispatch(router, _call()), 10.0)
+
+    (decision,) = emitter.bodies(QuorumDecided)
+    assert set(decision.agreeing) == {REPLICAS["b"], REPLICAS["c"]}
+    assert router.stats.quorum.hedges == 1
+    assert directory.calls == [REPLICAS["a"], REPLICAS["b"], REPLICAS["c"]]
