@@ -30,5 +30,5 @@ def test_generate_runs_with_no_network() -> None:
     import orjson
 
     result = orjson.loads(done.stdout.strip().splitlines()[-1])
-    assert len(result["generated_token_ids"]) == 8 or result["stop_reason"] == "eos"
+    assert len(result["generated_token_ids"]) == 8 or result["finish_reason"] == "eos"
     assert "network use" not in done.stderr
