@@ -8,7 +8,8 @@ The view folds four event families:
   head and block fragments are passed over;
 - `records`: every `ExpertOutputProduced` counts as one output of its author (the replica)
   with its rows, and is paired with the `ExpertInputSent` it replies to (same layer and expert,
-  named in its refs) to give one latency sample: output time minus input time;
+  named in its refs) to give one latency sample: output time minus input time. The input then
+  leaves the view, which keeps only inputs still waiting for their output;
 - `requests`: a request's redundancy (`RequestSubmitted`) and whether it ended
   (`RequestCompleted`, `RequestFailed`, `RequestCancelled`), which gives each replica's count
   of open requests it served outputs for.
@@ -128,10 +129,12 @@ class RouterView:
     experts: dict[ExpertKey, dict[str, tuple[str, Stamp]]] = field(default_factory=dict)
     stats: dict[str, ReplicaStats] = field(default_factory=dict)
     requests: dict[str, RequestRouting] = field(default_factory=dict)
-    inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # input record id -> (time_ms, layer, expert)
+    # Input record id -> (time_ms, layer, expert), for inputs no output has replied to yet. An
+    # input leaves when its output arrives, so the map stays as small as the calls in flight.
+    inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # Input record id -> outputs that name it and arrived before it. Not part of `to_json`: an
-    # output waits under every input it names, and the entries under inputs it does not reply to
-    # stay until those inputs arrive, so their count depends on delivery order.
+    # output waits under every input it names that is not stored, and the entries under inputs
+    # it does not reply to stay until those inputs arrive, so their count depends on delivery order.
     waiting: dict[str, list[_Output]] = field(default_factory=dict)
 
     # --- queries ------------------------------------------------------------------
@@ -322,10 +325,13 @@ def _apply_request_ended(view: RouterView, event: Event) -> RouterView:
 
 def _apply_expert_input(view: RouterView, event: Event) -> RouterView:
     body: ExpertInputSent = event.body
-    view.inputs[event.id] = (event.time_ms, body.layer, body.expert)
+    replied = False
     for output in view.waiting.pop(event.id, ()):
         if (output.layer, output.expert) == (body.layer, body.expert):
             view.add_latency(output.replica, event.time_ms, output.time_ms)
+            replied = True
+    if not replied:
+        view.inputs[event.id] = (event.time_ms, body.layer, body.expert)
     return view
 
 
@@ -346,12 +352,18 @@ def _apply_expert_output(view: RouterView, event: Event) -> RouterView:
 
 
 def _pair_output(view: RouterView, event: Event, body: ExpertOutputProduced) -> None:
-    """Take one latency sample from the input this output answers, or wait for that input."""
+    """Take one latency sample from the input this output replies to, or wait for that input.
+
+    The matched input leaves the view: each input has one output, so no later event needs it.
+    """
+    # NOTE: a replica that signs two different outputs for one input breaks that rule: the
+    # latency samples then depend on which output arrives first (its output counts do not).
     named = event.refs[1:]
     for input_id in named:
         known = view.inputs.get(input_id)
         if known is not None and known[1:] == (body.layer, body.expert):
             view.add_latency(event.author, known[0], event.time_ms)
+            del view.inputs[input_id]
             return
     output = _Output(event.author, body.layer, body.expert, event.time_ms)
     for input_id in named:

@@ -112,6 +112,9 @@ def test_load_and_latency_per_replica() -> None:
         "experts_loaded": 1, "expert_outputs": 2, "expert_rows": 6, "open_expert_requests": 1, "expert_latency_ms": 60.0,
     }
     assert view.load_of(DRIVER.peer_id)["expert_outputs"] == 0
+    assert view.inputs == {}, "every input met its output, so none is kept"
+    unanswered = fold([event for event in HISTORY if event.type != "ExpertOutputProduced"])
+    assert len(unanswered.inputs) == 4
     assert view.load_of(DRIVER.peer_id)["expert_latency_ms"] is None
 
 
