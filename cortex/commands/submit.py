@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with token ids, text, route and timings")
     parser.add_argument(
         "--deadline", type=float, default=0.0, metavar="SECONDS",
-        help="answer with the driver's fallback model (degraded) if no token arrives within this time (default: none)",
+        help="let the driver generate with its fallback model (degraded) if no token arrives within this time (default: none)",
     )
     parser.add_argument(
         "--redundancy", type=int, default=1, choices=range(1, 9), metavar="R",

@@ -84,9 +84,10 @@ def pause(swarm: LocalSwarm, indexes: list[int], paused: bool) -> None:
 async def join(swarm: LocalSwarm, fragments: list[str], wait: bool = True) -> SwarmNode:
     """Start a new node (a fresh key and data directory) holding `fragments`; return it.
 
-    A fresh key, not a restart of a stopped node's key: libp2p numbers a node's gossip
-    messages from the wall clock in seconds, so a key restarted within a minute reuses
-    message numbers that peers still remember and drop (see the report of this work).
+    The node gets a fresh key rather than the stopped node's key. py-libp2p 0.8.1 numbers a
+    host's gossip messages from the wall clock in seconds, one per message. So a key restarted
+    soon after publishing many messages reuses message ids that peers still remember, and
+    they drop its new announcement.
     """
     from cortex.bus.libp2p_transport import free_port_address
 

@@ -34,7 +34,8 @@ def test_submit_answers_locally_when_the_nodes_bus_could_not_start(tmp_path: Pat
     started = _cortex("node", "start", "--config", str(config))
     assert started.returncode == 1
     status = json.loads((tmp_path / "data" / "node.status.json").read_text())
-    assert status["state"] == "bus_failed" and "NATS" in status["bus_error"]
+    assert status["state"] == "bus_failed"
+    assert "NATS" in status["bus_error"]
 
     answered = _cortex("submit", "--config", str(config), "--model", "demo", "--max-tokens", "8", "--json", PROMPT)
     assert answered.returncode == 0, answered.stderr

@@ -69,7 +69,8 @@ async def test_a_node_without_the_head_answers_with_its_fallback_model_marked_de
     await RequestDriver(_context(FallbackModel(DEMO_MODEL_DIR, "cpu", "float32", _inline), emitted), submitted).run()
 
     accepted = [body for body in emitted if isinstance(body, RequestAccepted)]
-    assert len(accepted) == 1 and accepted[0].route == {}
+    assert len(accepted) == 1
+    assert accepted[0].route == {}
     tokens = [token for body in emitted if isinstance(body, TokenGenerated) for token in open_json(body.sealed_tokens, SUBMITTER)["token_ids"]]
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL_DIR), local_files_only=True)
     model = LocalModel.load(DEMO_MODEL_DIR, device="cpu", terminal=False)
