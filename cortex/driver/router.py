@@ -220,6 +220,10 @@ class TokenRouter:
         observations = getattr(self.directory, "observations", None)
         return DEFAULT_LATENCY_MS if observations is None else float(observations.expected_latency_ms(peer))
 
+    def excluded_replicas(self, layer: int, expert: int) -> list[str]:
+        lookup = getattr(self.directory, "excluded_replicas", None)
+        return [] if lookup is None else list(lookup(layer, expert))
+
     def hedge_delay_s(self, peer: str, rows: int) -> float:
         return self.stragglers.hedge_delay_s(self._expected_latency_ms(peer), rows)
 

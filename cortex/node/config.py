@@ -33,6 +33,7 @@ on the host and in the container.
       redundancy: 1                  # minimum replicas per expert call for every request this node routes, 1..8
       spot_check: 0.0                # probability (0..1) that a call with one replica also goes to a second
       seed: 0                        # seed of the spot-check draw, recorded in each spot-check vote
+      probe: 0.02                    # probability (0..1) that a replicated call also probes an excluded peer
       fault: null                    # TEST ONLY: a fault mode of cortex.node.faults, such as scale=1.10
 
 `load_config(path, environ)` returns a `NodeConfig`; any wrong key or value raises
@@ -113,6 +114,7 @@ class QuorumConfig:
     spot_check: float = 0.0
     seed: int = 0
     fault: str | None = None
+    probe: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,10 @@ def _quorum(reader: _Reader) -> QuorumConfig:
             parse_fault(fault)
         except FaultSpecError as error:
             reader.fail("fault", fault, f"a test fault mode ({error})")
-    config = QuorumConfig(redundancy, spot_check, reader.integer("seed", 0, minimum=0), fault)
+    probe = reader.number("probe", 0.02, minimum=0.0)
+    if probe > 1.0:
+        reader.fail("probe", probe, "a probability from 0 to 1")
+    config = QuorumConfig(redundancy, spot_check, reader.integer("seed", 0, minimum=0), fault, probe)
     reader.reject_unknown()
     return config
 
@@ -393,6 +398,7 @@ def config_to_yaml(config: NodeConfig) -> str:
             "spot_check": config.quorum.spot_check,
             "seed": config.quorum.seed,
             "fault": config.quorum.fault,
+            "probe": config.quorum.probe,
         },
     }
     return yaml.safe_dump(data, sort_keys=False)

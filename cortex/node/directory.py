@@ -109,6 +109,14 @@ class SwarmDirectory:
     def replicas(self, layer: int, expert: int) -> list[str]:
         return self.holders(f"expert[{layer}][{expert}]")
 
+    def excluded_replicas(self, layer: int, expert: int) -> list[str]:
+        """Return the live holders of expert[layer][expert] that the trust view excludes, by peer id."""
+        if self.trust is None:
+            return []
+        view = self.trust()
+        holders = self.registry().holders(self.service.model_id, f"expert[{layer}][{expert}]", wall_clock_ms())
+        return sorted(peer for peer in holders if view.is_excluded(peer))
+
     def note_failure(self, peer: str) -> None:
         self.failures[peer] = time.monotonic()
 

@@ -388,7 +388,9 @@ class Node:
 
     def _quorum_settings(self, model_id: str) -> QuorumSettings:
         settings = self.config.quorum
-        policy = QuorumPolicy(settings.redundancy, round(settings.spot_check * 1_000_000), settings.seed)
+        policy = QuorumPolicy(
+            settings.redundancy, round(settings.spot_check * 1_000_000), settings.seed, round(settings.probe * 1_000_000)
+        )
         return QuorumSettings(
             emit=self.emit, model_id=model_id, own_peer=self.peer_id, policy=policy,
             redundancy_of=lambda request_id: self.router_view.view.redundancy_of(request_id), lying=self.faults.lying,

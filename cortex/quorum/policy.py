@@ -9,6 +9,12 @@ Spot checks: with r = 1, a call is still sent to a second replica with probabili
 step and the layer (`spot_checked`), so replay recomputes it from the seed and probability
 that each spot-check vote records.
 
+Probes: an excluded peer gets no calls, so it could never show agreeing results again. With
+probability `probe_ppm` / 1e6 (drawn like a spot check, with a salted seed), a replicated
+layer call also sends one expert's rows to one excluded holder of it. The probe's output is
+compared with the winning group but never used and never counts toward the quorum; the
+decision lists the probed peer as agreeing or dissenting, so its trust follows the rule.
+
 Stragglers (`StragglerPolicy`): a call with no reply after the hedge delay is sent again to
 the next replica, and the first reply wins. The hedge delay is
 `clamp(HEDGE_LATENCY_FACTOR * expected latency * size, HEDGE_MIN_S, HEDGE_MAX_S)`. The
@@ -35,6 +41,8 @@ HEDGE_MAX_S = 1.0
 DEADLINE_LATENCY_FACTOR = 20.0
 DEADLINE_MIN_S = 2.0  # a first call (prefill) runs many rows, so the deadline never drops below this
 MAX_EXTRA_REPLICAS = 2  # replicas asked beyond r when the first r outputs form no quorum
+PROBE_PPM = 20_000  # share of replicated layer calls that also probe an excluded holder
+PROBE_SEED_SALT = 0x70726F6265  # keeps probe draws independent of spot-check draws
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class QuorumPolicy:
     redundancy: int = 1
     spot_check_ppm: int = 0
     seed: int = 0
+    probe_ppm: int = PROBE_PPM
 
     def __post_init__(self) -> None:
         if not 1 <= self.redundancy <= 8:
@@ -52,6 +61,12 @@ class QuorumPolicy:
             raise ValueError(f"spot_check_ppm must be in 0..{PPM}, got {self.spot_check_ppm}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if not 0 <= self.probe_ppm <= PPM:
+            raise ValueError(f"probe_ppm must be in 0..{PPM}, got {self.probe_ppm}")
+
+    def probes(self, request_id: str, step: int, layer: int) -> bool:
+        """Return whether this replicated layer call also probes an excluded holder."""
+        return spot_checked(self.seed ^ PROBE_SEED_SALT, request_id, step, layer, self.probe_ppm)
 
 
 def spot_checked(seed: int, request_id: str, step: int, layer: int, probability_ppm: int) -> bool:

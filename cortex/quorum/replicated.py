@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,10 +33,10 @@ from typing import Any, Protocol
 import torch
 
 from cortex.driver.errors import CallFailed, DriverError
-from cortex.quorum.compare import least_precise, tolerance_for
+from cortex.quorum.compare import least_precise, relative_distance, tensor_digest, tolerance_for
 from cortex.quorum.events import DISAGREED, PeerPenalized
 from cortex.quorum.policy import MAX_EXTRA_REPLICAS, QuorumPolicy
-from cortex.quorum.voting import ExpertOutcome, LayerCall, decide_expert, layer_events
+from cortex.quorum.voting import ExpertOutcome, LayerCall, Probe, decide_expert, layer_events
 from events.codec import Event
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Caller(Protocol):
     def note_failure(self, peer: str) -> None: ...
 
     def hedge_delay_s(self, peer: str, rows: int) -> float: ...
+
+    def excluded_replicas(self, layer: int, expert: int) -> list[str]: ...
 
     def record_slow(self, peer: str, elapsed_s: float) -> None: ...
 
@@ -118,6 +121,7 @@ class QuorumStats:
     spot_checks: int = 0
     spot_checks_skipped: int = 0
     hedges: int = 0  # extra replicas called because a call was still pending after the hedge delay
+    probes: int = 0  # calls to excluded holders, compared but never used
 
 
 class ReplicatedLayer:
@@ -142,6 +146,7 @@ class ReplicatedLayer:
         target = dict.fromkeys(rows, self.replicas)
         decided: dict[int, ExpertOutcome] = {}
         single: dict[int, torch.Tensor] = {}
+        probe = self._start_probe(rows)
         while len(decided) + len(single) < len(rows):
             self.rounds += 1
             await self._send_round(rows, target, decided.keys() | single.keys())
@@ -156,7 +161,9 @@ class ReplicatedLayer:
         if decided:
             outcomes = [decided[expert] for expert in sorted(decided)]
             self._count(outcomes)
-            self.settings.publisher.submit(lambda: self._publish(outcomes))
+            self.settings.publisher.submit(lambda: self._publish(outcomes, probe))
+        elif probe is not None:
+            probe[2].cancel()
         chosen = dict(single)
         for expert, outcome in decided.items():
             if outcome.chosen is None:
@@ -273,7 +280,46 @@ class ReplicatedLayer:
             for expert, output in zip(experts, task.result(), strict=True):
                 self.results[expert][peer] = output
 
-    async def _publish(self, outcomes: list[ExpertOutcome]) -> None:
+    def _start_probe(self, rows: Mapping[int, torch.Tensor]) -> tuple[int, str, asyncio.Task[list[torch.Tensor]]] | None:
+        """Call one excluded holder of one expert, if the policy draws a probe for this layer call."""
+        if self.spot_check or not self.settings.policy.probes(self.call.request_id, self.call.step, self.call.layer):
+            return None
+        for expert in sorted(rows):
+            excluded = self.caller.excluded_replicas(self.call.layer, expert)
+            if excluded:
+                peer = excluded[self.call.step % len(excluded)]
+                self.stats.probes += 1
+                logger.info("probing excluded peer %s with expert[%d][%d]", peer, self.call.layer, expert)
+                return expert, peer, self._start_call(peer, [expert], rows)
+        return None
+
+    async def _probed(
+        self, outcomes: list[ExpertOutcome], probe: tuple[int, str, asyncio.Task[list[torch.Tensor]]] | None
+    ) -> list[ExpertOutcome]:
+        """Return the outcomes with the probe's comparison added to its expert's outcome."""
+        if probe is None:
+            return outcomes
+        expert, peer, task = probe
+        try:
+            (output,) = await task
+        except CallFailed as error:
+            logger.info("probe of excluded peer %s failed: %s", peer, error.reason)
+            return outcomes
+        probed = []
+        for outcome in outcomes:
+            if outcome.expert == expert and outcome.chosen is not None:
+                reference = outcome.outputs[outcome.grouping.references[0]]
+                # Symmetrized like the grouping's distances, so equal bytes get equal distances.
+                distance = max(relative_distance(output, reference), relative_distance(reference, output))
+                tolerance = tolerance_for([*self._dtypes(), output.dtype])
+                outcome = dataclasses.replace(outcome, probes=(Probe(peer, tensor_digest(output), distance, distance <= tolerance),))
+            probed.append(outcome)
+        return probed
+
+    async def _publish(
+        self, outcomes: list[ExpertOutcome], probe: tuple[int, str, asyncio.Task[list[torch.Tensor]]] | None = None
+    ) -> None:
+        outcomes = await self._probed(outcomes, probe)
         dtypes = self._dtypes()
         tolerance = tolerance_for(dtypes)
         dtype = str(least_precise(dtypes)).removeprefix("torch.")

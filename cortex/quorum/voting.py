@@ -28,6 +28,16 @@ from cortex.quorum.events import AGREED, NANO, NO_QUORUM, QuorumDecided, QuorumV
 
 
 @dataclass(frozen=True)
+class Probe:
+    """An excluded holder's output for one expert, compared with the winning group but never used."""
+
+    producer: str
+    digest: str
+    distance: float
+    agrees: bool
+
+
+@dataclass(frozen=True)
 class ExpertOutcome:
     """One expert's outputs [N, D] by producer, how they grouped, and the output chosen (None: no quorum)."""
 
@@ -37,6 +47,7 @@ class ExpertOutcome:
     digests: list[str]
     grouping: Grouping
     chosen: int | None
+    probes: tuple[Probe, ...] = ()
 
     @property
     def winners(self) -> list[str]:
@@ -98,6 +109,11 @@ def layer_events(
             producers.append(producer)
             digests.append(outcome.digests[index])
             distances.append(to_nano(outcome.grouping.distances[index]))
+        for probe in outcome.probes:
+            experts.append(outcome.expert)
+            producers.append(probe.producer)
+            digests.append(probe.digest)
+            distances.append(to_nano(probe.distance))
     agreeing, dissenting = _split_producers(outcomes)
     if lying:
         dissenting = sorted(set(agreeing + dissenting) - {voter})
@@ -131,4 +147,6 @@ def _split_producers(outcomes: Sequence[ExpertOutcome]) -> tuple[list[str], list
             continue
         agreeing.update(outcome.winners)
         dissenting.update(outcome.losers)
+        agreeing.update(probe.producer for probe in outcome.probes if probe.agrees)
+        dissenting.update(probe.producer for probe in outcome.probes if not probe.agrees)
     return sorted(agreeing - dissenting), sorted(dissenting)
