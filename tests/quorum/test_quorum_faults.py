@@ -37,7 +37,8 @@ IN_FLIGHT_SLACK = 4
 @pytest.fixture(scope="module")
 def swarm(quorum_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuorumSwarm]:
     layout = [DRIVER, DRIVER, list(EXPERTS), list(EXPERTS), *split_experts(len(FAULTS))]
-    quorum = {LIAR: QuorumConfig(fault="wrong_voter")}
+    # No probes of excluded peers here, so every dissent counted comes from routing before exclusion.
+    quorum = {HONEST_DRIVER: QuorumConfig(probe=0.0), LIAR: QuorumConfig(fault="wrong_voter", probe=0.0)}
     quorum.update({index: QuorumConfig(fault=fault) for index, fault in zip(FAULTY, FAULTS, strict=True)})
     swarm = start(tmp_path_factory.mktemp("quorum-faults"), quorum_checkpoint, layout, quorum)
     try:

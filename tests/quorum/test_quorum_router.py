@@ -69,9 +69,9 @@ def _call(tokens: int = 3) -> MoeCall:
     return MoeCall(1, hidden, RoutingDecision(expert_ids, torch.full((tokens, 2), 0.5)))
 
 
-def _router(directory: _Directory, emitter: _Emitter, redundancy: int, spot_check_ppm: int = 0) -> TokenRouter:
+def _router(directory: _Directory, emitter: _Emitter, redundancy: int, spot_check_ppm: int = 0, probe_ppm: int = 0) -> TokenRouter:
     settings = QuorumSettings(
-        emit=emitter, model_id="m", own_peer=VOTER.peer_id, policy=QuorumPolicy(spot_check_ppm=spot_check_ppm),
+        emit=emitter, model_id="m", own_peer=VOTER.peer_id, policy=QuorumPolicy(spot_check_ppm=spot_check_ppm, probe_ppm=probe_ppm),
         redundancy_of=lambda request_id: redundancy,
     )
     return TokenRouter(directory, settings)
@@ -207,3 +207,42 @@ async def test_replicated_slow_replica_is_hedged() -> None:
     assert set(decision.agreeing) == {REPLICAS["b"], REPLICAS["c"]}
     assert router.stats.quorum.hedges == 1
     assert directory.calls == [REPLICAS["a"], REPLICAS["b"], REPLICAS["c"]]
+
+
+class _ExcludingDirectory(_Directory):
+    """A directory whose `excluded` peers hold every expert but are left out of the ranking."""
+
+    def __init__(self, names: list[str], excluded: list[str], wrong: frozenset[str] = frozenset()) -> None:
+        super().__init__(names, wrong=wrong)
+        self.excluded = [REPLICAS[name] for name in excluded]
+
+    def excluded_replicas(self, layer: int, expert: int) -> list[str]:
+        return list(self.excluded)
+
+
+async def test_probe_of_honest_excluded_peer_agrees() -> None:
+    emitter = _Emitter()
+    router = _router(_ExcludingDirectory(["a", "b"], excluded=["d"]), emitter, redundancy=2, probe_ppm=1_000_000)
+    call = _call()
+    outputs = await _dispatch(router, call)
+
+    assert torch.equal(outputs[0, 0], call.hidden[0] * 2.0)
+    (decision,) = emitter.bodies(QuorumDecided)
+    assert REPLICAS["d"] in decision.agreeing
+    assert decision.dissenting == ()
+    (vote,) = emitter.bodies(QuorumVoted)
+    assert vote.producers.count(REPLICAS["d"]) == 1
+    assert router.stats.quorum.probes == 1
+
+
+async def test_probe_of_wrong_excluded_peer_dissents() -> None:
+    emitter = _Emitter()
+    directory = _ExcludingDirectory(["a", "b"], excluded=["c"], wrong=frozenset({"c"}))
+    router = _router(directory, emitter, redundancy=2, probe_ppm=1_000_000)
+    call = _call()
+    outputs = await _dispatch(router, call)
+
+    assert torch.equal(outputs[1, 0], call.hidden[1] * 2.0)
+    (decision,) = emitter.bodies(QuorumDecided)
+    assert decision.dissenting == (REPLICAS["c"],)
+    assert set(decision.agreeing) == {REPLICAS["a"], REPLICAS["b"]}

@@ -77,6 +77,18 @@ def test_peer_wrong_once_recovers_by_rule() -> None:
     assert fold(events[:PROBATION_DECISIONS + 1]).trust_of(FAULTY.peer_id) == TRUST_MAX - DISSENT_PENALTY
 
 
+def test_excluded_peer_recovers_through_probes() -> None:
+    ids = [HONEST_A.peer_id, HONEST_B.peer_id]
+    events = [signed(VOTER, decision(ids, [FAULTY.peer_id], layer=layer)) for layer in range(3)]
+    # Probes: agreeing decisions that name the excluded peer, one per later step.
+    needed = PROBATION_DECISIONS + (TRUST_THRESHOLD - (TRUST_MAX - 3 * DISSENT_PENALTY)) // RECOVERY_STEP
+    events += [signed(VOTER, decision([*ids, FAULTY.peer_id], [], step=step)) for step in range(1, needed + 1)]
+
+    assert fold(events[:-1]).is_excluded(FAULTY.peer_id)
+    assert not fold(events).is_excluded(FAULTY.peer_id)
+    assert fold(events).trust_of(FAULTY.peer_id) == TRUST_THRESHOLD
+
+
 def test_voter_own_output_earns_nothing() -> None:
     events = [signed(VOTER, decision([VOTER.peer_id, HONEST_A.peer_id], [FAULTY.peer_id], layer=layer)) for layer in range(2)]
     view = fold(events)
