@@ -98,7 +98,7 @@ def assert_served_by_plan(swarm: LocalSwarm, result: RequestResult) -> None:
     """Assert the request was not degraded and every expert output came from a remote holder of that expert."""
     assert result.failed is None, result.failed
     assert result.completed is not None
-    assert result.completed.degraded is False
+    assert result.completed.degraded is False, result.completed.degraded_reason
     fragments_of = {node.peer_id: set(node.fragments) for node in swarm.nodes}
     block_holders = {holder for holder in result.route.values()}
     records = [r for node in swarm.nodes if node.peer_id in block_holders for r in expert_records(node.data_dir, {result.request_id})]

@@ -32,8 +32,10 @@ async def _answer_equals_reference(folder: Path, layout: list[list[str]], root: 
             await client.stop()
     finally:
         await swarm.stop()
-    assert result.token_ids == list(reference_greedy(folder, PROMPT, TOKENS))
+    # The plan check first: a degraded or taken-over answer then fails with its reason, not
+    # only with different tokens.
     assert_served_by_plan(swarm, result)
+    assert result.token_ids == list(reference_greedy(folder, PROMPT, TOKENS))
     if len(layout) > 1 and any(f.startswith("expert") for f in layout[1]):
         authors = {record.author for record in expert_records(swarm.nodes[0].data_dir, {result.request_id})}
         expert_nodes = {node.peer_id for node in swarm.nodes[1:]}
