@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from events.codec import Event
+from events.model import type_by_name
+from events.views import Dispatcher
 from replay.reader import LogReader, is_swarm_scoped
 from replay.views import LoadedView
 
@@ -50,6 +52,23 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+def projected_families(reducer: Any) -> frozenset[str] | None:
+    """Return the event families a reducer projects, or None when it does not say (it gets every event).
+
+    A reducer says so with a `families` attribute, or through the `events.views.Dispatcher` it
+    dispatches with (`_dispatch`). A Dispatcher leaves the view unchanged for any event of another
+    family and for an event of an unknown type, so skipping those events gives the same view.
+    """
+    families = getattr(reducer, "families", None)
+    if families is None:
+        # NOTE: reads the Dispatcher that the Registry, Scheduler and Trust reducers keep in
+        # `_dispatch`, and trusts that their `apply` changes nothing outside its families (true
+        # of all three today). A public `families` on them would make this fallback unneeded.
+        dispatcher = getattr(reducer, "_dispatch", None)
+        families = dispatcher.families if isinstance(dispatcher, Dispatcher) else None
+    return None if families is None else frozenset(families)
+
+
 @dataclass(frozen=True)
 class FoldStep:
     """One event the folder reached: its position, and whether it changed the views."""
@@ -71,6 +90,8 @@ class Folder:
         self.reader = reader
         self.names = [view.name for view in views]
         self._reducers = [view.new_reducer() for view in views]
+        self._families = [projected_families(reducer) for reducer in self._reducers]
+        self._targets: dict[str, list[int]] = {}
         self._include = include
         self._disputed = reader.disputed_keys()
         self._seen_at_disputed: dict[tuple[str, int], set[str]] = {}
@@ -139,16 +160,20 @@ class Folder:
         return True
 
     def _run_fast(self) -> None:
-        # The common case (no equivocation, no selection): the plain fold loop of Projection.rebuild.
-        reducers = self._reducers
+        # The common case (no equivocation, no selection): the plain fold loop of Projection.rebuild,
+        # passing each event only to the reducers that project its family.
+        appliers = [reducer.apply for reducer in self._reducers]
         states = self._states
-        pairs = list(range(len(reducers)))
+        targets = self._targets
         event: Event | None = None
         count = 0
         for event in self._source:
             count += 1
-            for position in pairs:
-                states[position] = reducers[position].apply(states[position], event)
+            positions = targets.get(event.type)
+            if positions is None:
+                positions = self._targets_of(event.type)
+            for position in positions:
+                states[position] = appliers[position](states[position], event)
         self.index += count
         self.applied_count += count
         if event is not None:
@@ -162,8 +187,11 @@ class Folder:
 
     def _apply(self, event: Event) -> None:
         states = self._states
-        for position, reducer in enumerate(self._reducers):
-            states[position] = reducer.apply(states[position], event)
+        positions = self._targets.get(event.type)
+        if positions is None:
+            positions = self._targets_of(event.type)
+        for position in positions:
+            states[position] = self._reducers[position].apply(states[position], event)
         self.applied_count += 1
 
     def _note_disputed(self, event: Event) -> bool:
@@ -180,6 +208,18 @@ class Folder:
         logger.debug("equivocation by %s at seq %d: refolding up to index %d", event.author, event.seq, self.index)
         self._refold()
         return True
+
+    def _targets_of(self, type_name: str) -> list[int]:
+        """Return the positions of the reducers that events of this type may change, and cache them."""
+        registered = type_by_name(type_name)
+        family = None if registered is None else registered.family
+        positions = [
+            position
+            for position, families in enumerate(self._families)
+            if families is None or (family is not None and family in families)
+        ]
+        self._targets[type_name] = positions
+        return positions
 
     def _empty_states(self) -> list[Any]:
         states = [reducer.empty() for reducer in self._reducers]

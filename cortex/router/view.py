@@ -374,10 +374,13 @@ def _pair_output(view: RouterView, event: Event, body: ExpertOutputProduced) -> 
 class RouterReducer:
     """The Router view's reducer: pure functions of (view, event) over membership, shards, requests and records."""
 
+    families = frozenset({MEMBERSHIP, SHARDS, REQUESTS, RECORDS})
+    """The event families the view projects; events of other families leave it unchanged."""
+
     def __init__(self) -> None:
         self._dispatch: Dispatcher[RouterView] = Dispatcher(
             "Router",
-            families={MEMBERSHIP, SHARDS, REQUESTS, RECORDS},
+            families=self.families,
             handlers={
                 PeerJoined: _apply_peer_joined,
                 PeerHeartbeat: _apply_peer_heartbeat,

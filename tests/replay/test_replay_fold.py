@@ -190,3 +190,15 @@ def test_replay_equals_live_with_requests(tmp_path_factory: pytest.TempPathFacto
         folder.run()
         assert folder.excluded == {cheat.identity.peer_id: target.seq}
         assert folder.view("scheduler").equivocated_from_seq == {cheat.identity.peer_id: target.seq}
+
+
+def test_folder_passes_events_to_projecting_views() -> None:
+    from replay.fold import projected_families
+    from replay.views import load_view
+
+    families = {name: projected_families(load_view(name).new_reducer()) for name in ("registry", "scheduler", "router", "quorum")}
+    assert families["registry"] == {"membership", "shards"}
+    assert families["scheduler"] == {"requests"}
+    assert families["router"] == {"membership", "shards", "requests", "records"}
+    assert families["quorum"] == {"quorum"}
+    assert projected_families(object()) is None, "a reducer that names no families gets every event"
