@@ -38,6 +38,7 @@ from cortex.driver.executors import BlockExecutor, Compute
 from cortex.driver.fallback import FallbackError, FallbackModel
 from cortex.driver.loop import DriverLoop, GenerationOutcome, Stage
 from cortex.privacy import PrivacyError
+from cortex.quorum.replicated import QuorumFailed
 from cortex.runtime.fragments import Head
 from cortex.runtime.generation import SamplingSettings
 from cortex.scheduler import PlanError, RequestAccepted, RequestCompleted, RequestFailed, RequestSubmitted, records_digest
@@ -51,6 +52,7 @@ from cortex.scheduler.request_events import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     NO_HEAD_HOLDER,
+    NO_QUORUM,
     plan_digest,
     request_id_for,
 )
@@ -161,6 +163,8 @@ class RequestDriver:
             await self._fail(FALLBACK_UNAVAILABLE, str(error))
         except (ContentError, PrivacyError) as error:
             await self._fail(INVALID_REQUEST, str(error))
+        except QuorumFailed as error:
+            await self._fail(NO_QUORUM, str(error))
         except DriverError as error:
             await self._fail(INTERNAL_ERROR, str(error))
         except Exception as error:  # noqa: BLE001 - one request's bug must not stop the node's task group

@@ -44,6 +44,7 @@ INVALID_REQUEST = "invalid_request"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 HOLDER_FAILED = "holder_failed"
 DRIVER_STOPPED = "driver_stopped"
+NO_QUORUM = "no_quorum"  # the replicas of an expert call formed no strict majority (cortex.quorum)
 INTERNAL_ERROR = "internal_error"
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
