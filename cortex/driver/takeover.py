@@ -110,13 +110,27 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
         if record.driver not in silent:
             return None
         previous = record.driver
-    elif now_ms - record.submitted_ms < DRIVER_SILENCE_MS:
+    elif now_ms - record.submitted_ms < DRIVER_SILENCE_MS or not is_silent(registry, intended_driver(registry, record), now_ms):
         return None
     else:
-        # Nobody accepted it: its first driver died, perhaps before the views counted it dead.
+        # No driver accepted it: the driver the submitter chose died, perhaps before the views counted it dead.
         previous = ""
     order = [peer for peer in full if peer not in silent]
     return previous if order and order[0] == me else None
+
+
+def intended_driver(registry: RegistryView, record: RequestRecord) -> str:
+    """Return the driver the submitter chose: the first prompt reader in rendezvous order, live or not.
+
+    A submitter that held the head when it submitted drives its own request. Returns "" when
+    no known peer besides the submitter can open the prompt.
+    """
+    assert record.submission is not None
+    readers = [peer for peer in registry.peers if peer != record.submitter and can_read(record.submission, peer)]
+    if record.submitter in registry.holders(record.submission.model_id, "head", record.submitted_ms):
+        return record.submitter
+    ranked = sorted(readers, key=lambda peer: (bytes(255 - b for b in rendezvous_score(record.request_id, peer)), peer))
+    return ranked[0] if ranked else ""
 
 
 def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tuple[list[int], str]:

@@ -1,14 +1,14 @@
 """Failures after the first streamed token: the answer never switches models.
 
-Two nodes hold the head and every block, a third holds every expert. The tests run in order
-on one swarm:
+Two nodes hold the head and every block, two others hold every expert each (two replicas, so
+one slow call moves to the other replica). The tests run in order on one swarm:
 
 1. SIGKILL the request's driver when the first text reaches the submitter: the other head
    holder takes the request over once the driver is silent, replays the prompt and the
    streamed tokens, and streams on from the next step.
-2. SIGKILL the only expert holder at the first text, then start a new one: the driver waits,
+2. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
    replays, and the answer equals the reference.
-3. SIGKILL the expert holder at the first text with none to come back: the request fails at
+3. SIGKILL every expert holder at the first text with none to come back: the request fails at
    its deadline with `deadline_exceeded`, after streaming only swarm tokens.
 """
 
@@ -36,7 +36,7 @@ def swarm(degraded_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     loader = Loader(degraded_checkpoint, device="cpu")
     block = f"block[0:{loader.num_layers}]"
     experts = [f"expert[{layer}][{index}]" for layer in loader.moe_layers for index in range(loader.num_experts)]
-    swarm = start_swarm(tmp_path_factory.mktemp("takeover-swarm"), degraded_checkpoint, [["head", block], ["head", block], experts])
+    swarm = start_swarm(tmp_path_factory.mktemp("takeover-swarm"), degraded_checkpoint, [["head", block], ["head", block], experts, experts])
     try:
         yield swarm
     finally:
@@ -89,24 +89,25 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     assert ranges[-1][1] == len(result.token_ids)
 
 
-def _expert_holder(swarm: LocalSwarm) -> int:
-    return next(
+def _expert_holders(swarm: LocalSwarm) -> list[int]:
+    return [
         node.index for node in swarm.nodes
         if "head" not in node.fragments and node.process is not None and node.process.poll() is None
-    )
+    ]
 
 
 async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: LocalSwarm, tmp_path: Path) -> None:
     client = await open_client(swarm, tmp_path)
-    holder = _expert_holder(swarm)
+    holders = _expert_holders(swarm)
     killed: list[int] = []
     joined: list[asyncio.Task[object]] = []
 
     def on_text(piece: str) -> None:
         if not killed:
-            stop(swarm, holder, kill=True)
-            killed.append(holder)
-            joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holder].fragments)))
+            for holder in holders:
+                stop(swarm, holder, kill=True)
+            killed.extend(holders)
+            joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holders[0]].fragments)))
 
     try:
         request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=150_000)
@@ -125,13 +126,14 @@ async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: Loc
 
 async def test_lost_expert_holder_after_the_first_token_fails_at_the_deadline(swarm: LocalSwarm, tmp_path: Path) -> None:
     client = await open_client(swarm, tmp_path)
-    holder = _expert_holder(swarm)
+    holders = _expert_holders(swarm)
     killed: list[int] = []
 
     def on_text(piece: str) -> None:
         if not killed:
-            stop(swarm, holder, kill=True)
-            killed.append(holder)
+            for holder in holders:
+                stop(swarm, holder, kill=True)
+            killed.extend(holders)
 
     try:
         request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=12_000)
