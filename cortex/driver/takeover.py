@@ -8,8 +8,8 @@ leaves out of the driver order the peers that cannot open the prompt (`readable_
 Takeover. A driver is silent when its last heartbeat is older than `DRIVER_SILENCE_MS`
 (about five missed heartbeats). Each head holder checks the in-flight requests once a
 heartbeat (`takeover_due`). When a request's driver is silent, or no driver accepted it within
-`DRIVER_SILENCE_MS` of its submission, the first live peer of `driver_order` without the
-silent ones takes it over. It publishes
+`DRIVER_SILENCE_MS` of its submission while the driver the submitter chose is silent, the
+first live peer of `driver_order` without the silent ones takes it over. It publishes
 `RequestAccepted` with `takeover_of` set, replays the prompt and the tokens already streamed
 (`streamed_tokens`) as one prefill, and streams on from the next step, so the submitter
 sees no duplicated or changed token.
@@ -94,9 +94,9 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     NOTE: only head holders call this, so a request driven by a fallback driver (no head holder
     anywhere) is not taken over when that driver dies.
 
-    Due when the request is in flight and recent, its current driver is silent or no driver
-    accepted it within `DRIVER_SILENCE_MS` of its submission, and `me` is the first peer of
-    the driver order once the silent peers are left out.
+    Due when the request is in flight and recent, its current driver is silent (or no driver
+    accepted it within `DRIVER_SILENCE_MS` of its submission and `intended_driver` is silent),
+    and `me` is the first peer of the driver order once the silent peers are left out.
     """
     if not record.is_in_flight or record.submission is None or record.driver == me:
         return None
