@@ -94,6 +94,8 @@ class DriverContext:
     fallback: FallbackModel | None = None
     missing_fragments: Callable[[], list[str]] = field(default=lambda: [])
     readers: Callable[[RequestSubmitted], list[str]] = field(default=lambda request: [])
+    # (redundancy, stage, its holder) -> the stage, or one that runs each step on several holders (cortex.quorum.blocks)
+    replicate: Callable[[int, Stage, str], Stage] = field(default=lambda redundancy, stage, holder: stage)
 
 
 @dataclass
@@ -247,7 +249,8 @@ class RequestDriver:
             return self.context.executor_for(spec, plan.route[spec])
 
         assert self.plan is not None
-        return Stage(self.context.executor_for(spec, self.plan.route[spec]), replace)
+        holder = self.plan.route[spec]
+        return self.context.replicate(self.request.redundancy, Stage(self.context.executor_for(spec, holder), replace), holder)
 
     async def _generate(self, prompt_ids: list[int], stages: list[Stage]) -> GenerationOutcome:
         """Run the swarm loop; after the first token, wait out missing holders and resume from the tokens so far."""
