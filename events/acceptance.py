@@ -61,6 +61,7 @@ class Acceptor:
         self.counters: collections.Counter[str] = collections.Counter()
         self.lamport = store.max_lamport()
         self._excluded: dict[str, int] = {}
+        self._deferred: list[tuple[Event, list[str]]] = []
         for equivocation in store.equivocations():
             self._exclude(equivocation.author, equivocation.seq)
         if self.projections:
@@ -78,8 +79,16 @@ class Acceptor:
             raise result.rejected[0][1]
         return result.accepted[0] if result.accepted else None
 
-    def accept_many(self, wires: Iterable[bytes]) -> AcceptResult:
-        """Accept a batch in one log transaction; rejections are returned, not raised."""
+    def accept_many(self, wires: Iterable[bytes], *, defer: bool = False) -> AcceptResult:
+        """Accept a batch in one log transaction; rejections are returned, not raised.
+
+        With `defer` (request-scoped records on the data plane's hot path), every check runs
+        now and `accepted` lists the events that passed, but they are appended and folded at
+        the next `flush_deferred`, which the node's `EventWriter.flush` calls on the next
+        event loop iteration. A duplicate within the deferred ones is dropped then.
+        """
+        if defer:
+            return self._accept_later(wires)
         result = AcceptResult()
         store = self.store
         with store.transaction():
@@ -97,6 +106,36 @@ class Acceptor:
         self.counters["accepted"] += len(result.accepted)
         self.counters["duplicates"] += result.duplicates
         self._apply_all(result)
+        return result
+
+    def flush_deferred(self) -> None:
+        """Append and fold the events `accept_many(..., defer=True)` checked, in one transaction."""
+        if not self._deferred:
+            return
+        checked, self._deferred = self._deferred, []
+        result = AcceptResult()
+        with self.store.transaction():
+            for event, earlier in checked:
+                self._insert(event, earlier, result)
+        self.counters["accepted"] += len(result.accepted)
+        self.counters["duplicates"] += result.duplicates
+        self._apply_all(result)
+
+    def _accept_later(self, wires: Iterable[bytes]) -> AcceptResult:
+        result = AcceptResult()
+        for index, wire in enumerate(wires):
+            try:
+                checked = self._check(wire)
+            except EventRejected as rejection:
+                self._count_rejection(rejection)
+                result.rejected.append((index, rejection))
+                continue
+            if checked is None:
+                result.duplicates += 1
+                continue
+            self._deferred.append(checked)
+            result.accepted.append(checked[0])
+        self.counters["duplicates"] += result.duplicates
         return result
 
     def accept_own(self, event: Event) -> None:

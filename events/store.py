@@ -321,14 +321,16 @@ class LogStore:
         ref: str | None = None,
         since_ms: int | None = None,
         until_ms: int | None = None,
+        scope: str | None = None,
     ) -> Iterator[Event]:
         """Iterate over stored events in canonical order (lamport, author, seq), filtered.
 
         `type` and `author` match exactly, `ref` selects events whose refs contain that id
         (all events of one request, for example), and `since_ms <= time_ms < until_ms`
-        selects an author-clock time range. Filters combine with AND.
+        selects an author-clock time range, `scope` one scope (both by default). Filters
+        combine with AND.
         """
-        query, parameters = _select_events(type, author, ref, since_ms, until_ms)
+        query, parameters = _select_events(type, author, ref, since_ms, until_ms, scope)
         for (wire,) in self._connection.execute(query, parameters):
             yield _decode_stored(wire)
 
@@ -399,7 +401,12 @@ def request_reservation_key(author: str) -> str:
 
 
 def _select_events(
-    type_name: str | None, author: str | None, ref: str | None, since_ms: int | None, until_ms: int | None
+    type_name: str | None,
+    author: str | None,
+    ref: str | None,
+    since_ms: int | None,
+    until_ms: int | None,
+    scope: str | None = None,
 ) -> tuple[str, list[Any]]:
     query = "SELECT e.wire FROM events AS e"
     conditions: list[str] = []
@@ -413,6 +420,7 @@ def _select_events(
         ("e.author = ?", author),
         ("e.time_ms >= ?", since_ms),
         ("e.time_ms < ?", until_ms),
+        ("e.scope = ?", scope),
     ):
         if value is not None:
             conditions.append(condition)

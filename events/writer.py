@@ -38,6 +38,15 @@ reservation, without a `SequenceSkipped`: gaps in it are never looked for. Lampo
 sequence for both scopes. `write_many` signs several events and appends them in one
 transaction, which is what the data plane uses for the records of one message.
 
+Deferred appends: `write_many(..., defer=True)` signs request-scoped records and returns
+them at once, and appends them in one transaction a moment later (the next event loop
+iteration, `flush`), so the data plane sends a tensor without waiting for an SQLite commit.
+A record can then leave the node before it is in the log, and a kill can lose it from
+the log. So the request sequence never resumes below its reservation after an unclean
+stop, in any boot: the start finds `seq_up_to` above the stored records and resumes above
+it, with a Lamport clock above the stored reservation. Any write that is not deferred,
+`flush` and `close` append the deferred records first.
+
 NOTE: the boot-id check assumes the log is on a local file system. On a network file
 system, a server crash can lose unsynced writes while the client's boot id stays the same.
 """
@@ -45,6 +54,7 @@ system, a server crash can lose unsynced writes while the client's boot id stays
 from __future__ import annotations
 
 import dataclasses
+import asyncio
 import logging
 import sqlite3
 import time
@@ -119,6 +129,9 @@ class EventWriter:
         reservation = store.seq_reservation(identity.peer_id) or SeqReservation(0, 0, None)
         self._reservation = reservation
         self._lamport_floor = 0
+        self._deferred: list[Event] = []
+        self._flush_scheduled = False
+        self._last_lamport = 0
         self._request_key = request_reservation_key(identity.peer_id)
         self._last_request_seq = store.max_seq(identity.peer_id, REQUEST_SCOPE)
         self._request_reservation = store.seq_reservation(self._request_key) or SeqReservation(0, 0, None)
@@ -128,9 +141,10 @@ class EventWriter:
         elif self._last_seq:
             logger.info("event writer for %s resumes after seq %d", identity.peer_id, self._last_seq)
         request_reserved = self._request_reservation.seq_up_to
-        if request_reserved > self._last_request_seq and not self._same_boot(self._request_reservation):
+        if request_reserved > self._last_request_seq:
+            # Deferred records may have been sent and never stored, in this boot or another one.
             logger.warning(
-                "event writer for %s stopped uncleanly in an earlier OS boot: its request sequence resumes after "
+                "event writer for %s stopped uncleanly: its request sequence resumes after "
                 "the reserved seq %d, not after the stored seq %d",
                 identity.peer_id,
                 request_reserved,
@@ -163,18 +177,24 @@ class EventWriter:
         """
         return self.write_many((body,), refs)[0]
 
-    def write_many(self, bodies: Sequence[Any], refs: tuple[str, ...] = ()) -> list[Event]:
+    def write_many(self, bodies: Sequence[Any], refs: tuple[str, ...] = (), *, defer: bool = False) -> list[Event]:
         """Sign `bodies` in order, all with `refs`, and append them in one transaction.
 
         Each body takes the next seq of its scope's sequence and the next Lamport clock. If
         anything fails, none of the seqs is used. Returns the events in the order given.
+        With `defer`, which only request-scoped bodies may use, the append happens at the
+        next `flush` (scheduled on the running event loop; see the module docstring).
         """
         if not bodies:
             return []
         scopes = [type_of(body).scope == REQUEST_SCOPE for body in bodies]
+        if defer and not all(scopes):
+            raise EventError("only request-scoped records can be appended later; write swarm events with defer=False")
+        if not defer:
+            self.flush()
         requests = sum(scopes)
         last_seq, last_request_seq = self._last_seq + len(bodies) - requests, self._last_request_seq + requests
-        lamport = max(self.acceptor.lamport, self._lamport_floor)
+        lamport = max(self.acceptor.lamport, self._lamport_floor, self._last_lamport)
         # NOTE: a valid peer can sign an event with a Lamport clock near 2**63 and so exhaust
         # every node's clock. Bounding the jump a peer may make is left to the admission policy.
         if lamport + len(bodies) > MAX_INT:
@@ -194,12 +214,41 @@ class EventWriter:
                 seq += 1
             number = request_seq if is_request else seq
             events.append(sign_event(self.identity, body, seq=number, lamport=lamport, time_ms=time_ms, refs=refs))
-        self.acceptor.accept_own_many(events)
-        self._last_seq, self._last_request_seq = seq, request_seq
+        if defer:
+            self._deferred.extend(events)
+            self._schedule_flush()
+        else:
+            self.acceptor.accept_own_many(events)
+        self._last_seq, self._last_request_seq, self._last_lamport = seq, request_seq, lamport
         if logger.isEnabledFor(logging.DEBUG):
             for event in events:
                 logger.debug("wrote %s seq %d lamport %d id %s", event.type, event.seq, event.lamport, event.id)
         return events
+
+    def flush(self) -> None:
+        """Append the deferred records in one transaction, and the acceptor's deferred ones."""
+        if self._deferred:
+            events, self._deferred = self._deferred, []
+            self.acceptor.accept_own_many(events)
+        self.acceptor.flush_deferred()
+
+    def _schedule_flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self.flush()
+        except (LogStoreError, sqlite3.Error):
+            # The records were sent; the reservation keeps their seqs from being signed again.
+            logger.exception("could not append deferred records of %s to the log", self.identity.peer_id)
 
     def close(self) -> None:
         """Release the reserved seqs not yet used, so the next start resumes at `last_seq + 1`.
@@ -209,6 +258,10 @@ class EventWriter:
         in another boot voids the unused seqs, which is safe. A `write` after `close` reserves
         a new block.
         """
+        try:
+            self.flush()
+        except (LogStoreError, sqlite3.Error):
+            logger.exception("could not append deferred records of %s to the log at close", self.identity.peer_id)
         request = self._request_reservation
         if request.seq_up_to > self._last_request_seq:
             released_requests = SeqReservation(self._last_request_seq, request.lamport_up_to, self._boot_id)

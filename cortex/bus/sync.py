@@ -34,6 +34,7 @@ from cortex.bus.errors import FrameDecodeError, SyncError
 from cortex.bus.frames import ErrorCode, Kind
 from cortex.bus.retention import live_events
 from cortex.bus.transport import Transport
+from events.model import SWARM_SCOPE
 from events.store import LogStore
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,9 @@ class SyncServer:
         # NOTE: each page re-reads and filters the whole log, so a joiner's snapshot costs
         # O(pages x log size) on the serving peer; fine for logs of tens of thousands of events.
         heads = contiguous_heads(self.store)
-        kept = [event for event in live_events(self.store.events()) if event.seq <= heads.get(event.author, 0)]
+        # Request-scoped records stay on their request's route: a snapshot offers swarm events only.
+        swarm_events = self.store.events(scope=SWARM_SCOPE)
+        kept = [event for event in live_events(swarm_events) if event.seq <= heads.get(event.author, 0)]
         kept.sort(key=lambda event: (event.author, event.seq))
         wires: list[bytes] = []
         size = frames.EVENTS_OVERHEAD + 1024 + 80 * len(heads)

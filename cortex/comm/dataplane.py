@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[IncomingCall], Awaitable[Response]]
 Signer = Callable[[Any, tuple[str, ...]], Event]
-BatchSigner = Callable[[Sequence[Any], tuple[str, ...]], Sequence[Event]]
+BatchSigner = Callable[..., Sequence[Event]]
 
 DEFAULT_HANDLER_TIMEOUT_S = 30.0
 MAX_CONCURRENT_CALLS = 256
@@ -59,9 +59,12 @@ TRACKER_TIMEOUT_S = 5.0
 class DataPlane:
     """A node's tensor channels: serves registered handlers and calls other nodes' handlers.
 
-    `sign_many(bodies, refs)` signs the records of one message and appends them to the
-    node's log in one transaction; pass `EventWriter.write_many`. `sign(body, refs)` (such
-    as `EventWriter.write`), one record at a time, is used when `sign_many` is not given.
+    `sign_many(bodies, refs, defer=True)` signs the records of one message and appends them
+    to the node's log in one transaction after the message is sent; pass
+    `EventWriter.write_many`. `sign(body, refs)` (such as `EventWriter.write`), one record
+    at a time and appended before sending, is used when `sign_many` is not given. Received
+    records are checked at once and appended through `acceptor` on the next event loop
+    iteration (`Acceptor.accept_many(..., defer=True)`), also after the reply is on its way.
     `is_known_request(request_id)` returns whether a request may
     use this node (the Scheduler view decides). Received records are appended to the log
     through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook. Calls
@@ -90,7 +93,7 @@ class DataPlane:
             if sign is None:
                 raise ValueError("a DataPlane needs sign_many (EventWriter.write_many) or sign (EventWriter.write)")
             single = sign
-            sign_many = lambda bodies, refs: [single(body, refs) for body in bodies]  # noqa: E731
+            sign_many = lambda bodies, refs, defer: [single(body, refs) for body in bodies]  # noqa: E731
         self._sign_many = sign_many
         self._is_known_request = is_known_request
         self._acceptor = acceptor
@@ -109,6 +112,7 @@ class DataPlane:
         self._zap: ZapHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._flush_scheduled = False
 
     async def start(self, bind: str = "tcp://127.0.0.1:*") -> str:
         """Bind the ROUTER socket (`*` picks a free port) and start serving; return the endpoint."""
@@ -201,6 +205,8 @@ class DataPlane:
         except FrameRejected as rejection:
             self._reject(rejection, peer_id, curve_key_text(peer_id))
             raise
+        finally:
+            self._schedule_flush()
         await _wait_sent(trackers)
         return Reply(peer_id, request_id, tuple(outputs))
 
@@ -215,6 +221,8 @@ class DataPlane:
             return
         self._closed = True
         await cancel_and_wait([*self._tasks, *self._handler_tasks], CLOSE_TIMEOUT_S)
+        if self._acceptor is not None:
+            self._flush_received()
         for channel in list(self._channels.values()):
             await channel.close()
         self._channels.clear()
@@ -281,9 +289,24 @@ class DataPlane:
             chunks = chunk_parts(data)
             all_chunks.append(chunks)
             trackers.extend(chunk.tracker for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker)
-        events = self._sign_many(bodies, refs)
+        events = self._sign_many(bodies, refs, defer=True)
         records = list(zip(events, all_chunks, strict=True))
         return encode_message(op, call_id, kind, records), trackers, tuple(event.id for event in events)
+
+    def _schedule_flush(self) -> None:
+        """Append the received records to the log on the next loop iteration, in one transaction."""
+        if self._acceptor is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_received)
+
+    def _flush_received(self) -> None:
+        self._flush_scheduled = False
+        try:
+            assert self._acceptor is not None
+            self._acceptor.flush_deferred()
+        except Exception:
+            self.counters["internal_errors"] += 1
+            logger.exception("data plane could not append received records to the log")
 
     async def _serve(self) -> None:
         assert self._router is not None
@@ -358,7 +381,10 @@ class DataPlane:
         if curve_key is None:
             raise FrameRejected(FrameReason.UNAUTHENTICATED, "the connection has no CurveZMQ user id")
         expect = Expectations(accepts=registered[1], is_known_request=self._is_known_request, authenticated_key=curve_key)
-        inputs = receive_records(header, parts, expect, self.limits, self._acceptor, self._pool)
+        try:
+            inputs = receive_records(header, parts, expect, self.limits, self._acceptor, self._pool)
+        finally:
+            self._schedule_flush()
         first = inputs[0].event
         return IncomingCall(first.author, header.kind, first.refs[0], tuple(inputs))
 

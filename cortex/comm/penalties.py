@@ -3,9 +3,9 @@
 `FramePenalties` is the data plane's `on_reject` hook on a node. For a rejection whose
 sender is identified, it publishes `PeerPenalized(peer, "bad_frame", evidence, detail)`:
 
-- the sender is the peer the rejection names (the author of records that matched the
-  authenticated connection, or the peer called), else the known peer whose CurveZMQ key
-  the connection was authenticated with (`peers()` lists the peer ids to look in);
+- the sender is the peer the rejection names: the author of records that matched the
+  authenticated connection, or the peer called. Otherwise it is the known peer whose
+  CurveZMQ key authenticated the connection (`peers()` lists the peer ids to look in);
 - `evidence` lists the ids of the sender's signed records that this node stored, which
   is the case for a bad digest: the records passed the signature check, so with the bytes
   received they show that the sender sent inconsistent data. Other rejections have no

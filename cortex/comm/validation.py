@@ -13,7 +13,8 @@ For each record of a call or reply, in this order:
 7. a reply references the call's input records after the request id (`unlinked_reply`);
 8. the request is known to this node (`unknown_request`);
 9. the Ed25519 signature (`bad_signature`), verified by the Acceptor when one is wired, which
-   also appends the events to the log;
+   also appends the events to the log (on the next event loop iteration: the DataPlane
+   schedules `Acceptor.flush_deferred`);
 10. the digest of the bytes matches the record (`bad_digest`).
 
 A record whose digest fails after step 9 stays in the log: it is signed by its author and,
@@ -162,7 +163,7 @@ def _check_signatures(events: list[Event], acceptor: Acceptor | None) -> None:
             except EventRejected as rejection:
                 raise FrameRejected(FrameReason.BAD_SIGNATURE, str(rejection)) from None
         return
-    result = acceptor.accept_many(event.wire for event in events)
+    result = acceptor.accept_many((event.wire for event in events), defer=True)
     if result.rejected:
         first = result.rejected[0][1]
         reason = FrameReason.BAD_SIGNATURE if first.reason is RejectReason.BAD_SIGNATURE else FrameReason.MALFORMED_EVENT

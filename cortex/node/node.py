@@ -421,6 +421,7 @@ class Node:
 
     def records_of(self, request_id: str) -> list[str]:
         """Return the ids of the request-scoped records in this node's log for `request_id`."""
+        self.writer.flush()  # the data plane appends records on the next loop iteration
         names = {record.__name__ for record in RECORD_TYPES}
         return [event.id for event in self.store.events(ref=request_id) if event.type in names]
 

@@ -89,6 +89,9 @@ async def test_round_trip_of_scalar_empty_and_strided_tensors(client: Node, serv
 
 async def test_records_land_in_both_logs(client: Node, server: Node) -> None:
     reply = await call_expert(client, server, {"hidden": torch.ones(2, 4)})
+    # Records are appended after the message is on its way, on the next event loop iteration.
+    assert list(client.store.events(type="ExpertOutputProduced")) == []
+    await asyncio.sleep(0)
 
     input_events = list(client.store.events(type="ExpertInputSent"))
     output_event = reply.events[0]

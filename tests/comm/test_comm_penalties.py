@@ -142,7 +142,7 @@ def _start_node(data_dir: Path, listen: str, bootstrap: tuple[str, ...] = ()) ->
     )
 
 
-def _wait_for(check: Any, what: str, process: subprocess.Popen[bytes], log: Path) -> Any:
+def _wait_for(check: Any, description: str, process: subprocess.Popen[bytes], log: Path) -> Any:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-3000:]
@@ -150,7 +150,7 @@ def _wait_for(check: Any, what: str, process: subprocess.Popen[bytes], log: Path
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {START_TIMEOUT_S} s; log tail: {log.read_text()[-2000:]}")
+    raise AssertionError(f"{description} did not happen within {START_TIMEOUT_S} s; log tail: {log.read_text()[-2000:]}")
 
 
 def _status(data_dir: Path) -> dict[str, Any] | None:
