@@ -11,9 +11,12 @@ optional `,calls=N` suffix that limits it to the first N expert calls the node s
     delay=S        wait S seconds before replying
     bfloat16       compute the expert under bfloat16 autocast and reply in bfloat16
     wrong_voter    serve honestly, but publish inverted quorum votes and decisions
+    block_scale=F  serve experts honestly, but multiply the output of every block step by F
 
-Faults act on the expert calls the node serves to other peers (`FaultInjector.apply`); a
-node's calls to its own experts stay honest. This module imports no torch at import time,
+Faults act on the expert calls the node serves to other peers (`FaultInjector.apply`), and
+`block_scale` on the block steps it serves to other peers (`FaultInjector.apply_block`); a
+node's calls to its own experts and blocks stay honest. With `,calls=N`, `block_scale` counts
+block steps instead of expert calls. This module imports no torch at import time,
 so config validation stays light.
 """
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VALUED = {"scale", "noise", "delay"}
+VALUED = {"scale", "noise", "delay", "block_scale"}
 PLAIN = {"nan", "other_expert", "zeros", "bfloat16", "wrong_voter"}
 KINDS = tuple(sorted(VALUED | PLAIN))
 
@@ -88,6 +91,7 @@ class FaultInjector:
     def __init__(self, mode: FaultMode | None) -> None:
         self.mode = mode
         self.served = 0
+        self.served_blocks = 0
 
     @property
     def lying(self) -> bool:
@@ -99,13 +103,24 @@ class FaultInjector:
         """Return the outputs [N, D] to reply with for segments (layer, expert, rows [N, D])."""
         mode = self.mode
         self.served += 1
-        if mode is None or mode.kind == "wrong_voter" or (mode.calls is not None and self.served > mode.calls):
+        if mode is None or mode.kind in ("wrong_voter", "block_scale") or (mode.calls is not None and self.served > mode.calls):
             return outputs
         logger.warning("fault mode %s: altering expert call %d", mode.kind, self.served)
         if mode.kind == "delay":
             await asyncio.sleep(mode.value)
             return outputs
         return [_altered(mode, service, layer, expert, rows, output, self.served) for (layer, expert, rows), output in zip(segments, outputs, strict=True)]
+
+    def apply_block(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return the block output [T, D] to reply with for a block step served to another peer."""
+        mode = self.mode
+        if mode is None or mode.kind != "block_scale":
+            return hidden
+        self.served_blocks += 1
+        if mode.calls is not None and self.served_blocks > mode.calls:
+            return hidden
+        logger.warning("fault mode block_scale: altering block step %d", self.served_blocks)
+        return hidden * mode.value
 
 
 def _altered(

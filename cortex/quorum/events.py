@@ -10,6 +10,10 @@ spot check (a call sampled for a second replica, not a request with redundancy) 
 sampling probability in millionths and the seed, so replay can recompute which calls were
 sampled (`cortex.quorum.policy.spot_checked`).
 
+Version 1.1 adds `block` to votes and decisions: for a replicated block step it names the
+block (`block[a:b]`), `layer` is the block's first layer, `step` the position of the step's
+first token, and `experts` is 0 for every output. It is "" for expert outputs.
+
 `QuorumDecided` is the outcome for that layer and step after every round of votes (a round
 asks more replicas when the first ones did not form a quorum): the winning digest of each
 expert, the producers that agreed on every expert they computed, and the producers that
@@ -52,6 +56,7 @@ FALSE_VOTE = "false_vote"
 BAD_FRAME = "bad_frame"
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+_BLOCK = re.compile(r"block\[(\d{1,6}):(\d{1,6})\]")
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
@@ -78,14 +83,18 @@ def _check_code(code: str, name: str) -> None:
         raise ValueError(f"{name} {code!r:.80} must be lowercase snake_case matching {_CODE.pattern}")
 
 
-def _check_call(request_id: str, model_id: str, step: int, layer: int) -> None:
+def _check_call(request_id: str, model_id: str, step: int, layer: int, block: str = "") -> None:
     _check_hex(request_id, "request_id")
     if not 0 < len(model_id) <= 128:
         raise ValueError(f"model_id {model_id!r:.80} must have 1 to 128 characters")
     _check_non_negative(step=step, layer=layer)
+    if block:
+        match = _BLOCK.fullmatch(block)
+        if match is None or int(match.group(1)) != layer or int(match.group(2)) <= layer:
+            raise ValueError(f"block {block!r:.40} must be block[{layer}:STOP] with STOP > {layer}, matching the layer")
 
 
-@event_type(version="1.0", family=QUORUM)
+@event_type(version="1.1", family=QUORUM)
 @dataclass(frozen=True, slots=True)
 class QuorumVoted:
     """One voter's distances between the outputs of one MoE layer's experts at one step."""
@@ -102,9 +111,10 @@ class QuorumVoted:
     distances_nano: tuple[int, ...]
     spot_check_ppm: int = 0
     spot_check_seed: int = 0
+    block: str = ""  # the block of a replicated block step (version 1.1); "" for expert outputs
 
     def __post_init__(self) -> None:
-        _check_call(self.request_id, self.model_id, self.step, self.layer)
+        _check_call(self.request_id, self.model_id, self.step, self.layer, self.block)
         if not 0 <= self.spot_check_ppm <= PPM:
             raise ValueError(f"spot_check_ppm must be in 0..{PPM}, got {self.spot_check_ppm}")
         if not 0 <= self.spot_check_seed < 2**63:
@@ -133,7 +143,7 @@ class QuorumVoted:
             seen.add((expert, producer))
 
 
-@event_type(version="1.0", family=QUORUM)
+@event_type(version="1.1", family=QUORUM)
 @dataclass(frozen=True, slots=True)
 class QuorumDecided:
     """The outcome of the votes on one MoE layer's expert outputs at one step.
@@ -155,9 +165,10 @@ class QuorumDecided:
     agreeing: tuple[str, ...]
     dissenting: tuple[str, ...]
     spot_check: bool = False
+    block: str = ""  # the block of a replicated block step (version 1.1); "" for expert outputs
 
     def __post_init__(self) -> None:
-        _check_call(self.request_id, self.model_id, self.step, self.layer)
+        _check_call(self.request_id, self.model_id, self.step, self.layer, self.block)
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome {self.outcome!r:.40} must be one of {', '.join(OUTCOMES)}")
         if self.quorum < 1 or self.rounds < 1:
