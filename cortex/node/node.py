@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -62,6 +63,8 @@ from cortex.node.driving import end_taken_over, fallback_context, missing_fragme
 from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.quorum import TrustReducer, TrustView
+from cortex.quorum.blocks import block_replicator
+from cortex.quorum.equivocation import EquivocationReporter
 from cortex.quorum.policy import QuorumPolicy
 from cortex.quorum.replicated import QuorumSettings
 from cortex.registry import RegistryReducer, RegistryView
@@ -120,6 +123,7 @@ class Node:
             "registry": self.registry, "scheduler": self.scheduler, "router": self.router_view, "quorum": self.trust,
         }
         self.acceptor = Acceptor(self.store, list(self.views.values()), own_peer_id=self.peer_id)
+        self.equivocations = EquivocationReporter(self.store, self.peer_id, lambda: self.acceptor.counters["equivocations"])
         self.writer = EventWriter(self.identity, self.acceptor)
         self.bus = GossipBus(self._transport(), self.acceptor, self._bus_config())
         self.dataplane = DataPlane(
@@ -301,6 +305,9 @@ class Node:
                     "single_token_dispatches": router.stats.single_token_dispatches,
                     "single_token_dispatch_s": router.stats.single_token_dispatch_s,
                     "retries": router.stats.retries,
+                    "hedges": router.stats.hedges,
+                    "hedges_won": router.stats.hedges_won,
+                    "quorum": dataclasses.asdict(router.stats.quorum),
                 }
                 for model, router in self.routers.items()
             },
@@ -383,6 +390,7 @@ class Node:
         if body.position == 0 and spec in service.blocks:
             service.blocks[spec].close_session(call.request_id)  # a new start or a replay (takeover) of the session
         hidden = await service.executor(spec).run(call.request_id, call.tensors["hidden"].clone(), body.position)
+        hidden = self.faults.apply_block(hidden)
         fields = {"model_id": body.model_id, "step": body.step, "start": body.start, "stop": body.stop}
         return Response(StageOutputProduced, fields, {"hidden": hidden})
 
@@ -428,6 +436,9 @@ class Node:
     # --- requests -----------------------------------------------------------------
 
     def _on_events(self, events: list[Event]) -> None:
+        if self._task_group is not None:
+            for penalty in self.equivocations.new_penalties():
+                self._task_group.create_task(self.emit(penalty))
         for event in events:
             if isinstance(event.body, RequestSubmitted):
                 self._consider(event)
@@ -526,6 +537,7 @@ class Node:
             fallback=self.fallback,
             missing_fragments=lambda: missing_fragments(self.registry.view, service, wall_clock_ms()),
             readers=lambda submitted: prompt_readers_of(self.registry.view, submitted),
+            replicate=block_replicator(directory.holders, executor_for, self.routers[service.model_id].quorum or self._quorum_settings(service.model_id)),
         )
 
 
