@@ -3,7 +3,10 @@
 Setup: three expert nodes on loopback (node processes, every expert each, NATS bus with
 its own local nats-server, CurveZMQ data plane, signed records, SQLite logs), and a driver
 node holding the head and every block, run in this process so the bench can change its
-quorum policy between phases without restarting it. Each phase answers the same prompt with
+quorum policy between phases without restarting it. With `--quick`, the three expert nodes
+run in this process too (each with its own bus connection, data plane, log and compute
+thread), because starting three Python processes that import torch takes most of a quick
+run's time on a loaded machine; their compute then shares one interpreter with the driver. Each phase answers the same prompt with
 greedy decoding, and its tokens must equal the redundancy-1 tokens or the bench fails:
 
 - r1: redundancy 1, one replica per expert call;
@@ -28,6 +31,7 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,24 +64,75 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cortex-bench-quorum-") as folder:
         root = Path(folder)
         model = _model_folder(args.model, root)
-        report = asyncio.run(_measure(model, root, tokens, repeats))
+        report = asyncio.run(_measure(model, root, tokens, repeats, in_process=args.quick))
     return emit(report, args.json)
 
 
-async def _measure(model: Path, root: Path, tokens: int, repeats: int) -> BenchReport:
+async def _measure(model: Path, root: Path, tokens: int, repeats: int, in_process: bool) -> BenchReport:
     from cortex.node.launcher import LocalSwarm
     from cortex.runtime.loader import Loader
 
     started = time.perf_counter()
     loader = Loader(model, device="cpu", terminal=False)
     experts = [f"expert[{layer}][{index}]" for layer in loader.moe_layers for index in range(loader.num_experts)]
-    swarm = LocalSwarm(root / "swarm", model, [list(experts) for _ in range(3)], backend="nats", log_level="WARNING")
+    layout = [list(experts) for _ in range(3)]
+    swarm: Any = InProcessSwarm(root / "swarm", model, layout) if in_process else LocalSwarm(root / "swarm", model, layout, backend="nats", log_level="WARNING")
     await swarm.start()
     try:
         phases = await _run_phases(swarm, model, root, loader.num_layers, tokens, repeats)
     finally:
         await swarm.stop()
-    return _report(model, len(loader.moe_layers), repeats, phases, time.perf_counter() - started)
+    settings = "3 expert nodes in the bench process" if in_process else "3 expert node processes"
+    return _report(model, len(loader.moe_layers), repeats, phases, time.perf_counter() - started, settings)
+
+
+class InProcessSwarm:
+    """Expert nodes run as `Node`s in this process on one local nats-server: the `--quick` setup."""
+
+    def __init__(self, root: Path, model: Path, layout: list[list[str]]) -> None:
+        self.root = root
+        self.model = model
+        self.layout = layout
+        self.nats: Any = None
+        self.nodes: list[Any] = []
+        self.tasks: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        """Start the nodes without waiting for them, so the driver starts at the same time; see `ready`."""
+        from cortex.bus.nats_server import LocalNatsServer
+        from cortex.node.node import Node
+
+        self.nats = LocalNatsServer(self.root / "nats")
+        await self.nats.start()
+        for index, fragments in enumerate(self.layout):
+            node = Node(_node_config(self, self.model, self.root / f"node{index}", tuple(fragments)))
+            self.nodes.append(node)
+            self.tasks.append(asyncio.ensure_future(node.run()))
+
+    async def ready(self) -> None:
+        """Wait until every node serves."""
+        from cortex.node.lifecycle import read_status
+
+        def serving(node: Any) -> bool:
+            status = read_status(node.config.data_dir)
+            return status is not None and status.get("state") == "serving"
+
+        for node, task in zip(self.nodes, self.tasks, strict=True):
+            await _wait_serving(node, task, serving)
+
+    def client_transport_factory(self) -> Any:
+        from cortex.node.launcher import transport_factory
+
+        return transport_factory("nats", [], self.nats.url)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            node.stopping.set()
+        for task in self.tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30.0)
+        if self.nats is not None:
+            await self.nats.stop()
 
 
 async def _run_phases(swarm: Any, model: Path, root: Path, num_layers: int, tokens: int, repeats: int) -> dict[str, dict[str, Any]]:
@@ -85,11 +140,13 @@ async def _run_phases(swarm: Any, model: Path, root: Path, num_layers: int, toke
     from cortex.node.node import Node
     from cortex.quorum.policy import QuorumPolicy
 
-    node = Node(_driver_config(swarm, model, root, num_layers))
+    node = Node(_node_config(swarm, model, root / "driver", ("head", f"block[0:{num_layers}]")))
     task = asyncio.ensure_future(node.run())
     client = SwarmClient(root / "client", swarm.client_transport_factory())
     try:
-        await _wait_serving(node, task)
+        await _wait_serving(node, task, lambda node: bool(node.services) and all(s.head is not None for s in node.services.values()) and bool(node.tokenizers))
+        if isinstance(swarm, InProcessSwarm):
+            await swarm.ready()
         await client.start()
         model_id = client.resolve_model(str(model))
         await client.wait_for_model(model_id, {"head"}, SERVE_TIMEOUT_S)
@@ -129,14 +186,14 @@ async def _request(client: Any, model_id: str, redundancy: int, tokens: int) -> 
     return len(result.token_ids) / max((timings["prefill"] + timings["decode"]) / 1000, 1e-9), list(result.token_ids)
 
 
-def _driver_config(swarm: Any, model: Path, root: Path, num_layers: int) -> Any:
+def _node_config(swarm: Any, model: Path, data_dir: Path, fragments: tuple[str, ...]) -> Any:
     from cortex.node.config import BusSettings, DataPlaneSettings, ModelSettings, NodeConfig
 
     return NodeConfig(
-        data_dir=root / "driver",
+        data_dir=data_dir,
         bus=BusSettings(backend="nats", nats_url=swarm.nats.url, join_wait_s=5.0),
         data_plane=DataPlaneSettings(call_timeout_s=10.0),
-        models=(ModelSettings(path=model, fragments=("head", f"block[0:{num_layers}]")),),
+        models=(ModelSettings(path=model, fragments=fragments),),
         torch_threads=1,
         device="cpu",
         fallback_model=None,
@@ -144,18 +201,18 @@ def _driver_config(swarm: Any, model: Path, root: Path, num_layers: int) -> Any:
     )
 
 
-async def _wait_serving(node: Any, task: asyncio.Future[None]) -> None:
+async def _wait_serving(node: Any, task: asyncio.Future[None], serving: Callable[[Any], bool]) -> None:
     deadline = time.monotonic() + SERVE_TIMEOUT_S
-    while not (node.services and all(service.head is not None for service in node.services.values()) and node.tokenizers):
+    while not serving(node):
         if task.done():
             task.result()
-            raise SystemExit("error: the driver node stopped before it served")
+            raise SystemExit(f"error: node {node.config.data_dir.name} stopped before it served")
         if time.monotonic() > deadline:
-            raise SystemExit(f"error: the driver node did not serve within {SERVE_TIMEOUT_S} s")
+            raise SystemExit(f"error: node {node.config.data_dir.name} did not serve within {SERVE_TIMEOUT_S} s")
         await asyncio.sleep(0.05)
 
 
-def _report(model: Path, moe_layers: int, repeats: int, phases: dict[str, dict[str, Any]], wall_s: float) -> BenchReport:
+def _report(model: Path, moe_layers: int, repeats: int, phases: dict[str, dict[str, Any]], wall_s: float, nodes: str) -> BenchReport:
     reference = phases["r1"]["token_ids"]
     for name, phase in phases.items():
         if phase["token_ids"] != reference:
@@ -165,7 +222,7 @@ def _report(model: Path, moe_layers: int, repeats: int, phases: dict[str, dict[s
         "model": str(model),
         "generated_tokens": len(reference),
         "repeats_per_phase": repeats,
-        "settings": "3 expert nodes (every expert each), in-process driver, NATS bus, CurveZMQ data plane, signed records and votes, SQLite logs, 1 torch thread per process",
+        "settings": f"{nodes} (every expert each), in-process driver, NATS bus, CurveZMQ data plane, signed records and votes, SQLite logs, 1 torch thread per node",
         **{f"{name}_tokens_per_s": phase["tokens_per_s"] for name, phase in phases.items()},
         **{f"{name}_decisions": phase["decisions"] for name, phase in phases.items()},
         "spot_check_probability_ppm": SPOT_CHECK_PPM,
