@@ -202,19 +202,32 @@ class TokenRouter:
         self.directory.note_failure(peer)
 
     async def call(self, peer: str, request_id: str, step: int, segments: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
-        """Run the segments on `peer` within its deadline; raise CallFailed when it passes."""
+        """Run the segments on `peer` within its deadline (the call timeout when no other replica exists); raise CallFailed past it."""
         self.stats.batches += 1
         self.stats.messages += len(segments)
         rows = sum(int(segment.shape[0]) for _, _, segment in segments)
         deadline = self.stragglers.deadline_s(self._expected_latency_ms(peer), self.directory.call_timeout_s, rows)
         self._in_flight[peer] += 1
+        task = asyncio.ensure_future(self.directory.call_experts(peer, request_id, step, segments))
         try:
-            return await asyncio.wait_for(self.directory.call_experts(peer, request_id, step, segments), deadline)
-        except TimeoutError:
-            self.stats.deadlines_missed += 1
-            raise CallFailed(peer, "expert", f"no reply within its deadline of {deadline:.2f} s") from None
+            done, _ = await asyncio.wait({task}, timeout=deadline)
+            if not done and not self._has_other_replica(peer, segments):
+                # No other replica can take this call, so failing it would leave the experts
+                # without output. Wait for the only holder up to the call timeout instead.
+                done, _ = await asyncio.wait({task}, timeout=max(self.directory.call_timeout_s - deadline, 0.0))
+                deadline = max(deadline, self.directory.call_timeout_s)
+            if not done:
+                self.stats.deadlines_missed += 1
+                raise CallFailed(peer, "expert", f"no reply within its deadline of {deadline:.2f} s")
+            return task.result()
         finally:
+            if not task.done():
+                task.cancel()
             self._in_flight[peer] -= 1
+
+    def _has_other_replica(self, peer: str, segments: list[tuple[int, int, torch.Tensor]]) -> bool:
+        """Return whether every expert of the segments has a live replica other than `peer`."""
+        return all(any(replica != peer for replica in self.directory.replicas(layer, expert)) for layer, expert, _ in segments)
 
     def _expected_latency_ms(self, peer: str) -> float:
         observations = getattr(self.directory, "observations", None)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from cortex.driver.errors import CallFailed
+from cortex.driver.errors import CallFailed, NoLiveHolder
 from cortex.driver.router import TokenRouter
 from cortex.quorum import PeerPenalized, QuorumDecided, QuorumVoted
 from cortex.quorum.policy import QuorumPolicy, StragglerPolicy
@@ -194,6 +194,30 @@ async def test_deadline_moves_call_to_next_replica() -> None:
 
     assert router.stats.deadlines_missed == 1
     assert router.stats.retries == 1
+
+
+async def test_sole_replica_gets_the_call_timeout_not_the_deadline() -> None:
+    directory = _Directory(["a"], slow={"a": 0.3})
+    directory.call_timeout_s = 5.0
+    policy = StragglerPolicy(hedge_min_s=10.0, hedge_max_s=10.0, deadline_min_s=0.01, deadline_factor=0.0)
+    router = TokenRouter(directory, stragglers=policy)
+    call = _call()
+    outputs = await router.dispatch(REQUEST, call, step=0)
+
+    assert torch.equal(outputs[0, 0], call.hidden[0] * 2.0)
+    assert router.stats.deadlines_missed == 0
+    assert directory.calls == [REPLICAS["a"]]
+
+
+async def test_sole_replica_still_fails_at_the_call_timeout() -> None:
+    directory = _Directory(["a"], slow={"a": 5.0})
+    directory.call_timeout_s = 0.1
+    policy = StragglerPolicy(hedge_min_s=10.0, hedge_max_s=10.0, deadline_min_s=0.01, deadline_factor=0.0)
+    router = TokenRouter(directory, stragglers=policy)
+
+    with pytest.raises(NoLiveHolder, match="no live replica left"):
+        await router.dispatch(REQUEST, _call(), step=0)
+    assert router.stats.deadlines_missed >= 1
 
 
 async def test_replicated_slow_replica_is_hedged() -> None:
