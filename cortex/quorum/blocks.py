@@ -48,7 +48,7 @@ BLOCK_OUTPUT = 0  # the `experts` entry of every output of a block step in votes
 
 @dataclass
 class BlockQuorum:
-    """What a replicated stage needs: the trusted live holders of its block, executors, and quorum settings."""
+    """The inputs of a replicated stage: the trusted live holders of its block, executors, and quorum settings."""
 
     holders: Callable[[], list[str]]  # trusted live holders of the block, best first
     executor_for: Callable[[str], BlockExecutor]  # holder peer id -> executor of the block on it

@@ -22,11 +22,12 @@ SMALL = st.integers(min_value=0, max_value=10_000)
 def votes(draw: st.DrawFn) -> QuorumVoted:
     count = draw(st.integers(min_value=1, max_value=4))
     experts = tuple(draw(st.lists(SMALL, min_size=count, max_size=count, unique=True)))
+    layer = draw(SMALL)
     return QuorumVoted(
         request_id=draw(HEX),
         model_id=draw(st.text(min_size=1, max_size=64)),
         step=draw(SMALL),
-        layer=draw(SMALL),
+        layer=layer,
         dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),
         tolerance_nano=draw(SMALL),
         experts=experts,
@@ -35,6 +36,7 @@ def votes(draw: st.DrawFn) -> QuorumVoted:
         distances_nano=tuple(draw(st.one_of(SMALL, st.just(NOT_FINITE))) for _ in experts),
         spot_check_ppm=draw(st.integers(min_value=0, max_value=1_000_000)),
         spot_check_seed=draw(SMALL),
+        block=draw(st.sampled_from(["", f"block[{layer}:{layer + 2}]"])),
     )
 
 
@@ -43,11 +45,12 @@ def decisions(draw: st.DrawFn) -> QuorumDecided:
     experts = tuple(draw(st.lists(SMALL, min_size=1, max_size=4, unique=True)))
     producers = draw(st.permutations(PEERS))
     split = draw(st.integers(min_value=0, max_value=len(producers)))
+    layer = draw(SMALL)
     return QuorumDecided(
         request_id=draw(HEX),
         model_id="m",
         step=draw(SMALL),
-        layer=draw(SMALL),
+        layer=layer,
         outcome="agreed",
         quorum=draw(st.integers(min_value=1, max_value=3)),
         rounds=draw(st.integers(min_value=1, max_value=3)),
@@ -55,6 +58,7 @@ def decisions(draw: st.DrawFn) -> QuorumDecided:
         winner_digests=tuple(draw(HEX) for _ in experts),
         agreeing=tuple(producers[:split]),
         dissenting=tuple(producers[split:]),
+        block=draw(st.sampled_from(["", f"block[{layer}:{layer + 1}]"])),
     )
 
 
@@ -106,3 +110,12 @@ def test_penalty_rejects_bad_reason_code() -> None:
 def test_penalty_rejects_author_penalizing_itself() -> None:
     with pytest.raises(SchemaViolation, match="cannot penalize itself"):
         sign_event(IDENTITY, PeerPenalized(IDENTITY.peer_id, "bad_frame", ()), seq=1, lamport=1, time_ms=0)
+
+
+@pytest.mark.parametrize("block", ["block[1:3]", "block[0:0]", "expert[0][1]", "block[0:3"])
+def test_vote_rejects_block_not_matching_layer(block: str) -> None:
+    with pytest.raises(ValueError, match="block"):
+        QuorumVoted(
+            request_id="a" * 64, model_id="m", step=0, layer=0, dtype="float32", tolerance_nano=1,
+            experts=(0,), producers=(PEERS[0],), digests=("b" * 64,), distances_nano=(0,), block=block,
+        )
