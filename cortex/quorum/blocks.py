@@ -16,8 +16,10 @@ at its original position, which rebuilds the same KV cache, and then the current
 - A dissenting holder stays until the trust view excludes it, so its dissents are counted and
   it is excluded within a few steps. Then it leaves, and another holder joins if one exists.
 - Without a strict majority, one more holder joins and runs the step, up to
-  `MAX_EXTRA_REPLICAS` beyond r. If still none forms, or fewer than 2 outputs exist, the
-  request fails with `QuorumFailed`.
+  `MAX_EXTRA_REPLICAS` beyond r. If still none forms, the request fails with `QuorumFailed`.
+  With no holder left at all, the stage raises `NoLiveHolder`, like a plain stage.
+- With one trusted live holder left (the others failed or were excluded), its steps go on
+  unchecked, like a block with a single holder, and `unchecked_steps` counts them.
 
 The path with one holder per block is the plain `Stage`: nothing here runs for it.
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cortex.driver.errors import CallFailed
+from cortex.driver.errors import CallFailed, NoLiveHolder
 from cortex.driver.executors import BlockExecutor
 from cortex.driver.loop import Stage
 from cortex.quorum.compare import least_precise, tolerance_for
@@ -68,6 +70,7 @@ class ReplicatedStage(Stage):
         self.spec = spec
         self.start = int(spec.split("[", 1)[1].split(":", 1)[0])
         self.decisions = 0
+        self.unchecked_steps = 0  # steps run on a single holder because no other trusted one was left
 
     async def run(self, session_id: str, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Run `hidden` [T, D] at `position` on the session's holders and return the majority's output [T, D]."""
@@ -80,8 +83,10 @@ class ReplicatedStage(Stage):
             await self._run_members(session_id, hidden, position, outputs)
             if len(outputs) < target and self._candidates():
                 continue  # a member failed during the step, so another holder joins and runs it
-            if len(outputs) < 2:
-                raise QuorumFailed(self._too_few_message(position, outputs))
+            if len(outputs) == 1 and len(self.members) == 1:
+                return self._unchecked(session_id, hidden, position, outputs)
+            if not outputs:
+                raise NoLiveHolder(self._too_few_message(position, outputs))
             outcome = self._decide(outputs)
             if outcome.chosen is None and target < self.quorum.replicas + MAX_EXTRA_REPLICAS and self._candidates():
                 target += 1
@@ -92,6 +97,15 @@ class ReplicatedStage(Stage):
                 raise QuorumFailed(self._no_quorum_message(position, outcome))
             self.history.append((position, hidden))
             return outcome.outputs[outcome.chosen]
+
+    def _unchecked(self, session_id: str, hidden: torch.Tensor, position: int, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Use the output of the one trusted live holder left, like a block with a single holder."""
+        (peer, output), = outputs.items()
+        if not self.unchecked_steps:
+            logger.warning("block %s has one trusted live holder left (%s) for session %s; its steps go unchecked", self.spec, peer, session_id)
+        self.unchecked_steps += 1
+        self.history.append((position, hidden))
+        return output
 
     async def close(self, session_id: str) -> None:
         for executor in self.members.values():
@@ -196,8 +210,7 @@ class ReplicatedStage(Stage):
     def _too_few_message(self, position: int, outputs: dict[str, torch.Tensor]) -> str:
         return (
             f"{self.spec} at step {position} returned {len(outputs)} output(s) from trusted live holders "
-            f"(left the session: {', '.join(sorted(self.left)) or 'none'}); redundancy {self.quorum.replicas} needs at "
-            f"least 2. Start more holders of the block or lower the redundancy"
+            f"(left the session: {', '.join(sorted(self.left)) or 'none'}); start more holders of the block"
         )
 
     def _no_quorum_message(self, position: int, outcome: ExpertOutcome) -> str:

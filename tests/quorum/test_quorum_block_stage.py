@@ -170,3 +170,16 @@ async def test_block_stage_plain_for_one_replica_or_holder() -> None:
     assert replicated_stage(plain, PEERS[0], one_replica.quorum) is plain
     assert replicated_stage(plain, PEERS[0], one_holder.quorum) is plain
     assert isinstance(replicated_stage(plain, PEERS[0], Swarm([FakeHolder(PEERS[0]), FakeHolder(PEERS[1])], replicas=2).quorum), ReplicatedStage)
+
+
+async def test_block_stage_goes_on_with_last_holder() -> None:
+    swarm = Swarm([FakeHolder(PEERS[0]), FakeHolder(PEERS[1], factor=1.1), FakeHolder(PEERS[2])], replicas=3)
+    stage = ReplicatedStage(SPEC, PEERS[0], swarm.quorum)
+    await run_steps(stage, 1)
+    swarm.trusted[:] = [PEERS[0]]  # the others were excluded or went away
+
+    output = await stage.run(SESSION, torch.full((1, 4), 1.0), 3)
+
+    assert torch.equal(output, (await honest_outputs(2))[1])
+    assert set(stage.members) == {PEERS[0]}
+    assert stage.unchecked_steps == 1
