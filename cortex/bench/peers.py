@@ -134,7 +134,7 @@ def _settings(args: argparse.Namespace, repeats: int, warmup: int) -> dict[str, 
         "torch_threads_per_process": TORCH_THREADS,
         "output_tolerance": f"rtol={RTOL:g} atol={ATOL:g} against a local float32 computation",
         "cortex_expert_servers": args.servers,
-        "cortex_settings": "CurveZMQ on 127.0.0.1; records signed, verified and logged (SQLite WAL, own records fsynced)",
+        "cortex_settings": "CurveZMQ on 127.0.0.1; records signed and verified before a message leaves, appended to SQLite logs (WAL, fsynced seq reservations) right after",
         "hivemind_settings": (
             f"libp2p with TLS on 127.0.0.1; NAT traversal, relays, auto-relay and IPFS off; "
             f"{args.hivemind_handlers} connection handlers"
