@@ -65,7 +65,7 @@ class ReplicatedStage(Stage):
         self.quorum = quorum
         self.first_holder = first_holder
         self.members: dict[str, BlockExecutor] = {}
-        self.left: set[str] = set()  # holders that left this session: failed, excluded, or outvoted
+        self.left: set[str] = set()  # holders that left this session: failed, excluded, or no longer live
         super().__init__(quorum.executor_for(first_holder))
         self.spec = spec
         self.start = int(spec.split("[", 1)[1].split(":", 1)[0])
