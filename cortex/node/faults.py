@@ -3,7 +3,7 @@
 A node config's `fault:` key (test-only, see docs/quorum.md) names one mode, with an
 optional `,calls=N` suffix that limits it to the first N expert calls the node serves:
 
-    scale=F        multiply every output by F (1.10 is a fault, 1.0001 honest-looking drift)
+    scale=F        multiply every expert output by F (1.10 is a fault, 1.0001 honest-looking drift)
     noise=S        add Gaussian noise of S times the output's standard deviation
     nan            return NaN everywhere
     other_expert   return another held expert's output for the same rows
@@ -13,9 +13,9 @@ optional `,calls=N` suffix that limits it to the first N expert calls the node s
     wrong_voter    serve honestly, but publish inverted quorum votes and decisions
     block_scale=F  serve experts honestly, but multiply the output of every block step by F
 
-Faults act on the expert calls the node serves to other peers (`FaultInjector.apply`), and
-`block_scale` on the block steps it serves to other peers (`FaultInjector.apply_block`); a
-node's calls to its own experts and blocks stay honest. With `,calls=N`, `block_scale` counts
+Faults act on the expert calls the node serves to other peers (`FaultInjector.apply`).
+`block_scale` acts on the block steps it serves to other peers (`FaultInjector.apply_block`).
+A node's calls to its own experts and blocks stay honest. With `,calls=N`, `block_scale` counts
 block steps instead of expert calls. This module imports no torch at import time,
 so config validation stays light.
 """
