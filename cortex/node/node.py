@@ -60,7 +60,9 @@ from cortex.node.config import ModelSettings, NodeConfig
 from cortex.node.directory import SwarmDirectory
 from cortex.node.faults import FaultInjector, parse_fault
 from cortex.node.driving import end_taken_over, fallback_context, missing_fragments, prompt_readers_of, takeover_of
-from cortex.node.lifecycle import STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, remove_pid_file, write_pid_file
+from cortex.node.lifecycle import (
+    STATUS_FILE_NAME, NodeRefused, check_pid_file, hardware_summary, prepare_data_dir, remove_pid_file, write_pid_file,
+)
 from cortex.node.service import ExpertBatcher, ModelService, ServiceError
 from cortex.quorum import TrustReducer, TrustView
 from cortex.quorum.blocks import block_replicator
@@ -111,7 +113,7 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(config)
         self.identity = Identity.load_or_create(config.identity_path)
         self.peer_id = self.identity.peer_id
         self.store = LogStore(config.data_dir / "events.db")
