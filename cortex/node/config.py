@@ -29,6 +29,7 @@ on the host and in the container.
     dtype: float32                   # float32 | bfloat16 | float16
     fallback_model: <demo model>     # light local model for degraded mode (docs/degraded.md); null or none: off
     log_level: INFO                  # DEBUG | INFO | WARNING | ERROR
+    library_log_level: WARNING       # the same levels, for libp2p, multiaddr, asyncio, nats and trio
     quorum:                          # cross-checks of expert outputs (docs/quorum.md)
       redundancy: 1                  # minimum replicas per expert call for every request this node routes, 1..8
       spot_check: 0.0                # probability (0..1) that a call with one replica also goes to a second
@@ -57,9 +58,13 @@ BUS_BACKENDS = ("libp2p", "nats", "memory")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Loggers of the libraries a node uses, set by library_log_level: at DEBUG they log
+# thousands of lines a minute on an idle node, so log_level does not reach them.
+LIBRARY_LOGGERS = ("libp2p", "multiaddr", "asyncio", "nats", "trio")
 AUTO = "auto"
 DEFAULT_MEMORY_BUDGET_MB = 1024
 DEFAULT_KV_CACHE_BUDGET_MB = 256
+MAX_REDUNDANCY = 8
 _FRAGMENT = re.compile(r"^(head|block\[\d+:\d+\]|expert\[\d+\]\[\d+\])$")
 PACKAGE_PREFIX = "package:"
 DEFAULT_API_LISTEN = "127.0.0.1:8470"
@@ -67,7 +72,14 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 class ConfigError(ValueError):
-    """A node config file that is missing, unreadable, or has a wrong key or value."""
+    """A node config file that is missing, unreadable, or has wrong keys or values (one line each).
+
+    `variables` names the environment variables that set an invalid key, so a fix can name them.
+    """
+
+    def __init__(self, message: str, variables: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.variables = variables
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class NodeConfig:
     dtype: str = "float32"
     fallback_model: Path | None = Path(__file__).resolve().parent.parent / "demo_model"  # the packaged demo model
     log_level: str = "INFO"
+    library_log_level: str = "WARNING"
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
 
     @property
@@ -154,7 +167,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> N
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from None
+        # PyYAML names a string input "<unicode string>" in its marks; name the file instead.
+        detail = str(error).replace('"<unicode string>"', f'"{config_path}"')
+        raise ConfigError(f"config file {config_path} is not valid YAML: {detail}") from None
     raw = raw if raw is not None else {}
     origins: dict[str, str] = {}
     if environ is not None:
@@ -168,9 +183,10 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config", origins: Mapp
     """Validate a parsed YAML mapping; relative paths are resolved against `base_dir`.
 
     `origins` maps a dotted key (`bus.backend`, `models[0].path`) to the environment variable
-    that set it, so an error about that key names the variable.
+    that set it, so an error about that key names the variable. Every invalid key is reported
+    in one ConfigError, one line each.
     """
-    reader = _Reader(raw, "", source, dict(origins or {}))
+    reader = _Reader(raw, "", source, dict(origins or {}), _Problems())
     data_dir = _path(reader.string("data_dir", "./node-data"), base_dir)
     identity = reader.optional_string("identity")
     fallback = reader.optional_string("fallback_model")
@@ -185,11 +201,13 @@ def parse_config(raw: Any, base_dir: Path, source: str = "config", origins: Mapp
         torch_threads=reader.integer("torch_threads", 1, minimum=1),
         device=reader.choice("device", "auto", DEVICES),
         dtype=reader.choice("dtype", "float32", DTYPES),
-        fallback_model=NodeConfig.fallback_model if "fallback_model" not in raw else _path(fallback, base_dir) if fallback and fallback.lower() != "none" else None,
+        fallback_model=NodeConfig.fallback_model if "fallback_model" not in reader.raw_mapping else _path(fallback, base_dir) if fallback and fallback.lower() != "none" else None,
         log_level=reader.choice("log_level", "INFO", LOG_LEVELS, upper=True),
+        library_log_level=reader.choice("library_log_level", "WARNING", LOG_LEVELS, upper=True),
         quorum=_quorum(reader.section("quorum")),
     )
     reader.reject_unknown()
+    reader.problems.raise_if_any()
     return config
 
 
@@ -219,9 +237,7 @@ def _api(reader: _Reader) -> ApiSettings:
 def _quorum(reader: _Reader) -> QuorumConfig:
     from cortex.node.faults import FaultSpecError, parse_fault
 
-    redundancy = reader.integer("redundancy", 1, minimum=1)
-    if redundancy > 8:
-        reader.fail("redundancy", redundancy, "an integer from 1 to 8")
+    redundancy = reader.integer("redundancy", 1, minimum=1, maximum=MAX_REDUNDANCY)
     spot_check = reader.number("spot_check", 0.0, minimum=0.0)
     if spot_check > 1.0:
         reader.fail("spot_check", spot_check, "a probability from 0 to 1")
@@ -279,23 +295,46 @@ def _model(reader: _Reader, base_dir: Path) -> ModelSettings:
     return settings
 
 
-class _Reader:
-    """Typed access to one YAML mapping that remembers which keys were read."""
+class _Problems:
+    """The invalid keys found so far, so that one ConfigError lists them all."""
 
-    def __init__(self, raw: Any, prefix: str, source: str, origins: dict[str, str]) -> None:
-        if not isinstance(raw, dict):
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {type(raw).__name__}")
-        self.raw_mapping: dict[str, Any] = raw
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.variables: list[str] = []
+
+    def add(self, line: str, variable: str | None = None) -> None:
+        self.lines.append(line)
+        if variable:
+            self.variables.append(variable)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines), tuple(self.variables))
+
+
+class _Reader:
+    """Typed access to one YAML mapping that remembers which keys were read.
+
+    An invalid value is recorded in `problems` and replaced by the key's default, so parsing
+    goes on and reports every invalid key; `parse_config` raises at the end.
+    """
+
+    def __init__(self, raw: Any, prefix: str, source: str, origins: dict[str, str], problems: _Problems) -> None:
         self.prefix = prefix
         self.source = source
         self.origins = origins
+        self.problems = problems
         self.seen: set[str] = set()
+        if not isinstance(raw, dict):
+            where = prefix.rstrip(".") or "the top level"
+            problems.add(f"{source}: {where} must be a mapping of keys to values, got {type(raw).__name__}")
+            raw = {}
+        self.raw_mapping: dict[str, Any] = raw
 
     def fail(self, key: str, value: Any, allowed: str) -> None:
         variable = self.origins.get(f"{self.prefix}{key}")
         where = f" (set by environment variable {variable})" if variable else ""
-        raise ConfigError(f"{self.source}: {self.prefix}{key} = {value!r}{where} is invalid; expected {allowed}")
+        self.problems.add(f"{self.source}: {self.prefix}{key} = {value!r}{where} is invalid; expected {allowed}", variable)
 
     def raw(self, key: str, default: Any) -> Any:
         self.seen.add(key)
@@ -307,15 +346,19 @@ class _Reader:
         if value is None:
             setters = sorted(variable for dotted, variable in self.origins.items() if dotted.startswith(self.prefix))
             where = f" (in the entry that environment variable {setters[0]} set)" if setters and self.prefix else ""
-            raise ConfigError(f"{self.source}: {self.prefix}{key} is missing{where}; it is required")
+            variable = setters[0] if setters and self.prefix else None
+            self.problems.add(f"{self.source}: {self.prefix}{key} is missing{where}; it is required", variable)
+            return "."
         if not isinstance(value, str) or not value:
             self.fail(key, value, "a non-empty string")
+            return default if default is not None else "."
         return str(value)
 
     def optional_string(self, key: str) -> str | None:
         value = self.raw(key, None)
         if value is not None and (not isinstance(value, str) or not value):
             self.fail(key, value, "a non-empty string or null")
+            return None
         return value
 
     def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -324,18 +367,21 @@ class _Reader:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
             self.fail(key, value, "a list of non-empty strings")
+            return default
         return tuple(value)
 
-    def integer(self, key: str, default: int, minimum: int) -> int:
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, value, f"an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+            self.fail(key, value, f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}")
+            return default
         return int(value)
 
     def number(self, key: str, default: float, minimum: float) -> float:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
             self.fail(key, value, f"a number >= {minimum}")
+            return default
         return float(value)
 
     def choice(self, key: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
@@ -343,25 +389,27 @@ class _Reader:
         normalized = value.upper() if upper and isinstance(value, str) else value
         if normalized not in allowed:
             self.fail(key, value, f"one of {', '.join(allowed)}")
+            return default
         return str(normalized)
 
     def section(self, key: str) -> _Reader:
-        return _Reader(self.raw(key, {}), f"{self.prefix}{key}.", self.source, self.origins)
+        return _Reader(self.raw(key, {}), f"{self.prefix}{key}.", self.source, self.origins, self.problems)
 
     def list_of_sections(self, key: str) -> list[_Reader]:
         value = self.raw(key, [])
         if not isinstance(value, list):
             self.fail(key, value, "a list of mappings")
+            return []
         return [
-            _Reader(item, f"{self.prefix}{key}[{index}].", self.source, self.origins) for index, item in enumerate(value)
+            _Reader(item, f"{self.prefix}{key}[{index}].", self.source, self.origins, self.problems)
+            for index, item in enumerate(value)
         ]
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.raw_mapping) - self.seen)
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: unknown key {self.prefix}{unknown[0]}; allowed keys here: {', '.join(sorted(self.seen))}"
-            )
+        allowed = ", ".join(sorted(self.seen))
+        for key in unknown:
+            self.problems.add(f"{self.source}: unknown key {self.prefix}{key}; allowed keys here: {allowed}")
 
 
 def config_to_yaml(config: NodeConfig) -> str:
@@ -393,6 +441,7 @@ def config_to_yaml(config: NodeConfig) -> str:
         "dtype": config.dtype,
         "fallback_model": str(config.fallback_model) if config.fallback_model else None,
         "log_level": config.log_level,
+        "library_log_level": config.library_log_level,
         "quorum": {
             "redundancy": config.quorum.redundancy,
             "spot_check": config.quorum.spot_check,
