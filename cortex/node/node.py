@@ -509,6 +509,7 @@ class Node:
 
     def _driver_context(self, service: ModelService) -> DriverContext:
         directory = self.directories[service.model_id]
+        router = self.routers[service.model_id]
         assert service.head is not None
         tokenizer = self.tokenizers[service.model_id]
         eos = {service.loader.config.eos_token_id, tokenizer.eos_token_id} - {None}
@@ -539,7 +540,9 @@ class Node:
             fallback=self.fallback,
             missing_fragments=lambda: missing_fragments(self.registry.view, service, wall_clock_ms()),
             readers=lambda submitted: prompt_readers_of(self.registry.view, submitted),
-            replicate=block_replicator(directory.holders, executor_for, self.routers[service.model_id].quorum or self._quorum_settings(service.model_id)),
+            replicate=block_replicator(
+                directory.holders, executor_for, router.quorum or self._quorum_settings(service.model_id), router.stats.quorum
+            ),
         )
 
 

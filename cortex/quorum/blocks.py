@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,7 +40,7 @@ from cortex.driver.loop import Stage
 from cortex.quorum.compare import least_precise, tolerance_for
 from cortex.quorum.events import DISAGREED, PeerPenalized
 from cortex.quorum.policy import MAX_EXTRA_REPLICAS
-from cortex.quorum.replicated import QuorumFailed, QuorumSettings
+from cortex.quorum.replicated import QuorumFailed, QuorumSettings, QuorumStats
 from cortex.quorum.voting import ExpertOutcome, LayerCall, decide_expert, layer_events
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class BlockQuorum:
     executor_for: Callable[[str], BlockExecutor]  # holder peer id -> executor of the block on it
     settings: QuorumSettings
     replicas: int
+    stats: QuorumStats = field(default_factory=QuorumStats)  # the router's counts, shared by its stages
 
 
 class ReplicatedStage(Stage):
@@ -104,6 +105,7 @@ class ReplicatedStage(Stage):
         if not self.unchecked_steps:
             logger.warning("block %s has one trusted live holder left (%s) for session %s; its steps go unchecked", self.spec, peer, session_id)
         self.unchecked_steps += 1
+        self.quorum.stats.block_unchecked += 1
         self.history.append((position, hidden))
         return output
 
@@ -187,6 +189,8 @@ class ReplicatedStage(Stage):
 
     def _submit(self, session_id: str, position: int, outcome: ExpertOutcome, rounds: int) -> None:
         self.decisions += 1
+        self.quorum.stats.block_decisions += 1
+        self.quorum.stats.block_dissents += len(outcome.losers) if outcome.chosen is not None else 0
         dtypes = [output.dtype for output in outcome.outputs]
         tolerance = tolerance_for(dtypes)
         dtype = str(least_precise(dtypes)).removeprefix("torch.")
@@ -232,22 +236,27 @@ def replicated_stage(stage: Stage, first_holder: str, quorum: BlockQuorum) -> St
 
 
 def block_replicator(
-    holders: Callable[[str], list[str]], executor_for: Callable[[str, str], BlockExecutor], settings: QuorumSettings
+    holders: Callable[[str], list[str]],
+    executor_for: Callable[[str, str], BlockExecutor],
+    settings: QuorumSettings,
+    stats: QuorumStats | None = None,
 ) -> Callable[[int, Stage, str], Stage]:
     """Return the driver's hook that turns a route's stage into a replicated one for a request's redundancy.
 
     `holders(spec)` lists the trusted live holders of a block, best first, and
     `executor_for(spec, peer)` makes the executor of the block on a holder. The hook takes the
     request's redundancy, the stage and the stage's holder; the node's `quorum.redundancy`
-    is the minimum applied.
+    is the minimum applied. The stages add their counts to `stats` (the router's, so the node's
+    status file shows them).
     """
+    shared = stats if stats is not None else QuorumStats()
 
     def replicate(redundancy: int, stage: Stage, holder: str) -> Stage:
         replicas = max(redundancy, settings.policy.redundancy)
         if replicas <= 1:
             return stage
         spec = stage.spec
-        quorum = BlockQuorum(lambda: holders(spec), lambda peer: executor_for(spec, peer), settings, replicas)
+        quorum = BlockQuorum(lambda: holders(spec), lambda peer: executor_for(spec, peer), settings, replicas, shared)
         return replicated_stage(stage, holder, quorum)
 
     return replicate

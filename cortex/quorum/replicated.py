@@ -122,6 +122,9 @@ class QuorumStats:
     spot_checks_skipped: int = 0
     hedges: int = 0  # extra replicas called because a call was still pending after the hedge delay
     probes: int = 0  # calls to excluded holders, compared but never used
+    block_decisions: int = 0  # replicated block steps decided (cortex.quorum.blocks)
+    block_dissents: int = 0  # dissenting holders counted over those decisions
+    block_unchecked: int = 0  # block steps run on the one trusted holder left
 
 
 class ReplicatedLayer:

@@ -99,6 +99,8 @@ async def test_block_stage_outvotes_faulty_holder() -> None:
     assert all(vote.block == SPEC for vote in swarm.bodies(QuorumVoted))
     penalties = [event.body for event in swarm.events if type(event.body).__name__ == "PeerPenalized"]
     assert [(penalty.peer, penalty.reason) for penalty in penalties] == [(PEERS[1], DISAGREED)] * 3
+    assert swarm.quorum.stats.block_decisions == 3
+    assert swarm.quorum.stats.block_dissents == 3
 
 
 async def test_block_stage_replays_to_replacement() -> None:
@@ -183,3 +185,4 @@ async def test_block_stage_goes_on_with_last_holder() -> None:
     assert torch.equal(output, (await honest_outputs(2))[1])
     assert set(stage.members) == {PEERS[0]}
     assert stage.unchecked_steps == 1
+    assert swarm.quorum.stats.block_unchecked == 1
