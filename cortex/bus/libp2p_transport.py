@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,12 @@ class Libp2pTransport(Transport):
         host = self._build_host()
         gossipsub = self._build_gossipsub()
         pubsub = Pubsub(host, gossipsub, strict_signing=True, max_inbound_rpc_size=LIBP2P_MAX_MESSAGE_BYTES)
+        # Message ids are the author's peer id plus a counter that libp2p 0.8.1 starts at the
+        # Unix time in seconds and raises by one per publish. A node that published faster than
+        # one frame a second and restarts with its key would reuse ids that peers still hold
+        # as seen, and they would drop its new frames. Starting at the time in nanoseconds keeps
+        # the counter ahead of every id of an earlier run.
+        pubsub.counter = time.time_ns()
         host.set_stream_handler(SYNC_PROTOCOL, self._trio_serve_request)
         listen = [multiaddr.Multiaddr(address) for address in self.config.listen]
         self._host, self._pubsub, self._gossipsub, self._nursery = host, pubsub, gossipsub, nursery

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import socket
+from pathlib import Path
 from typing import Any
 
 import multiaddr
@@ -18,6 +20,9 @@ from events.identity import Identity
 from bus_helpers import libp2p_config, thread_names
 
 pytestmark = pytest.mark.timeout(120)
+
+SPEAKER = Path(__file__).with_name("restart_speaker.py")
+SPEAKER_FRAMES = 30
 
 
 def tcp_port(address: str) -> int:
@@ -103,3 +108,30 @@ async def test_host_offers_noise_only() -> None:
         assert getattr(host, "mDNS", None) is None
     finally:
         await transport.stop()
+
+
+
+async def test_restart_with_same_key_is_heard(tmp_path: Path) -> None:
+    """A node process restarted at once with its key is heard again: its message ids are new."""
+    listener = Libp2pTransport(libp2p_config(Identity.generate(), quic=False))
+    await listener.start()
+    subscription = await listener.subscribe("events")
+    key_path = tmp_path / "speaker.key"
+    received: dict[int, set[bytes]] = {0: set(), 1: set()}
+    try:
+        for run in (0, 1):
+            # Each run publishes 30 frames within a second, so the second run starts with the
+            # first run's message-id counter still ahead of the clock in seconds.
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, str(SPEAKER), str(key_path), listener.listen_addresses[0], str(run), str(SPEAKER_FRAMES)
+            )
+            async with asyncio.timeout(60):
+                while len(received[run]) < SPEAKER_FRAMES:
+                    delivery = await subscription.get()
+                    if delivery.data.startswith(f"run {run} ".encode()):
+                        received[run].add(delivery.data)
+                assert await child.wait() == 0
+    finally:
+        await listener.stop()
+    assert len(received[0]) == SPEAKER_FRAMES
+    assert len(received[1]) == SPEAKER_FRAMES
