@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -16,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fold a node's log through its views and show the swarm: peers (id, address, hardware, liveness, "
             "trust, load), each model's fragments with their live replica counts and the gaps, and the requests "
             "in flight. Liveness is judged against the wall clock (or --at). A table on a terminal, one JSON "
-            "object otherwise (or with --json)."
+            "object otherwise (or with --json). Without --log or --data-dir it reads $CORTEX_DATA_DIR/events.db, "
+            "else the log in the data_dir of $CORTEX_HOME/config.yaml (default ~/.cortex/config.yaml)."
         ),
     )
     from replay.arguments import add_log_arguments
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from replay.arguments import EXIT_OK, log_path, quiet_broken_pipe, report_error
+    from replay.arguments import EXIT_OK, quiet_broken_pipe, report_error
     from replay.errors import ReplayError
     from replay.live import LiveViews
     from replay.reader import LogReader
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         return report_error(f"--count {args.count} must be at least 1")
     try:
-        reader = LogReader(log_path(args))
+        reader = LogReader(resolve_log_path(args))
         views = available_views()
         if "registry" not in [view.name for view in views]:
             return report_error("the registry view does not load in this build; `cortex replay --list-views` says why")
@@ -74,6 +76,29 @@ def run(args: argparse.Namespace) -> int:
     finally:
         reader.close()
     return EXIT_OK
+
+
+def resolve_log_path(args: argparse.Namespace) -> Path:
+    """Return the log that --log, --data-dir or CORTEX_DATA_DIR names, else the one of the home config's data_dir.
+
+    Raises LogOpenError when none is given and the home config is missing or invalid.
+    """
+    import os
+
+    from cortex.node.config import ConfigError
+    from cortex.node.home import home_data_dir
+    from replay.arguments import DATA_DIR_ENV, LOG_FILE_NAME, log_path
+    from replay.errors import LogOpenError
+
+    if args.log is not None or args.data_dir is not None or os.environ.get(DATA_DIR_ENV):
+        return log_path(args)
+    try:
+        return home_data_dir() / LOG_FILE_NAME
+    except ConfigError as error:
+        raise LogOpenError(
+            f"no log given and the default config cannot be used ({error}); pass --log PATH or --data-dir DIR, "
+            f"or set {DATA_DIR_ENV}"
+        ) from None
 
 
 def _now_ms(args: argparse.Namespace) -> int:

@@ -17,13 +17,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Join the swarm's bus as a client (a fresh identity), publish a RequestSubmitted with the prompt sealed "
             "to the model's head holders, and stream the TokenGenerated text. Give the bus with --config (a node "
-            "config whose bus settings are used), --bootstrap or --nats-url."
+            "config whose bus settings are used), --bootstrap or --nats-url; with none of them, the node of "
+            "$CORTEX_HOME/config.yaml (default ~/.cortex/config.yaml) is used. CORTEX_... environment variables "
+            "override the config's keys, as for `cortex node start`."
         ),
     )
     parser.add_argument("prompt", help="the text to continue")
     parser.add_argument("--model", required=True, help="model name or id announced in the swarm, or a checkpoint folder")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path, help="a node config file: its bus backend and addresses are used")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config", type=Path,
+        help="a node config file: its bus backend and addresses are used (default: $CORTEX_HOME/config.yaml, "
+        "else ~/.cortex/config.yaml, when neither --bootstrap nor --nats-url is given)",
+    )
     where.add_argument("--bootstrap", action="append", help="libp2p multiaddr with /p2p/<peer id> of a swarm node; repeatable")
     where.add_argument("--nats-url", help="URL of the swarm's NATS server")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the request to finish (default: 300)")
@@ -42,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import os
     import tempfile
 
     from cortex.node.client import ClientError, SwarmClient
@@ -49,9 +56,20 @@ def run(args: argparse.Namespace) -> int:
     from cortex.node.launcher import transport_factory
 
     config = None
+    if args.config is None and not args.bootstrap and not args.nats_url:
+        from cortex.node.home import default_config_path
+
+        args.config = default_config_path()
+        if not args.config.is_file():
+            print(
+                f"error: no --config, --bootstrap or --nats-url given and {args.config} does not exist; run "
+                "`cortex init` and start a node, or pass --bootstrap or --nats-url",
+                file=sys.stderr,
+            )
+            return 2
     if args.config is not None:
         try:
-            config = load_config(args.config)
+            config = load_config(args.config, environ=os.environ)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Print the last events of a node's log in arrival order: time (UTC), author short id, seq, type "
             "and the key fields, coloured on a terminal, or one JSON object per line with --json. The log is "
-            "opened read-only, so tailing a running node is safe."
+            "opened read-only, so tailing a running node is safe. Without --log or --data-dir it reads "
+            "$CORTEX_DATA_DIR/events.db, else the log in the data_dir of $CORTEX_HOME/config.yaml (default "
+            "~/.cortex/config.yaml)."
         ),
     )
     from replay.arguments import add_log_arguments
@@ -76,7 +78,8 @@ def _stop_on_signals() -> None:
 def run(args: argparse.Namespace) -> int:
     from events.codec import Event
     from events.writer import wall_clock_ms
-    from replay.arguments import EXIT_OK, log_path, quiet_broken_pipe, report_error
+    from cortex.commands.status import resolve_log_path
+    from replay.arguments import EXIT_OK, quiet_broken_pipe, report_error
     from replay.errors import ReplayError
     from replay.reader import EventFilter, LogReader
     from replay.render import event_json, event_line, json_line, make_console
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             return report_error("--bus reads the bus, not a log; leave out --log and --data-dir")
         return _run_bus(args)
     try:
-        reader = LogReader(log_path(args))
+        reader = LogReader(resolve_log_path(args))
         types = tuple(name.strip() for value in args.type for name in value.split(",") if name.strip())
         request = reader.resolve_id(args.request) if args.request else None
         since_ms = parse_time_ms(args.since, wall_clock_ms()) if args.since else None
