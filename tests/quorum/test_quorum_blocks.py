@@ -9,6 +9,7 @@ penalized until the trust view excludes it and it leaves the session.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from quorum_swarm import EXPERTS, NUM_LAYERS, PROMPT, QuorumSwarm, ask, assert_r
 
 from cortex.node.client import RequestResult
 from cortex.node.config import QuorumConfig
+from cortex.node.lifecycle import read_status
 from cortex.quorum import TRUST_MAX
 from events import LogStore
 
@@ -97,3 +99,19 @@ def test_excluded_holder_not_used_again(swarm: QuorumSwarm, first: RequestResult
     assert_reference_answer(swarm, second, "Open the file", MAX_TOKENS)
     assert decisions
     assert producers == {swarm.peer(HONEST_A), swarm.peer(HONEST_B)}
+
+
+def test_status_counts_block_steps(swarm: QuorumSwarm, first: RequestResult) -> None:
+    """Stop the driver (last test of the module) and read the counts its status file got at the stop."""
+    process = swarm.nodes[DRIVER].process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    status = read_status(swarm.nodes[DRIVER].data_dir)
+    assert status is not None
+    (counts,) = status["router"].values()
+
+    assert status["state"] == "stopped"
+    assert counts["quorum"]["block_decisions"] >= len(block_decisions(swarm, first.request_id))
+    assert DISSENTS_TO_EXCLUDE <= counts["quorum"]["block_dissents"] <= DISSENTS_TO_EXCLUDE + IN_FLIGHT_SLACK
+    assert "hedges" in counts
