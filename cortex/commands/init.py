@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -23,8 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace config.yaml with the generated config, keeping the old one as config.yaml.old"
     )
-    parser.add_argument("--print", action="store_true", help="print the config it would write and change nothing")
+    parser.add_argument(
+        "--print", action="store_true",
+        help="print the config it would write and change nothing. CORTEX_... environment variables are not applied "
+        "to the printed keys (the node applies them when it loads the config); the output lists the ones set",
+    )
     parser.set_defaults(func=run)
+
+
+def _overrides_note(environ: Mapping[str, str]) -> str:
+    """Return comment lines naming the config overrides set in `environ`, or "" if none is set."""
+    from cortex.node.config_env import is_config_variable
+
+    names = sorted(name for name in environ if is_config_variable(name))
+    if not names:
+        return ""
+    lines = ["", "# NOTE: these environment variables are set, and the node applies them over the keys above when", "# it loads this config:"]
+    lines += [f"#   {name}={environ[name]}" for name in names]
+    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from cortex.node.hardware import detect_hardware
 
         sys.stdout.write(render_config(detect_hardware(home)))
+        sys.stdout.write(_overrides_note(os.environ))
         return 0
     try:
         report = set_up_home(home, force=args.force)

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cortex.node.lifecycle import STOP_WAIT_S
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stop = commands.add_parser(
         "stop",
         help="send SIGTERM to the node started from a data directory",
-        description="Find the node's pid file in its data directory and send it SIGTERM, so it drains and leaves.",
+        description=(
+            "Find the node's pid file in its data directory, send it SIGTERM, so it drains and leaves, and wait "
+            f"(up to {STOP_WAIT_S:.0f} s) until the process has exited. Exit status: 0 stopped, 1 no node was "
+            "running from that data directory or it was still running after the wait, 2 invalid config."
+        ),
     )
     where = stop.add_mutually_exclusive_group()
     where.add_argument("--data-dir", type=Path, help="the node's data directory")
@@ -109,7 +115,11 @@ def _run_start(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from cortex.node.config import LIBRARY_LOGGERS
+
     logging.getLogger().setLevel(config.log_level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(config.library_log_level)
     problem = _check_models(config, args.config)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -141,7 +151,7 @@ def _run_stop(args: argparse.Namespace) -> int:
     import os
 
     from cortex.node.config import ConfigError, load_config
-    from cortex.node.lifecycle import NodeRefused, signal_node
+    from cortex.node.lifecycle import NodeRefused, signal_node, wait_for_exit
 
     data_dir = args.data_dir
     if data_dir is None:
@@ -158,5 +168,13 @@ def _run_stop(args: argparse.Namespace) -> int:
     except NodeRefused as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"sent SIGTERM to node pid {pid} ({data_dir})")
+    print(f"sent SIGTERM to node pid {pid} ({data_dir}); waiting for it to exit", flush=True)
+    if not wait_for_exit(data_dir, pid, STOP_WAIT_S):
+        print(
+            f"error: node pid {pid} still runs {STOP_WAIT_S:.0f} s after SIGTERM (it may be finishing requests); "
+            f"check again with `cortex node stop --data-dir {data_dir}`, or end it with `kill -KILL {pid}`",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"node pid {pid} stopped")
     return 0

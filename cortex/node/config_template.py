@@ -77,8 +77,11 @@ device: {device}
 dtype: {dtype}
 # Light local model that generates the reply when the swarm cannot (degraded mode). none turns it off.
 fallback_model: package:demo_model
-# DEBUG, INFO, WARNING or ERROR.
+# DEBUG, INFO, WARNING or ERROR, for Cortex's own messages.
 log_level: INFO
+# The same levels for the libraries libp2p, multiaddr, asyncio, nats and trio, which log
+# thousands of lines a minute at DEBUG.
+library_log_level: WARNING
 
 quorum:
   # Minimum replicas that compute each expert call of the requests this node routes, 1 to 8;
@@ -88,6 +91,9 @@ quorum:
   spot_check: 0.0
   # Seed of the spot-check draw, recorded in each spot-check vote.
   seed: 0
+  # Probability (0 to 1) that a replicated call also goes to one peer excluded for wrong
+  # outputs, so a peer that recovered can be trusted again.
+  probe: 0.02
   # TEST ONLY: a fault mode that makes this node compute wrong outputs on purpose; keep null.
   fault: null
 """

@@ -9,11 +9,14 @@ written only when its bytes would change, so a second run on the same machine wr
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cortex.node.config import ConfigError, NodeConfig, load_config
-from cortex.node.config_checks import path_problems
+from cortex.node.config_checks import DEFAULT_KEY_NAME, is_default_identity, path_problems
 from cortex.node.config_template import describe_gpus, render_config
 from cortex.node.hardware import Hardware, detect_hardware
 from cortex.node.home import CONFIG_NAME, describe_os_error, directory_problem
@@ -52,9 +55,31 @@ class SetupReport:
             f"{hardware.disk_free_mb} MiB free disk",
             f"GPUs: {describe_gpus(hardware)}",
             *(f"warning: {warning}" for warning in self.warnings),
-            f"start the node: cortex node start --config {self.config_path}",
-            f"stop it: cortex node stop --config {self.config_path}",
+            *command_hints(self.config_path),
         ]
+
+
+def cortex_command() -> str:
+    """Return how to run `cortex` as typed in a shell: `cortex` if PATH finds this one, else its full path.
+
+    install.sh installs into a virtual environment that is not on PATH until activated.
+    """
+    script = Path(sys.prefix) / "bin" / "cortex"
+    on_path = shutil.which("cortex")
+    if not script.is_file() or (on_path is not None and os.path.samefile(on_path, script)):
+        return "cortex"
+    return shlex.quote(str(script))
+
+
+def command_hints(config_path: Path) -> list[str]:
+    """Return the lines that tell how to start and stop the node, with commands runnable as printed."""
+    cortex = cortex_command()
+    lines = [f"start the node: {cortex} node start --config {shlex.quote(str(config_path))}"]
+    lines.append(f"stop it: {cortex} node stop --config {shlex.quote(str(config_path))}")
+    if cortex != "cortex":
+        activate = Path(cortex).parent / "activate"
+        lines.append(f"to type plain `cortex`, activate its virtual environment first: source {shlex.quote(str(activate))}")
+    return lines
 
 
 def set_up_home(home: Path, force: bool = False) -> SetupReport:
@@ -128,7 +153,19 @@ def _load(config_path: Path) -> NodeConfig:
     try:
         return load_config(config_path, environ=os.environ)
     except ConfigError as error:
-        raise SetupError(f"{error}\nfix that key, or run `cortex init --force` to regenerate the config", EXIT_INVALID) from None
+        raise SetupError(f"{error}\n{_config_fix(error)}", EXIT_INVALID) from None
+
+
+def _config_fix(error: ConfigError) -> str:
+    """Return how to fix `error`: the environment variables that set bad values, or the config file."""
+    variables = sorted(set(error.variables))
+    in_file = len(variables) < len(str(error).splitlines())
+    fixes = []
+    if variables:
+        fixes.append(f"correct or unset the environment variable{'s' if len(variables) > 1 else ''} {', '.join(variables)}")
+    if in_file or not variables:
+        fixes.append("fix the key in the config file, or run `cortex init --force` to regenerate the config")
+    return "; ".join(fixes)
 
 
 def _ensure_identity(config: NodeConfig, home: Path, report: SetupReport) -> str:
@@ -138,6 +175,10 @@ def _ensure_identity(config: NodeConfig, home: Path, report: SetupReport) -> str
 
     key_path = config.identity_path
     existed = key_path.exists()
+    if not existed and not is_default_identity(config) and key_path != home / DEFAULT_KEY_NAME:
+        # The config names a key file elsewhere: creating it would hide a mistyped path.
+        problem = next(line for line in path_problems(config) if line.startswith("identity ="))
+        raise SetupError(f"{home / CONFIG_NAME}: {problem}", EXIT_INVALID)
     if not existed:
         problem = directory_problem(key_path.parent)
         if problem:
