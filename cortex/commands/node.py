@@ -97,6 +97,17 @@ def _default_config() -> Path | None:
     return path
 
 
+def apply_log_levels(config: Any) -> None:
+    """Set the root logger to `log_level` and the libraries' loggers to `library_log_level`."""
+    import logging
+
+    from cortex.node.config import LIBRARY_LOGGERS
+
+    logging.getLogger().setLevel(config.log_level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(config.library_log_level)
+
+
 def _run_start(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -115,11 +126,7 @@ def _run_start(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from cortex.node.config import LIBRARY_LOGGERS
-
-    logging.getLogger().setLevel(config.log_level)
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(config.library_log_level)
+    apply_log_levels(config)
     problem = _check_models(config, args.config)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
