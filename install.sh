@@ -114,8 +114,8 @@ else
     # torch is installed first and on its own: a resolver left free to choose pulls a multi-GB CUDA build.
     "$venv_dir/bin/python" -m pip install --quiet --upgrade pip
     "$venv_dir/bin/python" -m pip install --quiet "torch==2.13.0"
-    # -qq (pip log level ERROR) hides setuptools' "Editable installation" notice, which pip logs as a
-    # warning and has no option of its own to silence; install errors are still printed.
+    # -qq (pip log level ERROR) hides setuptools' "Editable installation" notice. pip logs it as a
+    # warning and has no option that silences only it. Install errors are still printed.
     "$venv_dir/bin/python" -m pip install -qq -e "$project_dir$extras"
 fi
 cortex="$venv_dir/bin/cortex"

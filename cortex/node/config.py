@@ -315,8 +315,8 @@ class _Problems:
 class _Reader:
     """Typed access to one YAML mapping that remembers which keys were read.
 
-    An invalid value is recorded in `problems` and replaced by the key's default, so parsing
-    goes on and reports every invalid key; `parse_config` raises at the end.
+    An invalid value is recorded in `problems` and replaced by the key's default. Parsing goes
+    on, so `parse_config` can raise one ConfigError that lists every invalid key.
     """
 
     def __init__(self, raw: Any, prefix: str, source: str, origins: dict[str, str], problems: _Problems) -> None:

@@ -118,7 +118,7 @@ def prepare_data_dir(config: NodeConfig) -> None:
 
 
 def wait_for_exit(data_dir: Path, pid: int, timeout_s: float = STOP_WAIT_S, poll_s: float = 0.1) -> bool:
-    """Wait until process `pid` is gone and the status file no longer says serving; return False on timeout."""
+    """Wait until process `pid` is gone and the status state is no longer serving; return False on timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = read_status(data_dir)

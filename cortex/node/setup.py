@@ -177,8 +177,8 @@ def _ensure_identity(config: NodeConfig, home: Path, report: SetupReport) -> str
     existed = key_path.exists()
     if not existed and not is_default_identity(config) and key_path != home / DEFAULT_KEY_NAME:
         # The config names a key file elsewhere: creating it would hide a mistyped path.
-        problem = next(line for line in path_problems(config) if line.startswith("identity ="))
-        raise SetupError(f"{home / CONFIG_NAME}: {problem}", EXIT_INVALID)
+        mistyped = next(line for line in path_problems(config) if line.startswith("identity ="))
+        raise SetupError(f"{home / CONFIG_NAME}: {mistyped}", EXIT_INVALID)
     if not existed:
         problem = directory_problem(key_path.parent)
         if problem:
