@@ -93,8 +93,10 @@ def test_tail_errors_exit_two(tmp_path: Path, scenario_log: Path) -> None:
     assert "no event" in unknown_request.stderr
 
 
-def test_tail_data_dir_from_environment(scenario_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tail_data_dir_from_environment(scenario_log: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CORTEX_DATA_DIR", raising=False)
+    # Without a log, tail falls back to the home config's data_dir, so point the home at an empty folder.
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "no-home"))
     assert "no log given" in run_cli("tail").stderr
     monkeypatch.setenv("CORTEX_DATA_DIR", str(scenario_log))
     assert len(run_cli("tail", "-n", "2").stdout.splitlines()) == 2
