@@ -5,9 +5,9 @@ Shape legend: T = new tokens of the session, D = hidden size.
 With redundancy r > 1 and more than one trusted live holder of a block, the driver runs each
 step of the block on r distinct holders at once (`ReplicatedStage`). Each holder keeps its own
 KV cache of the session. The outputs [T, D] are compared like one expert's outputs
-(`decide_expert`, the tolerance of the least precise dtype), the output of the strict majority
-is used, and the driver publishes one `QuorumVoted` and one `QuorumDecided` with `block` set,
-and a `PeerPenalized` per dissenting holder, through the router's ordered `Publisher`.
+(`decide_expert`, the tolerance of the least precise dtype), and the strict majority's output
+is used. The driver publishes one `QuorumVoted` and one `QuorumDecided` with `block` set, and a
+`PeerPenalized` per dissenting holder, through the router's ordered `Publisher`.
 
 Holders join a session by replay: a new holder first gets every earlier input of the session
 at its original position, which rebuilds the same KV cache, and then the current step.
@@ -18,6 +18,8 @@ at its original position, which rebuilds the same KV cache, and then the current
 - Without a strict majority, one more holder joins and runs the step, up to
   `MAX_EXTRA_REPLICAS` beyond r. If still none forms, the request fails with `QuorumFailed`.
   With no holder left at all, the stage raises `NoLiveHolder`, like a plain stage.
+- NOTE: holders that leave or join publish no `RouteReplanned`, so the request's record keeps
+  naming the plan's holder of the block.
 - With one trusted live holder left (the others failed or were excluded), its steps go on
   unchecked, like a block with a single holder, and `unchecked_steps` counts them.
 
