@@ -83,9 +83,9 @@ class Acceptor:
         """Accept a batch in one log transaction; rejections are returned, not raised.
 
         With `defer` (request-scoped records on the data plane's hot path), every check runs
-        now and `accepted` lists the events that passed, but they are appended and folded at
-        the next `flush_deferred`, which the node's `EventWriter.flush` calls on the next
-        event loop iteration. A duplicate within the deferred ones is dropped then.
+        now and `accepted` lists the events that passed. They are appended and folded at the
+        next `flush_deferred`, which the data plane schedules for the next event loop
+        iteration. A duplicate within the deferred ones is dropped then.
         """
         if defer:
             return self._accept_later(wires)
@@ -121,7 +121,15 @@ class Acceptor:
         self.counters["duplicates"] += result.duplicates
         self._apply_all(result)
 
-    def _accept_later(self, wires: Iterable[bytes]) -> AcceptResult:
+    def accept_decoded_later(self, events: Sequence[Event]) -> AcceptResult:
+        """`accept_many(..., defer=True)` for events that `parse_event` already decoded from received bytes.
+
+        The data plane decodes each record to check its tensor before the signature. This
+        skips a second parse. Every other check runs as in `accept_many`.
+        """
+        return self._accept_later(events)
+
+    def _accept_later(self, wires: Iterable[bytes | Event]) -> AcceptResult:
         result = AcceptResult()
         for index, wire in enumerate(wires):
             try:
@@ -173,9 +181,10 @@ class Acceptor:
         for projection in self.projections:
             projection.rebuild(events, self._excluded)
 
-    def _check(self, wire: bytes) -> tuple[Event, list[str]] | None:
+    def _check(self, received: bytes | Event) -> tuple[Event, list[str]] | None:
         """Return the checked event and the ids stored at its (author, seq), or None for a duplicate."""
-        event = parse_event(wire)
+        event = received if isinstance(received, Event) else parse_event(received)
+        wire = event.wire
         earlier: list[str] = []
         scope = scope_of(event.type)
         if event.seq <= self.store.max_seq(event.author, scope):

@@ -163,7 +163,7 @@ def _check_signatures(events: list[Event], acceptor: Acceptor | None) -> None:
             except EventRejected as rejection:
                 raise FrameRejected(FrameReason.BAD_SIGNATURE, str(rejection)) from None
         return
-    result = acceptor.accept_many((event.wire for event in events), defer=True)
+    result = acceptor.accept_decoded_later(events)
     if result.rejected:
         first = result.rejected[0][1]
         reason = FrameReason.BAD_SIGNATURE if first.reason is RejectReason.BAD_SIGNATURE else FrameReason.MALFORMED_EVENT

@@ -23,6 +23,7 @@ from events import (
     LogStore,
     PeerHeartbeat,
     event_type,
+    parse_event,
     request_reservation_key,
     scope_of,
     sign_event,
@@ -201,3 +202,22 @@ def test_store_opens_log_without_scope_column(tmp_path: Path, alice: Identity) -
         assert store.max_seq(alice.peer_id) == 1
         scopes = sqlite3.connect(path).execute("SELECT DISTINCT scope FROM events").fetchall()
         assert scopes == [(SWARM_SCOPE,)]
+
+
+def test_decoded_records_are_still_verified(store: LogStore, alice: Identity, bob: Identity) -> None:
+    acceptor = Acceptor(store, own_peer_id=bob.peer_id)
+    good = sign_event(alice, ScopeTestRecord("1"), seq=1, lamport=1, time_ms=1, refs=(REQUEST_ID,))
+    forged_wire = good.wire[:-64] + bytes(64)  # the same payload with a zeroed signature
+    other = sign_event(alice, ScopeTestRecord("2"), seq=2, lamport=2, time_ms=1, refs=(REQUEST_ID,))
+    forged = parse_event(other.wire[:-64] + bytes(64))
+
+    result = acceptor.accept_decoded_later([parse_event(good.wire), forged])
+
+    assert [event.id for event in result.accepted] == [good.id]
+    assert [rejection.reason.value for _index, rejection in result.rejected] == ["bad_signature"]
+    assert store.get(good.id) is None  # appended at the next flush
+    acceptor.flush_deferred()
+    assert store.get(good.id) == good
+    # The stored payload again with a zeroed signature is no duplicate: it is rejected.
+    again = acceptor.accept_decoded_later([parse_event(forged_wire)])
+    assert [rejection.reason.value for _index, rejection in again.rejected] == ["bad_signature"]
