@@ -39,6 +39,9 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+# The script runs from the project folder, so a relative --venv is taken from there. An absolute
+# path keeps the cortex commands it prints runnable from any folder.
+[[ "$venv_dir" == /* ]] || venv_dir="$PWD/$venv_dir"
 
 missing=()
 
