@@ -32,7 +32,7 @@ from typing import Any
 
 from events.codec import Event, parse_event, verify_event
 from events.errors import EventRejected, RejectReason
-from events.model import REQUEST_SCOPE, scope_of
+from events.model import REQUEST_SCOPE, scope_of, skipped_after_equivocation
 from events.store import Equivocation, LogStore
 from events.views import Projection
 
@@ -264,8 +264,7 @@ class Acceptor:
         return True
 
     def _is_excluded(self, event: Event) -> bool:
-        disputed = self._excluded.get(event.author)
-        return disputed is not None and event.seq >= disputed
+        return skipped_after_equivocation(event.type, event.seq, self._excluded.get(event.author))
 
     def _count_rejection(self, rejection: EventRejected) -> None:
         count = self.counters[rejection.reason.value] + 1

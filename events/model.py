@@ -199,6 +199,18 @@ def scope_of(type_name: str) -> str:
     return SWARM_SCOPE if registered is None else registered.scope
 
 
+def skipped_after_equivocation(type_name: str, seq: int, disputed_seq: int | None) -> bool:
+    """Return whether views skip an event of an author caught equivocating at `disputed_seq`.
+
+    Swarm-scoped events are skipped from the disputed seq on. Request-scoped records number in
+    a sequence of their own, which says nothing about when they were signed, so every record
+    of such an author is skipped: the rule then gives the same views in any delivery order.
+    """
+    if disputed_seq is None:
+        return False
+    return scope_of(type_name) == REQUEST_SCOPE or seq >= disputed_seq
+
+
 def type_of(body: Any) -> EventType:
     """Return the registered type of an event body; raise SchemaError if it is not registered."""
     registered = _TYPES_BY_CLASS.get(type(body))

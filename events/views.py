@@ -26,7 +26,7 @@ from typing import Generic, Protocol, TypeVar
 
 from events.codec import Event
 from events.errors import ReducerError
-from events.model import UnknownBody, registered_type_of_class, registered_types
+from events.model import UnknownBody, registered_type_of_class, registered_types, skipped_after_equivocation
 
 V = TypeVar("V")
 Handler = Callable[[V, Event], V]
@@ -104,14 +104,14 @@ class Projection(Generic[V]):
         """Refold the view from scratch: equivocations first, then events in canonical order.
 
         `equivocations` maps each equivocating author to its lowest disputed seq
-        (`LogStore.disputed_seqs()`). That author's events from that seq on are skipped.
+        (`LogStore.disputed_seqs()`). That author's events from that seq on, and all its
+        request-scoped records, are skipped (`skipped_after_equivocation`).
         """
         view = self.reducer.empty()
         for author, seq in sorted(equivocations.items()):
             view = self.reducer.apply_equivocation(view, author, seq)
         for event in events:
-            disputed = equivocations.get(event.author)
-            if disputed is not None and event.seq >= disputed:
+            if skipped_after_equivocation(event.type, event.seq, equivocations.get(event.author)):
                 continue
             view = self.reducer.apply(view, event)
         self.view = view

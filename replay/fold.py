@@ -6,7 +6,8 @@ Acceptor does at start and after it detects an equivocation):
 
 - events are applied in canonical order `(lamport, author, seq, id)`;
 - an equivocation counts once both of its events have been folded. From then on the
-  author's events from the disputed seq on are ignored, every view receives
+  author's events from the disputed seq on, and all its request-scoped records, are
+  ignored (`events.model.skipped_after_equivocation`), every view receives
   `apply_equivocation`, and the views are refolded from the start of the log (the log is
   read again, so no event is kept in memory). Equivocations are rare, so the refolds are.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from events.codec import Event
-from events.model import type_by_name
+from events.model import skipped_after_equivocation, type_by_name
 from events.views import Dispatcher
 from replay.reader import LogReader, is_swarm_scoped
 from replay.views import LoadedView
@@ -182,8 +183,7 @@ class Folder:
     def _selected(self, event: Event) -> bool:
         if self._include is not None and not self._include(event):
             return False
-        disputed = self.excluded.get(event.author)
-        return disputed is None or event.seq < disputed
+        return not skipped_after_equivocation(event.type, event.seq, self.excluded.get(event.author))
 
     def _apply(self, event: Event) -> None:
         states = self._states

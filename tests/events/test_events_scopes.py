@@ -28,7 +28,7 @@ from events import (
     scope_of,
     sign_event,
 )
-from events.model import SchemaError
+from events.model import SchemaError, skipped_after_equivocation
 
 
 @event_type(version="1.0", family="scopetest", scope=REQUEST_SCOPE)
@@ -52,6 +52,22 @@ def test_scope_comes_from_the_registered_type() -> None:
     assert scope_of("SomeTypeThisNodeDoesNotKnow") == SWARM_SCOPE
     with pytest.raises(SchemaError, match="scope 'route'"):
         event_type(version="1.0", family="scopetest", scope="route")
+
+
+@pytest.mark.parametrize(
+    ("type_name", "seq", "disputed", "skipped"),
+    [
+        ("PeerHeartbeat", 4, None, False),
+        ("PeerHeartbeat", 4, 5, False),
+        ("PeerHeartbeat", 5, 5, True),
+        ("PeerHeartbeat", 9, 5, True),
+        ("ScopeTestRecord", 1, None, False),
+        ("ScopeTestRecord", 1, 5, True),
+        ("ScopeTestRecord", 900, 5, True),
+    ],
+)
+def test_equivocator_skip_rule_per_scope(type_name: str, seq: int, disputed: int | None, skipped: bool) -> None:
+    assert skipped_after_equivocation(type_name, seq, disputed) is skipped
 
 
 def test_records_take_their_own_sequence(store: LogStore, alice: Identity) -> None:
