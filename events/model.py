@@ -203,8 +203,8 @@ def skipped_after_equivocation(type_name: str, seq: int, disputed_seq: int | Non
     """Return whether views skip an event of an author caught equivocating at `disputed_seq`.
 
     Swarm-scoped events are skipped from the disputed seq on. Request-scoped records number in
-    a sequence of their own, which says nothing about when they were signed, so every record
-    of such an author is skipped: the rule then gives the same views in any delivery order.
+    a sequence of their own that cannot be compared with the disputed seq, so every record of
+    such an author is skipped, and the views stay the same in any delivery order.
     """
     if disputed_seq is None:
         return False
