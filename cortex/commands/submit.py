@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the request to finish (default: 300)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with token ids, text, route and timings")
     parser.add_argument(
-        "--deadline", type=float, default=0.0, metavar="SECONDS",
-        help="let the driver generate with its fallback model (degraded) if no token arrives within this time (default: none)",
+        "--deadline", type=deadline_seconds, default=0.0, metavar="SECONDS",
+        help="let the driver generate with its fallback model (degraded) if no token arrives within this time; "
+        "0 means no deadline, and a positive value is rounded to whole milliseconds, at least 1 (default: none)",
     )
     parser.add_argument(
         "--redundancy", type=int, default=1, choices=range(1, 9), metavar="R",
@@ -44,6 +46,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def deadline_seconds(text: str) -> float:
+    """Parse --deadline: a finite number of seconds, 0 (no deadline) or positive."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid deadline {text!r}: give a number of seconds, such as 2.5") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid deadline {text!r}: give 0 for no deadline or a positive number of seconds, such as 2.5"
+        )
+    return seconds
+
+
+def deadline_ms(seconds: float) -> int:
+    """Convert a --deadline in seconds to the event's milliseconds, where 0 means no deadline.
+
+    A positive deadline below half a millisecond would round to 0 and so silently mean no
+    deadline, so every positive deadline becomes at least 1 ms.
+    """
+    if seconds <= 0:
+        return 0
+    return max(1, round(seconds * 1000))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
                 model_id = await _wait_for_model(client, args.model)
                 request_id = await client.submit(
                     model_id, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed, args.stop,
-                    deadline_ms=round(args.deadline * 1000), redundancy=args.redundancy,
+                    deadline_ms=deadline_ms(args.deadline), redundancy=args.redundancy,
                 )
+                print(f"request {request_id}", file=sys.stderr, flush=True)
                 on_text = None if args.json else _write
                 result = await client.run(request_id, args.timeout, on_text)
             finally:
@@ -201,12 +228,13 @@ def _report(result: object, as_json: bool) -> int:
         sys.stdout.write(orjson.dumps(record).decode() + "\n")
     else:
         sys.stdout.write("\n")
-        if result.completed is not None and result.completed.degraded:
-            print(
-                f"degraded: the swarm could not serve this request, so node {result.driver[-8:]} answered with its "
-                f"fallback model ({result.completed.degraded_reason})",
-                file=sys.stderr,
-            )
+    # The same stderr line in text and --json mode, as for the bus_unavailable path below.
+    if result.completed is not None and result.completed.degraded:
+        print(
+            f"degraded: the swarm could not serve this request, so node {result.driver[-8:]} answered with its "
+            f"fallback model ({result.completed.degraded_reason})",
+            file=sys.stderr,
+        )
     if result.failed is not None:
         print(f"error: request failed ({result.failed.reason_code}): {result.failed.message}", file=sys.stderr)
         return 1
