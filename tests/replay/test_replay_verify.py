@@ -13,7 +13,7 @@ from conftest import MODEL, Author, NodeLog, Scenario, run_cli
 
 from events import Acceptor, Identity, LogStore, PeerHeartbeat, ShardClaimed, sign_event
 from replay.fold import Folder
-from replay.reader import LogReader
+from replay.reader import EventFilter, LogReader
 from replay.views import load_view
 from replay.verify import verify_log
 
@@ -183,3 +183,24 @@ def test_record_seqs_are_not_equivocations(tmp_path: Path, scenario: Scenario) -
         folder.run()
     assert folder.excluded == {}
     assert folder.view("router").replica_stats(author.peer_id).expert_outputs == 2
+
+
+def test_verify_resolves_refs_to_submitted_requests(tmp_path: Path) -> None:
+    pytest.importorskip("cortex.comm.records")
+    from cortex.scheduler import request_id_for
+    from replay.synthetic import generate_log
+
+    generate_log(tmp_path / "events.db", 800, peers=4)
+    status, report = verify_json(tmp_path)
+    assert status == 0
+    assert "dangling_ref" not in report["counts"]
+
+    with LogReader(tmp_path) as reader:
+        submitted = next(reader.canonical(EventFilter(types=("RequestSubmitted",))))
+    without_submission = damaged_copy(tmp_path, tmp_path / "cut", "DELETE FROM events WHERE id = ?",
+                                      (bytes.fromhex(submitted.id),))
+    _status, cut_report = verify_json(without_submission)
+    assert cut_report["counts"]["dangling_ref"] >= 1
+    request_id = request_id_for(submitted.author, submitted.body.nonce)
+    dangling_messages = [warning["message"] for warning in cut_report["warnings"] if warning["kind"] == "dangling_ref"]
+    assert any(request_id in message for message in dangling_messages)
