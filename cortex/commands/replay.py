@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--view", action="append", default=[], metavar="NAME",
         help="a view to rebuild: registry, scheduler, router or quorum (repeatable; default: every available view)",
     )
-    parser.add_argument("--timeline", metavar="REQUEST_ID", help="print the timeline of this request (the whole 64-digit request id)")
+    parser.add_argument("--timeline", metavar="REQUEST_ID", help="print the timeline of this request: its id or a unique prefix of at least 8 hex digits")
     parser.add_argument("--verify", action="store_true", help="check every signature, id and per-author sequence")
     parser.add_argument("--step", action="store_true", help="step mode: read commands (n, c, v, d, q) from stdin")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -167,9 +167,10 @@ def _views(args: argparse.Namespace, reader: LogReader) -> int:
 def _timeline(args: argparse.Namespace, reader: LogReader, request: str) -> int:
     from replay.render import json_line, make_console
     from replay.reports import print_timeline
+    from replay.requests import resolve_request_id
     from replay.timeline import build_timeline
 
-    timeline = build_timeline(reader, reader.resolve_id(request))
+    timeline = build_timeline(reader, resolve_request_id(reader, request))
     if args.json:
         print(json_line(timeline.to_json()))
     else:

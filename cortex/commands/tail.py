@@ -49,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--request",
         metavar="ID",
-        help="only the event with this id (or id prefix), the events whose refs contain it, and the events whose "
-        "body names it as request_id",
+        help="only the event with this id, the events whose refs contain it, and the events whose body names it as "
+        "request_id; a request id or event id, or a unique prefix of at least 8 hex digits (the whole 64-digit id "
+        "with --bus)",
     )
     parser.add_argument(
         "--since",
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from replay.arguments import EXIT_OK, quiet_broken_pipe, report_error
     from replay.errors import ReplayError
     from replay.reader import EventFilter, LogReader
+    from replay.requests import resolve_request_id
     from replay.render import event_json, event_line, json_line, make_console
     from replay.tail import TailOptions, follow, print_history
     from replay.times import parse_time_ms
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         reader = LogReader(resolve_log_path(args))
         types = tuple(name.strip() for value in args.type for name in value.split(",") if name.strip())
-        request = reader.resolve_id(args.request) if args.request else None
+        request = resolve_request_id(reader, args.request) if args.request else None
         since_ms = parse_time_ms(args.since, wall_clock_ms()) if args.since else None
     except ReplayError as error:
         return report_error(error)
