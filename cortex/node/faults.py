@@ -92,6 +92,14 @@ class FaultInjector:
         self.mode = mode
         self.served = 0
         self.served_blocks = 0
+        if mode is not None:
+            value = f"={mode.value:g}" if mode.kind in VALUED else ""
+            lasting = "every call" if mode.calls is None else f"the first {mode.calls} calls"
+            logger.warning(
+                "fault mode %s%s is on for %s: this node deliberately serves faulty results to other peers "
+                "(the test-only quorum.fault setting); remove it from the config outside tests",
+                mode.kind, value, lasting,
+            )
 
     @property
     def lying(self) -> bool:

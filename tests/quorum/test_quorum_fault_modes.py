@@ -49,3 +49,18 @@ def test_expert_modes_leave_block_steps() -> None:
     hidden = torch.ones(2, 4)
 
     assert torch.equal(injector.apply_block(hidden), hidden)
+
+
+def test_fault_mode_warns_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="cortex.node.faults"):
+        FaultInjector(parse_fault("scale=1.1,calls=3"))
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "fault mode scale=1.1 is on for the first 3 calls" in warnings[0].getMessage()
+    assert "quorum.fault" in warnings[0].getMessage()
+
+
+def test_no_fault_mode_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("DEBUG", logger="cortex.node.faults"):
+        FaultInjector(None)
+    assert caplog.records == []
