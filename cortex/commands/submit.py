@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 result = await client.run(request_id, args.timeout, on_text)
             finally:
                 await client.stop()
-        return _report(result, args.json)
+            quorum = quorum_summary(Path(folder), request_id) if args.json else None
+        return _report(result, args.json, quorum)
 
     from cortex.bus.errors import BusError
     from events.errors import IdentityError
@@ -204,7 +205,29 @@ async def _wait_for_model(client: object, model: str) -> str:
             await asyncio.sleep(0.2)
 
 
-def _report(result: object, as_json: bool) -> int:
+def quorum_summary(client_dir: Path, request_id: str) -> dict[str, Any] | None:
+    """Summarize the `QuorumDecided` events of a request that the client's log received, or None.
+
+    Quorum events are gossiped to the whole swarm, so the client's log holds those that
+    arrived before it stopped; decisions published after that are missing from the counts.
+    """
+    from replay.reader import EventFilter, LogReader
+
+    with LogReader(client_dir) as reader:
+        decisions = [event.body for event in reader.canonical(EventFilter(types=("QuorumDecided",), request=request_id))]
+    decisions = [body for body in decisions if getattr(body, "request_id", None) == request_id]
+    if not decisions:
+        return None
+    quorums = sorted({body.quorum for body in decisions})
+    return {
+        "decisions": len(decisions),
+        "quorums_used": quorums,
+        "no_quorum": sum(body.outcome == "no_quorum" for body in decisions),
+        "dissenting_peers": sorted({peer for body in decisions for peer in body.dissenting}),
+    }
+
+
+def _report(result: object, as_json: bool, quorum: dict[str, Any] | None = None) -> int:
     import orjson
 
     from cortex.node.client import RequestResult
@@ -224,6 +247,7 @@ def _report(result: object, as_json: bool) -> int:
                 "degraded_reason": result.completed.degraded_reason,
             },
             "failed": None if result.failed is None else {"reason": result.failed.reason_code, "message": result.failed.message},
+            "quorum": quorum,
         }
         sys.stdout.write(orjson.dumps(record).decode() + "\n")
     else:
@@ -265,6 +289,7 @@ def _answer_locally(args: argparse.Namespace, fallback: Path, reason: str) -> in
                 "degraded_reason": reason,
             },
             "failed": None,
+            "quorum": None,
         }
         sys.stdout.write(orjson.dumps(record).decode() + "\n")
     else:
