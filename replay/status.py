@@ -35,8 +35,8 @@ def peer_rows(registry: RegistryView, now_ms: int, views: Mapping[str, Any]) -> 
         loaded = [shard for shard in registry.shards_of(peer_id) if shard.state == LOADED]
         load: dict[str, Any] = {"fragments_loaded": len(loaded), "memory_bytes": sum(shard.memory_bytes for shard in loaded)}
         if routed is not None:
-            load["requests_routed"] = routed.get(peer_id, 0)
-            load["requests_driven"] = driven.get(peer_id, 0)
+            load["requests_in_flight_routed"] = routed.get(peer_id, 0)
+            load["requests_in_flight_driven"] = driven.get(peer_id, 0)
             load["kv_reserved_bytes"] = (reserved or {}).get(peer_id, 0)
         if load_of is not None:
             load.update(load_of(peer_id))

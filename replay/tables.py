@@ -48,15 +48,16 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         style = "green" if peer["live"] else "red"
         load = peer["load"]
         load_text = f"{load['fragments_loaded']} loaded, {load['memory_bytes'] / 2**20:,.1f} MiB"
-        if "requests_routed" in load:
-            load_text += (f"; requests: {load['requests_routed']} routed, {load['requests_driven']} driven, "
+        if "requests_in_flight_routed" in load:
+            load_text += (f"; requests in flight: {load['requests_in_flight_routed']} routed, "
+                          f"{load['requests_in_flight_driven']} driven, "
                           f"KV {load['kv_reserved_bytes'] / 2**20:,.1f} MiB")
         if "expert_outputs" in load:
             latency = load["expert_latency_ms"]
             load_text += (f"; experts: {load['experts_loaded']} loaded, {load['expert_outputs']} outputs, "
                           f"{load['open_expert_requests']} open requests, latency "
                           + ("n/a" if latency is None else f"{latency} ms"))
-        described = ("fragments_loaded", "memory_bytes", "requests_routed", "requests_driven", "kv_reserved_bytes",
+        described = ("fragments_loaded", "memory_bytes", "requests_in_flight_routed", "requests_in_flight_driven", "kv_reserved_bytes",
                  *ROUTER_LOAD_KEYS)
         extra = {key: value for key, value in load.items() if key not in described}
         if extra:

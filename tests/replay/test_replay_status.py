@@ -137,8 +137,11 @@ def test_status_requests_in_flight(tmp_path: Path) -> None:
         expected = {record.request_id for record in folder.view("scheduler").in_flight()}
     assert {request["request_id"] for request in in_flight} == expected
     assert expected, "the log ends inside a request, so one is in flight"
-    routed = sum(peer["load"]["requests_routed"] for peer in status["peers"])
+    routed = sum(peer["load"]["requests_in_flight_routed"] for peer in status["peers"])
     assert routed == sum(len(request["holders"]) for request in in_flight)
+    table = run_cli("status", "--data-dir", str(tmp_path), "--at", "@1764800002000", "--table")
+    assert "requests in flight:" in table.stdout
+    assert "requests: " not in table.stdout
 
 
 def test_status_missing_log(tmp_path: Path) -> None:
