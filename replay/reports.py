@@ -40,14 +40,16 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
     console.print(table)
 
     total = sum(timeline.time_by_type.values()) or 1
-    went = Table(title="where time went (each gap counts for the event that ends it)", title_justify="left")
-    for column in ("event type or author", "time", "share"):
-        went.add_column(column)
-    for name, spent in timeline.time_by_type.items():
-        went.add_row(name, format_duration_ms(spent), f"{100 * spent / total:.0f}%")
-    for author, spent in timeline.time_by_author.items():
-        went.add_row(f"author {short_peer_id(author)}", format_duration_ms(spent), f"{100 * spent / total:.0f}%")
-    console.print(went)
+    by_type = dict(timeline.time_by_type)
+    by_author = {short_peer_id(author): spent for author, spent in timeline.time_by_author.items()}
+    console.print("where time went (each gap counts for the event that ends it):")
+    for heading, column, rows in (("by event type", "event type", by_type), ("by author", "author", by_author)):
+        went = Table(title=heading, title_justify="left")
+        for name in (column, "time", "share"):
+            went.add_column(name)
+        for name, spent in rows.items():
+            went.add_row(name, format_duration_ms(spent), f"{100 * spent / total:.0f}%")
+        console.print(went)
 
     if timeline.served_by:
         served = Table(title="who served what", title_justify="left")
@@ -62,14 +64,21 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
 
 
 _ROLES = {"ExpertInputSent": "input", "StageInputSent": "input", "ExpertOutputProduced": "output",
-          "StageOutputProduced": "output", "RequestAccepted": "on route"}
+          "StageOutputProduced": "output", "RequestAccepted": "on route", "QuorumVoted": "vote",
+          "QuorumDecided": "decision"}
 
 
 def part_label(part: dict[str, object]) -> str:
     """Name one served part compactly, such as `expert[29][11] output` or `block[0:8] on route`."""
-    fields = {key: value for key, value in part.items() if key not in ("type", "step")}
+    fields = {key: value for key, value in part.items() if key not in ("type", "step") and value != ""}
+    producers = fields.pop("producers", None)
     if "layer" in fields and "expert" in fields:
         where = f"expert[{fields.pop('layer')}][{fields.pop('expert')}]"
+    elif "layer" in fields and "experts" in fields:
+        # A quorum event lists one expert per compared output, so name each expert once.
+        experts = fields.pop("experts")
+        listed = sorted(set(experts)) if isinstance(experts, (list, tuple)) else [experts]
+        where = f"layer {fields.pop('layer')} expert{'s' if len(listed) != 1 else ''} {','.join(map(str, listed))}"
     elif "start" in fields and "stop" in fields:
         where = f"block[{fields.pop('start')}:{fields.pop('stop')}]"
     else:
@@ -77,6 +86,8 @@ def part_label(part: dict[str, object]) -> str:
         fields = {}
     role = _ROLES.get(str(part.get("type")), str(part.get("type")))
     extra = " ".join(f"{key}={format_value(value)}" for key, value in fields.items())
+    if producers is not None:
+        extra = " ".join(text for text in (extra, f"of {producers} producer{'s' if producers != 1 else ''}") if text)
     return " ".join(text for text in (where, role, extra) if text)
 
 

@@ -104,7 +104,11 @@ def build_timeline(reader: LogReader, request_id: str) -> Timeline:
     time_by_author: collections.Counter[str] = collections.Counter()
     for event in events:
         gap_ms = None if previous_ms is None else event.time_ms - previous_ms
-        served = {name: value for name, value in body_fields(event).items() if name in SERVING_FIELDS}
+        fields = body_fields(event)
+        served = {name: value for name, value in fields.items() if name in SERVING_FIELDS}
+        producers = _producer_count(fields)
+        if served and producers is not None:
+            served["producers"] = producers
         timeline.entries.append(TimelineEntry(event, found[event.id][1], gap_ms, event.time_ms - first_ms, served))
         if gap_ms is not None and gap_ms > 0:
             time_by_type[event.type] += gap_ms
@@ -117,6 +121,14 @@ def build_timeline(reader: LogReader, request_id: str) -> Timeline:
     timeline.time_by_type = dict(time_by_type.most_common())
     timeline.time_by_author = dict(time_by_author.most_common())
     return timeline
+
+
+def _producer_count(fields: dict[str, Any]) -> int | None:
+    """Return how many distinct peers produced the outputs a quorum event compares, else None."""
+    peers = [*fields.get("producers", ()), *fields.get("agreeing", ()), *fields.get("dissenting", ())]
+    if not any(name in fields for name in ("producers", "agreeing", "dissenting")):
+        return None
+    return len(set(peers))
 
 
 def _assignments(event: Event) -> list[tuple[str, str, str]]:

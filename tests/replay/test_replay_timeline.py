@@ -137,3 +137,30 @@ def test_part_label_forms() -> None:
     assert part_label({"type": "StageOutputProduced", "start": 0, "stop": 8, "step": 0}) == "block[0:8] output"
     assert part_label({"type": "RequestAccepted", "route": "block[0:8]"}) == "block[0:8] on route"
     assert part_label({"type": "ShardLoaded", "fragment": "head"}) == "head ShardLoaded"
+
+
+def test_part_label_quorum_events() -> None:
+    vote = {"type": "QuorumVoted", "layer": 1, "experts": [0, 0, 0, 1, 1, 1], "step": 4, "producers": 3}
+    decision = {"type": "QuorumDecided", "layer": 2, "experts": [5], "step": 4, "producers": 1}
+    assert part_label(vote) == "layer 1 experts 0,1 vote of 3 producers"
+    assert part_label(decision) == "layer 2 expert 5 decision of 1 producer"
+
+
+def test_timeline_quorum_parts_and_time_tables(tmp_path: Path) -> None:
+    if quorum_types() is None:
+        pytest.skip("the quorum events are not importable")
+    generate_log(tmp_path / "events.db", 800, peers=4)
+    with LogReader(tmp_path) as reader:
+        submitted = next(reader.canonical(EventFilter(types=("RequestSubmitted",))))
+        timeline = build_timeline(reader, request_id_for(submitted.author, submitted.body.nonce))
+    labels = [part_label(part) for parts in timeline.served_by.values() for part in parts]
+    votes = [label for label in labels if " vote " in label]
+    assert votes
+    assert all(label.startswith("layer ") and label.endswith(" producers") for label in votes)
+    assert not any("[0, " in label or "block=" in label for label in labels)
+
+    human = run_cli("replay", str(tmp_path), "timeline", timeline.request_id)
+    assert human.status == 0, human.stderr
+    assert "where time went (each gap counts for the event that ends it):" in human.stdout
+    assert "by event type" in human.stdout
+    assert "by author" in human.stdout
