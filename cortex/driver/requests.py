@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ FALLBACK_UNAVAILABLE = "fallback_unavailable"  # failure reason: degraded mode w
 DEGRADING_PLAN_CODES = frozenset({NO_HEAD_HOLDER, BLOCK_RANGE_UNCOVERED, "invalid_route"})
 WAIT_FOR_HOLDERS_S = 30.0  # after the first token, how long to wait for holders when there is no deadline
 RETRY_PAUSE_S = 1.0
+LISTED_FRAGMENTS = 4  # unserved fragments named in a fragment_unserved reason; the rest are counted
 
 
 @dataclass
@@ -183,7 +185,7 @@ class RequestDriver:
             raise Degrade(DEADLINE_EXCEEDED, f"the deadline of {self.request.deadline_ms} ms passed before the request was planned")
         missing = self.context.missing_fragments()
         if missing and not self.generated:
-            raise Degrade(FRAGMENT_UNSERVED, f"{len(missing)} fragment(s) have no live holder: {', '.join(missing[:4])}")
+            raise Degrade(FRAGMENT_UNSERVED, unserved_fragments_message(missing))
         stages = await self._admit(prompt_ids)
         if stages is None:
             return
@@ -388,3 +390,11 @@ class RequestDriver:
         if batch is not None:
             await self.context.emit(batch, self.refs)
         await self.context.emit(RequestFailed(self.request_id, code, message[:500]), self.refs)
+
+
+def unserved_fragments_message(missing: list[str]) -> str:
+    """Name the first unserved fragments in model order, such as `expert[2][3]` before `expert[10][0]`."""
+    ordered = sorted(missing, key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
+    listed = ", ".join(ordered[:LISTED_FRAGMENTS])
+    more = f" and {len(ordered) - LISTED_FRAGMENTS} more" if len(ordered) > LISTED_FRAGMENTS else ""
+    return f"{len(ordered)} fragment(s) have no live holder: {listed}{more}"

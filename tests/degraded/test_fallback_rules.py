@@ -109,3 +109,12 @@ def test_streamed_tokens_refuses_a_gap_or_a_batch_sealed_to_others() -> None:
         streamed_tokens([batches[0], batches[2]], NODE)
     with pytest.raises(UnreadableStream, match="cannot be opened"):
         streamed_tokens(_batches((SUBMITTER.peer_id,)), NODE)
+
+
+def test_unserved_fragments_message_sorts_and_counts() -> None:
+    from cortex.driver.requests import unserved_fragments_message
+
+    missing = ["expert[10][0]", "block[8:16]", "expert[2][3]", "expert[2][11]", "head", "block[0:8]"]
+    message = unserved_fragments_message(missing)
+    assert message == "6 fragment(s) have no live holder: block[0:8], block[8:16], expert[2][3], expert[2][11] and 2 more"
+    assert unserved_fragments_message(["head"]) == "1 fragment(s) have no live holder: head"
