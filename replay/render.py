@@ -54,16 +54,24 @@ def body_fields(event: Event) -> dict[str, Any]:
     return fields
 
 
+EMPTY = "(empty)"
+"""How format_value shows an empty list or object."""
+
+
 def format_value(value: Any) -> str:
-    """Format one JSON value compactly: long hex cut, lists joined by commas, objects as k=v."""
+    """Format one JSON value compactly: long hex cut, lists joined by commas, objects as k=v, empty ones as (empty).
+
+    Brackets would read as rich markup in printed strings, so a list gets none, and an empty
+    list or object reads `(empty)` in the same style as a filled one.
+    """
     if isinstance(value, str):
         text = short_hex(value)
     elif isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, list):
-        text = ",".join(format_value(item) for item in value) or "[]"
+        text = ",".join(format_value(item) for item in value) or EMPTY
     elif isinstance(value, dict):
-        text = ",".join(f"{key}={format_value(item)}" for key, item in sorted(value.items())) or "{}"
+        text = ",".join(f"{key}={format_value(item)}" for key, item in sorted(value.items())) or EMPTY
     else:
         text = str(value)
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."

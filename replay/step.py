@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from replay.fold import Folder, FoldStep
+from replay.labels import label_change
 from replay.render import event_line, format_value
 from replay.tables import view_tables
 from replay.views import view_digest, view_json
@@ -118,7 +119,8 @@ class Stepper:
                 self.console.print(Text(f"  {name}: unchanged", style="dim"))
                 continue
             self.console.print(Text(f"  {name}: {len(changes)} change(s)", style="bold"))
-            for path, old, new in changes[:MAX_CHANGES_SHOWN]:
+            for change in changes[:MAX_CHANGES_SHOWN]:
+                path, old, new = label_change(name, *change)
                 self.console.print(f"    {path}: {_brief(old)} -> {_brief(new)}")
             if len(changes) > MAX_CHANGES_SHOWN:
                 self.console.print(f"    ... {len(changes) - MAX_CHANGES_SHOWN} more")

@@ -154,8 +154,11 @@ def _views(args: argparse.Namespace, reader: LogReader) -> int:
         }))
         return 0
     console = make_console()
-    console.print(f"{reader.path}: folded {folder.applied_count} events up to index {folder.index}, "
-                  f"now = {format_time_ms(now_ms)} UTC")
+    # Index = position in canonical order. A time --until folds a subset of the events read, and
+    # an equivocator's later events are skipped, so the count can be below index + 1.
+    subset = ", the ones with a time at or before --until" if until is not None and until.time_ms is not None else ""
+    console.print(f"{reader.path}: folded {folder.applied_count} of the first {folder.index + 1} events in canonical "
+                  f"order (indexes 0 to {folder.index}){subset}; now = {format_time_ms(now_ms)} UTC")
     for name, view in folder.views.items():
         for renderable in view_tables(name, view, now_ms, view_digest(view)):
             console.print(renderable)

@@ -202,3 +202,16 @@ def test_folder_passes_events_to_projecting_views() -> None:
     assert families["router"] == {"membership", "shards", "requests", "records"}
     assert families["quorum"] == {"quorum"}
     assert projected_families(object()) is None, "a reducer that names no families gets every event"
+
+
+def test_replay_cli_until_headline(scenario_log: Path, scenario: Scenario) -> None:
+    total = len(scenario.events)
+    by_index = run_cli("replay", str(scenario_log), "--view", "registry", "--until", "4")
+    assert by_index.status == 0, by_index.stderr
+    assert "folded 5 of the first 5 events in canonical order (indexes 0 to 4);" in " ".join(by_index.stdout.split())
+
+    at_time = run_cli("replay", str(scenario_log), "--view", "registry", "--until", f"@{scenario.events[4].time_ms}")
+    assert at_time.status == 0, at_time.stderr
+    headline = " ".join(at_time.stdout.split())
+    assert f"folded 5 of the first {total} events in canonical order (indexes 0 to {total - 1})" in headline
+    assert "at or before --until" in headline
