@@ -12,7 +12,8 @@ Problems (any of them makes `cortex replay --verify` exit with status 1):
     equivocation       two different events with one author and seq
     unrecorded_equivocation  an equivocation that the equivocations table does not list
     lamport_order      an event's Lamport clock is not above that of an event it refs, or an
-                       author's Lamport clocks do not rise with its seqs
+                       author's Lamport clocks do not rise with its swarm-scoped seqs
+                       (request-scoped records number their own sequence)
     integrity          SQLite's integrity check failed
 
 Warnings (reported, exit status unchanged):
@@ -216,8 +217,10 @@ def _check_lamport(reader: LogReader, report: VerifyReport) -> None:
         "SELECT author, seq, id, lamport, previous FROM (SELECT author, seq, id, lamport, "
         "LAG(lamport) OVER (PARTITION BY author ORDER BY seq, lamport) AS previous, "
         "LAG(seq) OVER (PARTITION BY author ORDER BY seq, lamport) AS previous_seq FROM events "
-        # Seqs with two events are reported as equivocations and left out of this check.
-        "WHERE (author, seq) NOT IN (SELECT author, seq FROM events GROUP BY author, seq HAVING COUNT(*) > 1)) "
+        # Seqs with two events are reported as equivocations and left out of this check. Request-scoped
+        # records number their own sequence, so their seqs say nothing about the swarm-scoped clock.
+        f"WHERE {reader.swarm_condition} AND (author, seq) NOT IN "
+        f"(SELECT author, seq FROM events WHERE {reader.swarm_condition} GROUP BY author, seq HAVING COUNT(*) > 1)) "
         "WHERE previous >= lamport AND previous_seq < seq ORDER BY author, seq"
     )
     for author, seq, stored_id, lamport, previous in not_rising:

@@ -204,3 +204,24 @@ def test_verify_resolves_refs_to_submitted_requests(tmp_path: Path) -> None:
     request_id = request_id_for(submitted.author, submitted.body.nonce)
     dangling_messages = [warning["message"] for warning in cut_report["warnings"] if warning["kind"] == "dangling_ref"]
     assert any(request_id in message for message in dangling_messages)
+
+
+def test_verify_lamport_order_ignores_request_scoped_seqs(tmp_path: Path) -> None:
+    records = pytest.importorskip("cortex.comm.records")
+    identity = Identity.generate()
+    swarm = [sign_event(identity, PeerHeartbeat(latest_seq=seq - 1), seq=seq, lamport=lamport, time_ms=1_000 + lamport)
+             for seq, lamport in ((1, 10), (2, 11), (4, 13))]  # seq 3 never reached this node
+    tensor = {"model_id": MODEL, "step": 0, "dtype": "bfloat16", "shape": (1, 4), "nbytes": 8}
+    request_scoped = [
+        sign_event(identity, records.ExpertOutputProduced(layer=1, expert=seq, name="output", digest="d" * 64, **tensor),
+                   seq=seq, lamport=lamport, time_ms=1_000 + lamport)
+        for seq, lamport in ((1, 20), (2, 21), (3, 22))
+    ]
+    with LogStore(tmp_path / "events.db") as store:
+        result = Acceptor(store).accept_many([event.wire for event in swarm + request_scoped])
+    assert not result.rejected
+
+    status, report = verify_json(tmp_path)
+
+    assert status == 1
+    assert report["counts"] == {"sequence_gap": 1}
