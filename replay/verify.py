@@ -218,7 +218,7 @@ def _check_lamport(reader: LogReader, report: VerifyReport) -> None:
         "LAG(lamport) OVER (PARTITION BY author ORDER BY seq, lamport) AS previous, "
         "LAG(seq) OVER (PARTITION BY author ORDER BY seq, lamport) AS previous_seq FROM events "
         # Seqs with two events are reported as equivocations and left out of this check. Request-scoped
-        # records number their own sequence, so their seqs say nothing about the swarm-scoped clock.
+        # records number their own sequence, so their seqs do not order the swarm-scoped clocks.
         f"WHERE {reader.swarm_condition} AND (author, seq) NOT IN "
         f"(SELECT author, seq FROM events WHERE {reader.swarm_condition} GROUP BY author, seq HAVING COUNT(*) > 1)) "
         "WHERE previous >= lamport AND previous_seq < seq ORDER BY author, seq"
