@@ -211,11 +211,13 @@ def quorum_summary(client_dir: Path, request_id: str) -> dict[str, Any] | None:
     Quorum events are gossiped to the whole swarm, so the client's log holds those that
     arrived before it stopped; decisions published after that are missing from the counts.
     """
+    # Importing cortex.quorum registers its event types, so stored decisions decode to QuorumDecided.
+    from cortex.quorum import QuorumDecided
     from replay.reader import EventFilter, LogReader
 
     with LogReader(client_dir) as reader:
-        decisions = [event.body for event in reader.canonical(EventFilter(types=("QuorumDecided",), request=request_id))]
-    decisions = [body for body in decisions if getattr(body, "request_id", None) == request_id]
+        bodies = [event.body for event in reader.canonical(EventFilter(types=("QuorumDecided",), request=request_id))]
+    decisions = [body for body in bodies if isinstance(body, QuorumDecided) and body.request_id == request_id]
     if not decisions:
         return None
     quorums = sorted({body.quorum for body in decisions})

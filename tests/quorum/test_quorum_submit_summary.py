@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from quorum_helpers import REQUEST, decision, signed
@@ -21,14 +24,17 @@ def test_quorum_summary_lists_quorums_used(tmp_path: Path) -> None:
         result = Acceptor(store).accept_many([signed(voter, body).wire for body in (two_of_two, three, failed, other_request)])
     assert not result.rejected
 
-    summary = quorum_summary(tmp_path, REQUEST)
+    expected = {"decisions": 3, "quorums_used": [2, 3], "no_quorum": 1, "dissenting_peers": [liar.peer_id]}
+    assert quorum_summary(tmp_path, REQUEST) == expected
 
-    assert summary == {
-        "decisions": 3,
-        "quorums_used": [2, 3],
-        "no_quorum": 1,
-        "dissenting_peers": [liar.peer_id],
-    }
+    # `cortex submit` runs in a process that has not imported cortex.quorum before the summary.
+    script = (
+        "import json, sys; from pathlib import Path; from cortex.commands.submit import quorum_summary; "
+        "print(json.dumps(quorum_summary(Path(sys.argv[1]), sys.argv[2])))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", script, str(tmp_path), REQUEST], capture_output=True, text=True, timeout=60)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout) == expected
 
 
 def test_quorum_summary_without_decisions(tmp_path: Path) -> None:
