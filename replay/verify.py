@@ -20,6 +20,9 @@ Warnings (reported, exit status unchanged):
 
     voided_seqs        seqs the author declared void with `SequenceSkipped` (it will never
                        sign them, after losing its last events to a power failure)
+    skipped_at_join    seqs missing at or below the sync floor of the node's live-join
+                       snapshot (`bus-state.json` next to the log), which left out bulky
+                       history such as old heartbeats; gaps above the floor stay problems
     dangling_ref       a ref to an event this log does not hold. A ref equal to the request
                        id of a `RequestSubmitted` in the log counts as resolved, because every
                        request-scoped record refs its request id, which is not an event id.
@@ -42,6 +45,8 @@ from events.identity import SIGNATURE_BYTES
 from replay.reader import SUBMITTED_REQUEST_FUNCTION, LogReader, StoredRow
 
 MAX_LISTED = 1000
+BUS_STATE_FILE_NAME = "bus-state.json"
+"""The bus state file a node keeps in its data directory, next to its log (`Node` sets it)."""
 """Problems of one kind listed in full; the rest are only counted."""
 
 
@@ -142,11 +147,20 @@ def _check_sequences(reader: LogReader, report: VerifyReport) -> None:
     voided = _voided_ranges(reader)
     for author, first, last in sorted((author, *span) for author, spans in voided.items() for span in spans):
         report.add(Finding("voided_seqs", f"{_seqs_text(first, last)} declared void by the author", author, first), warning=True)
+    floors = _sync_floors(reader)
     for author, seqs in seqs_by_author.items():
+        floor = floors.get(author, 0)
         for first, last in _gaps(seqs):
             for gap_first, gap_last in _subtract(first, last, voided.get(author, [])):
-                missing = _seqs_text(gap_first, gap_last)
-                report.add(Finding("sequence_gap", f"{missing} missing ({gap_last - gap_first + 1} events)", author, gap_first))
+                if gap_first <= floor:
+                    below_last = min(gap_last, floor)
+                    report.add(Finding("skipped_at_join",
+                                       f"{_seqs_text(gap_first, below_last)} missing, at or below the sync floor {floor} "
+                                       "that this node's live-join snapshot set", author, gap_first), warning=True)
+                    gap_first = below_last + 1
+                if gap_first <= gap_last:
+                    missing = _seqs_text(gap_first, gap_last)
+                    report.add(Finding("sequence_gap", f"{missing} missing ({gap_last - gap_first + 1} events)", author, gap_first))
     recorded = {(item.author, item.seq, item.first_id, item.second_id) for item in reader.recorded_equivocations()}
     rows = reader.query(
         f"SELECT author, seq, id FROM events WHERE {reader.swarm_condition} AND (author, seq) IN "
@@ -164,6 +178,24 @@ def _check_sequences(reader: LogReader, report: VerifyReport) -> None:
                     report.add(Finding("unrecorded_equivocation",
                                        f"events {first_id} and {second_id} share seq {seq} but the equivocations table lacks them",
                                        author, seq))
+
+
+def _sync_floors(reader: LogReader) -> dict[str, int]:
+    """Return the sync floors in the node's bus state file next to the log, or {} without one.
+
+    A node that joins live fetches a snapshot that leaves out bulky history, such as all but
+    each author's latest heartbeat, and never fetches seqs at or below the snapshot's heads,
+    its sync floors (`cortex.bus.bus`, docs/bus.md). Gaps there are expected.
+    """
+    path = reader.path.parent / BUS_STATE_FILE_NAME
+    try:
+        state = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    floors = state.get("floors") if isinstance(state, dict) else None
+    if not isinstance(floors, dict):
+        return {}
+    return {str(author): seq for author, seq in floors.items() if isinstance(seq, int)}
 
 
 def _seqs_text(first: int, last: int) -> str:

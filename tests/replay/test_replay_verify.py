@@ -225,3 +225,23 @@ def test_verify_lamport_order_ignores_request_scoped_seqs(tmp_path: Path) -> Non
 
     assert status == 1
     assert report["counts"] == {"sequence_gap": 1}
+
+
+def test_verify_gap_below_sync_floor_is_a_warning(tmp_path: Path, scenario_log: Path, scenario: Scenario) -> None:
+    first = scenario.authors[0]
+    middle = next(event for event in scenario.events if event.author == first.peer_id and event.seq == 2)
+    damaged = damaged_copy(scenario_log, tmp_path / "joined", "DELETE FROM events WHERE id = ?", (bytes.fromhex(middle.id),))
+
+    (damaged / "bus-state.json").write_bytes(orjson.dumps({"floors": {first.peer_id: 2}}))
+    _status, report = verify_json(damaged)
+    assert "sequence_gap" not in report["counts"]
+    assert report["counts"]["skipped_at_join"] == 1
+    skipped = next(warning for warning in report["warnings"] if warning["kind"] == "skipped_at_join")
+    assert skipped["author"] == first.peer_id
+    assert skipped["seq"] == 2
+
+    (damaged / "bus-state.json").write_bytes(orjson.dumps({"floors": {first.peer_id: 1}}))
+    status, report = verify_json(damaged)
+    assert status == 1
+    assert report["counts"]["sequence_gap"] == 1
+    assert "skipped_at_join" not in report["counts"]
