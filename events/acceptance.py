@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,17 +92,8 @@ class Acceptor:
         result = AcceptResult()
         store = self.store
         with store.transaction():
-            for index, wire in enumerate(wires):
-                try:
-                    checked = self._check(wire)
-                except EventRejected as rejection:
-                    self._count_rejection(rejection)
-                    result.rejected.append((index, rejection))
-                    continue
-                if checked is None:
-                    result.duplicates += 1
-                    continue
-                self._insert(checked[0], checked[1], result)
+            for event, earlier in self._checked(wires, result):
+                self._insert(event, earlier, result)
         self.counters["accepted"] += len(result.accepted)
         self.counters["duplicates"] += result.duplicates
         self._apply_all(result)
@@ -131,6 +122,14 @@ class Acceptor:
 
     def _accept_later(self, wires: Iterable[bytes | Event]) -> AcceptResult:
         result = AcceptResult()
+        for checked in self._checked(wires, result):
+            self._deferred.append(checked)
+            result.accepted.append(checked[0])
+        self.counters["duplicates"] += result.duplicates
+        return result
+
+    def _checked(self, wires: Iterable[bytes | Event], result: AcceptResult) -> Iterator[tuple[Event, list[str]]]:
+        """Yield each new event with the ids stored at its (author, seq); count rejections and duplicates in `result`."""
         for index, wire in enumerate(wires):
             try:
                 checked = self._check(wire)
@@ -141,10 +140,7 @@ class Acceptor:
             if checked is None:
                 result.duplicates += 1
                 continue
-            self._deferred.append(checked)
-            result.accepted.append(checked[0])
-        self.counters["duplicates"] += result.duplicates
-        return result
+            yield checked
 
     def accept_own(self, event: Event) -> None:
         """Append an event this node signed (synchronous=NORMAL) and fold it into the views.
