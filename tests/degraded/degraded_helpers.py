@@ -84,10 +84,9 @@ def pause(swarm: LocalSwarm, indexes: list[int], paused: bool) -> None:
 async def join(swarm: LocalSwarm, fragments: list[str], wait: bool = True) -> SwarmNode:
     """Start a new node (a fresh key and data directory) holding `fragments`; return it.
 
-    The node gets a fresh key rather than the stopped node's key. py-libp2p 0.8.1 numbers a
-    host's gossip messages from the wall clock in seconds, one per message. So a key restarted
-    soon after publishing many messages reuses message ids that peers still remember, and
-    they drop its new announcement.
+    A restart with the stopped node's key is covered by the bus tests
+    (`test_restart_with_same_key_is_heard`), so this helper uses a fresh key and these tests
+    depend only on the degraded-mode rules.
     """
     from cortex.bus.libp2p_transport import free_port_address
 
