@@ -98,11 +98,11 @@ from packaging.requirements import Requirement
 
 project, extra = Path(sys.argv[1]), sys.argv[2]
 spec = tomllib.loads((project / "pyproject.toml").read_text())["project"]
-wanted = list(spec["dependencies"]) + (spec.get("optional-dependencies", {}).get(extra, []) if extra else [])
+required = list(spec["dependencies"]) + (spec.get("optional-dependencies", {}).get(extra, []) if extra else [])
 origin = json.loads(metadata.distribution(spec["name"]).read_text("direct_url.json") or "{}")
 if origin.get("url") != project.resolve().as_uri():
     sys.exit(f"{spec['name']} is installed from {origin.get('url')}, not {project}")
-for text in wanted:
+for text in required:
     requirement = Requirement(text)
     if requirement.marker is None or requirement.marker.evaluate():
         if not requirement.specifier.contains(metadata.version(requirement.name), prereleases=True):
@@ -191,7 +191,7 @@ start_node() {
         return
     fi
     if grep -qi "permission denied" <<<"$answer"; then
-        echo "install.sh: Docker refused this user ($(id -un)): $answer" >&2
+        echo "install.sh: Docker rejected this user ($(id -un)): $answer" >&2
         echo "Run: sudo usermod -aG docker $(id -un)   then log out and back in (or run: newgrp docker), and run ./install.sh again." >&2
         echo "Or start the node without Docker: $cortex node start --config $config" >&2
         return 3

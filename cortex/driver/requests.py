@@ -319,9 +319,9 @@ class RequestDriver:
             )
         except PlanError as error:
             raise NoLiveHolder(f"the route cannot be planned again: {error}") from error
-        gone = [holder for holder in previous.route.values() if holder not in self.plan.route.values()]
-        if self.plan.route != previous.route and gone:
-            await self.context.emit(self.plan.replanned(self.request_id, gone[0], "holder_failed", len(self.generated)), self.refs)
+        replaced_holders = [holder for holder in previous.route.values() if holder not in self.plan.route.values()]
+        if self.plan.route != previous.route and replaced_holders:
+            await self.context.emit(self.plan.replanned(self.request_id, replaced_holders[0], "holder_failed", len(self.generated)), self.refs)
         return [self._stage(spec) for spec in self.plan.fragments]
 
     # --- degraded mode ---------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_install_docker_rejecting_user_names_fix(tmp_path: Path) -> None:
     result = run_install(tmp_path, environment=environment)
 
     assert result.returncode == 3
-    assert "Docker refused this user" in result.stderr
+    assert "Docker rejected this user" in result.stderr
     assert "sudo usermod -aG docker" in result.stderr
     assert "cortex node start --config" in result.stderr
     assert not (tmp_path / ".cortex" / "node.pid").exists()
