@@ -197,7 +197,7 @@ async def _wait_for_model(client: object, model: str) -> str:
             await client.wait_for_model(model_id, {"head"}, min(max(deadline - time.monotonic(), 0.1), 5.0))
             return model_id
         except ClientError:
-            # A request id only reorders drivers, so any id tells whether some peer can answer.
+            # A request id only reorders drivers, so any id shows whether some peer can drive the request.
             if model_id is not None and request_drivers(client.registry.view, model_id, "0" * 64, wall_clock_ms()):
                 return model_id
             if time.monotonic() > deadline:
@@ -208,8 +208,8 @@ async def _wait_for_model(client: object, model: str) -> str:
 def quorum_summary(client_dir: Path, request_id: str) -> dict[str, Any] | None:
     """Summarize the `QuorumDecided` events of a request that the client's log received, or None.
 
-    Quorum events are gossiped to the whole swarm, so the client's log holds those that
-    arrived before it stopped; decisions published after that are missing from the counts.
+    Quorum events are gossiped to the whole swarm, so the client's log contains those that
+    arrived before it stopped, and decisions published after that are missing from the counts.
     """
     # Importing cortex.quorum registers its event types, so stored decisions decode to QuorumDecided.
     from cortex.quorum import QuorumDecided
@@ -268,13 +268,13 @@ def _report(result: object, as_json: bool, quorum: dict[str, Any] | None = None)
 
 
 def _answer_locally(args: argparse.Namespace, fallback: Path, reason: str) -> int:
-    """Answer with the config's fallback model in this process, marked degraded: the swarm cannot be reached."""
+    """Generate the reply with the config's fallback model in this process, marked degraded, because the swarm cannot be reached."""
     import orjson
 
     from cortex.driver.fallback import answer_locally
     from cortex.runtime.generation import SamplingSettings
 
-    print(f"degraded: the swarm cannot be reached, so the fallback model {fallback} answers here ({reason})", file=sys.stderr)
+    print(f"degraded: the swarm cannot be reached, so the fallback model {fallback} generates the reply in this process ({reason})", file=sys.stderr)
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     result = answer_locally(fallback, args.prompt, args.max_tokens, settings, args.stop, None if args.json else _write)
     if args.json:
