@@ -150,6 +150,7 @@ class ReplicatedLayer:
         decided: dict[int, ExpertOutcome] = {}
         single: dict[int, torch.Tensor] = {}
         probe = self._start_probe(rows)
+
         while len(decided) + len(single) < len(rows):
             self.rounds += 1
             await self._send_round(rows, target, decided.keys() | single.keys())
@@ -161,12 +162,14 @@ class ReplicatedLayer:
                 outcome = self._evaluate(expert, target, single)
                 if outcome is not None:
                     decided[expert] = outcome
+
         if decided:
             outcomes = [decided[expert] for expert in sorted(decided)]
             self._count(outcomes)
             self.settings.publisher.submit(lambda: self._publish(outcomes, probe))
         elif probe is not None:
             probe[2].cancel()
+
         chosen = dict(single)
         for expert, outcome in decided.items():
             if outcome.chosen is None:
