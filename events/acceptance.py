@@ -62,6 +62,8 @@ class Acceptor:
         self.lamport = store.max_lamport()
         self._excluded: dict[str, int] = {}
         self._deferred: list[tuple[Event, list[str]]] = []
+        self._own_deferred: list[Event] = []
+        self._own_deferred_ids: set[str] = set()
         for equivocation in store.equivocations():
             self._exclude(equivocation.author, equivocation.seq)
         if self.projections:
@@ -99,18 +101,40 @@ class Acceptor:
         self._apply_all(result)
         return result
 
+    @property
+    def deferred_count(self) -> int:
+        """How many events wait for `flush_deferred`, own and received."""
+        return len(self._deferred) + len(self._own_deferred)
+
+    def defer_own(self, events: Sequence[Event]) -> None:
+        """Hold events this node signed until `flush_deferred`, which appends them first.
+
+        Until then, one of them arriving back (a node calling its own handler) is a
+        duplicate, not a copy of this node's key in use elsewhere.
+        """
+        self._check_own(events)
+        self._own_deferred.extend(events)
+        self._own_deferred_ids.update(event.id for event in events)
+
     def flush_deferred(self) -> None:
-        """Append and fold the events `accept_many(..., defer=True)` checked, in one transaction."""
-        if not self._deferred:
+        """Append and fold the deferred events in one transaction: own ones (`defer_own`) first,
+        then the received ones `accept_many(..., defer=True)` checked."""
+        if not self._deferred and not self._own_deferred:
             return
+        own, self._own_deferred = self._own_deferred, []
+        self._own_deferred_ids = set()
         checked, self._deferred = self._deferred, []
-        result = AcceptResult()
+        own_result, result = AcceptResult(), AcceptResult()
         with self.store.transaction():
+            self._insert_own(own, own_result)
             for event, earlier in checked:
                 self._insert(event, earlier, result)
+        self.counters["own"] += len(own)
         self.counters["accepted"] += len(result.accepted)
         self.counters["duplicates"] += result.duplicates
-        self._apply_all(result)
+        own_result.accepted.extend(result.accepted)
+        own_result.equivocations.extend(result.equivocations)
+        self._apply_all(own_result)
 
     def accept_decoded_later(self, events: Sequence[Event]) -> AcceptResult:
         """`accept_many(..., defer=True)` for events that `parse_event` already decoded from received bytes.
@@ -153,20 +177,26 @@ class Acceptor:
 
     def accept_own_many(self, events: Sequence[Event]) -> None:
         """Append events this node signed in one transaction (see `accept_own`), then fold them."""
+        self._check_own(events)
+        result = AcceptResult()
+        with self.store.transaction():
+            self._insert_own(events, result)
+        self.counters["own"] += len(events)
+        self._apply_all(result)
+
+    def _check_own(self, events: Sequence[Event]) -> None:
         for event in events:
             if event.author != self.own_peer_id:
                 raise ValueError(f"accept_own got an event by {event.author}, but this node is {self.own_peer_id}")
-        result = AcceptResult()
+
+    def _insert_own(self, events: Sequence[Event], result: AcceptResult) -> None:
         store = self.store
-        with store.transaction():
-            for event in events:
-                scope = scope_of(event.type)
-                earlier = []
-                if event.seq <= store.max_seq(event.author, scope):
-                    earlier = [stored_id for stored_id, _wire in store.stored_at(event.author, event.seq, scope)]
-                self._insert(event, earlier, result)
-        self.counters["own"] += len(events)
-        self._apply_all(result)
+        for event in events:
+            scope = scope_of(event.type)
+            earlier = []
+            if event.seq <= store.max_seq(event.author, scope):
+                earlier = [stored_id for stored_id, _wire in store.stored_at(event.author, event.seq, scope)]
+            self._insert(event, earlier, result)
 
     def rebuild_views(self) -> None:
         """Refold every view from the log, skipping what equivocating authors wrote since."""
@@ -192,6 +222,8 @@ class Acceptor:
                     # Same payload, other signature bytes: a duplicate if the signature is valid.
                     verify_event(event)
                 return None
+        if event.id in self._own_deferred_ids:
+            return None  # signed here, waiting for `flush_deferred`
         verify_event(event)
         if event.author == self.own_peer_id:
             logger.error(

@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -333,6 +333,21 @@ class LogStore:
         query, parameters = _select_events(type, author, ref, since_ms, until_ms, scope)
         for (wire,) in self._connection.execute(query, parameters):
             yield _decode_stored(wire)
+
+    def ids(self, *, ref: str, types: Iterable[str]) -> list[str]:
+        """Return the ids of the stored events of `types` whose refs contain `ref`, in canonical order.
+
+        The same selection as `events(ref=...)` filtered by type, without decoding any event.
+        """
+        names = sorted(set(types))
+        if not names:
+            return []
+        query = (
+            "SELECT e.id FROM events AS e JOIN refs AS r ON r.event_rowid = e.rowid"
+            f" WHERE r.ref = ? AND e.type IN ({', '.join('?' * len(names))})" + _CANONICAL
+        )
+        rows = self._connection.execute(query, [bytes.fromhex(ref), *names])
+        return [event_id.hex() for (event_id,) in rows]
 
     def wires(self, *, author: str | None = None, first_seq: int = 1, last_seq: int | None = None) -> Iterator[bytes]:
         """Iterate over stored swarm-scoped wire bytes by author and seq range (for anti-entropy replies)."""

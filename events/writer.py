@@ -39,10 +39,11 @@ sequence for both scopes. `write_many` signs several events and appends them in 
 transaction, which is what the data plane uses for the records of one message.
 
 Deferred appends: `write_many(..., defer=True)` signs request-scoped records and returns
-them at once, and appends them in one transaction a moment later (the next event loop
-iteration, `flush`), so the data plane sends a tensor without waiting for an SQLite commit.
-A record can then leave the node before it is in the log, and a kill can lose it from
-the log. So the request sequence never resumes below its reservation after an unclean
+them at once, and appends them a moment later (`flush`, at most DEFERRED_FLUSH_DELAY_S
+after the first one waits), in one transaction with the acceptor's deferred received
+records, so the data plane sends a tensor without waiting for an SQLite commit and a group
+of records shares one commit. A record can then leave the node before it is in the log,
+and a kill can lose it from the log (the records of the last 25 ms at most). So the request sequence never resumes below its reservation after an unclean
 stop, in any boot: the start finds `seq_up_to` above the stored records and resumes above
 it, with a Lamport clock above the stored reservation. Any write that is not deferred,
 `flush` and `close` append the deferred records first.
@@ -78,6 +79,11 @@ SEQ_RESERVATION_BLOCK = 1024
 # 10,000 events/s across the swarm this is one fsync every 6.5 s. After power loss the clock
 # jumps ahead by at most this much, which only orders the node's next events later.
 LAMPORT_RESERVATION_BLOCK = 65_536
+# Deferred records are committed in groups: one transaction per this delay, or sooner once
+# this many wait. A commit writes every index page a record touches, so a group of a few
+# tokens' records costs little more than one record (docs/dataplane.md, "Records on the hot path").
+DEFERRED_FLUSH_DELAY_S = 0.025
+DEFERRED_FLUSH_MAX_RECORDS = 512
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -129,8 +135,8 @@ class EventWriter:
         reservation = store.seq_reservation(identity.peer_id) or SeqReservation(0, 0, None)
         self._reservation = reservation
         self._lamport_floor = 0
-        self._deferred: list[Event] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._last_lamport = 0
         self._request_key = request_reservation_key(identity.peer_id)
         self._last_request_seq = store.max_seq(identity.peer_id, REQUEST_SCOPE)
@@ -215,7 +221,7 @@ class EventWriter:
             number = request_seq if is_request else seq
             events.append(sign_event(self.identity, body, seq=number, lamport=lamport, time_ms=time_ms, refs=refs))
         if defer:
-            self._deferred.extend(events)
+            self.acceptor.defer_own(events)
             self._schedule_flush()
         else:
             self.acceptor.accept_own_many(events)
@@ -226,10 +232,10 @@ class EventWriter:
         return events
 
     def flush(self) -> None:
-        """Append the deferred records in one transaction, and the acceptor's deferred ones."""
-        if self._deferred:
-            events, self._deferred = self._deferred, []
-            self.acceptor.accept_own_many(events)
+        """Append the deferred records and the acceptor's deferred ones in one transaction."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self.acceptor.flush_deferred()
 
     def _schedule_flush(self) -> None:
@@ -238,12 +244,14 @@ class EventWriter:
         except RuntimeError:
             self.flush()
             return
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_soon)
+        if self.acceptor.deferred_count >= DEFERRED_FLUSH_MAX_RECORDS:
+            self._flush_soon()
+        elif self._flush_handle is None or self._flush_loop is not loop:
+            # A handle of another loop (one that has ended) would never run.
+            self._flush_handle = loop.call_later(DEFERRED_FLUSH_DELAY_S, self._flush_soon)
+            self._flush_loop = loop
 
     def _flush_soon(self) -> None:
-        self._flush_scheduled = False
         try:
             self.flush()
         except (LogStoreError, sqlite3.Error):

@@ -63,9 +63,9 @@ def print_timeline(console: Console, timeline: Timeline) -> None:
         console.print(served)
 
 
-_ROLES = {"ExpertInputSent": "input", "StageInputSent": "input", "ExpertOutputProduced": "output",
-          "StageOutputProduced": "output", "RequestAccepted": "on route", "QuorumVoted": "vote",
-          "QuorumDecided": "decision"}
+_ROLES = {"ExpertInputSent": "input", "ExpertBatchSent": "input", "StageInputSent": "input",
+          "ExpertOutputProduced": "output", "ExpertBatchProduced": "output", "StageOutputProduced": "output",
+          "RequestAccepted": "on route", "QuorumVoted": "vote", "QuorumDecided": "decision"}
 
 
 def part_label(part: dict[str, object]) -> str:

@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from cortex.comm.frames import DTYPES
+from cortex.comm.records import TensorEntry
 
 MAX_POOLED_BUFFERS = 8
 MAX_POOLED_BYTES = 256 * 1024 * 1024
@@ -81,14 +82,39 @@ def assemble(dtype: str, shape: Sequence[int], chunks: Sequence[zmq.Frame], pool
     nbytes = sum(len(chunk) for chunk in chunks)
     if nbytes == 0 or math.prod(shape) == 0:
         return torch.empty(tuple(shape), dtype=torch_dtype)
+    return _flat_bytes(chunks, nbytes, pool).view(torch_dtype).reshape(tuple(shape))
+
+
+def assemble_entries(entries: Sequence[TensorEntry], chunks: Sequence[zmq.Frame], pool: BufferPool) -> list[torch.Tensor]:
+    """Rebuild the tensors of one record from its checked chunks, where their bytes follow each other.
+
+    Each tensor is a view of the received bytes (one chunk) or of one pooled copy (several).
+    """
+    if len(entries) == 1:
+        entry = entries[0]
+        return [assemble(entry.dtype, entry.shape, chunks, pool)]
+    nbytes = sum(len(chunk) for chunk in chunks)
+    flat = _flat_bytes(chunks, nbytes, pool) if nbytes else None
+    tensors = []
+    offset = 0
+    for entry in entries:
+        torch_dtype = DTYPES[entry.dtype]
+        if flat is None or entry.nbytes == 0:
+            tensors.append(torch.empty(entry.shape, dtype=torch_dtype))
+        else:
+            tensors.append(flat[offset : offset + entry.nbytes].view(torch_dtype).reshape(entry.shape))
+        offset += entry.nbytes
+    return tensors
+
+
+def _flat_bytes(chunks: Sequence[zmq.Frame], nbytes: int, pool: BufferPool) -> torch.Tensor:
     if len(chunks) == 1:
-        flat = torch.frombuffer(chunks[0].buffer, dtype=torch.uint8)
-    else:
-        flat = pool.take(nbytes)
-        target = flat.numpy()
-        offset = 0
-        for chunk in chunks:
-            view = np.frombuffer(chunk.buffer, dtype=np.uint8)
-            target[offset : offset + view.size] = view
-            offset += view.size
-    return flat.view(torch_dtype).reshape(tuple(shape))
+        return torch.frombuffer(chunks[0].buffer, dtype=torch.uint8)
+    flat = pool.take(nbytes)
+    target = flat.numpy()
+    offset = 0
+    for chunk in chunks:
+        view = np.frombuffer(chunk.buffer, dtype=np.uint8)
+        target[offset : offset + view.size] = view
+        offset += view.size
+    return flat

@@ -26,7 +26,9 @@ import collections
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,12 +38,25 @@ import zmq.asyncio
 from cortex.comm.buffers import BufferPool
 from cortex.comm.channel import PeerChannel
 from cortex.comm.errors import CallFailed, CommError, DataPlaneClosed, FrameReason, FrameRejected, PeerTimeout
-from cortex.comm.frames import Header, Part, chunk_parts, decode_header, describe, encode_error, encode_message, tensor_bytes
+from cortex.comm.frames import (
+    DTYPE_NAMES,
+    Header,
+    Part,
+    chunk_parts,
+    decode_header,
+    describe,
+    digest_of,
+    encode_error,
+    encode_message,
+    joined_chunk_parts,
+    tensor_bytes,
+)
 from cortex.comm.messages import IncomingCall, Rejection, Reply, Response
-from cortex.comm.records import RECORD_TYPES, TENSOR_FIELDS
+from cortex.comm.records import BATCH_FIELDS, BATCH_TENSOR_FIELDS, RECORD_TYPES, TENSOR_FIELDS
 from cortex.comm.sockets import ZapHandler, cancel_and_wait, configure_server
 from cortex.comm.validation import Expectations, FrameLimits, curve_key_text, receive_records
 from events import Acceptor, Event, Identity
+from events.writer import DEFERRED_FLUSH_DELAY_S
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +78,11 @@ class DataPlane:
     to the node's log in one transaction after the message is sent; pass
     `EventWriter.write_many`. `sign(body, refs)` (such as `EventWriter.write`), one record
     at a time and appended before sending, is used when `sign_many` is not given. Received
-    records are checked at once and appended through `acceptor` on the next event loop
-    iteration (`Acceptor.accept_many(..., defer=True)`), also after the reply is on its way.
+    records are checked at once and appended through `acceptor` a moment later
+    (`Acceptor.accept_many(..., defer=True)`, within DEFERRED_FLUSH_DELAY_S), also after
+    the reply is on its way.
+    `flush_records()` appends the deferred records (default `acceptor.flush_deferred`; a
+    node passes `EventWriter.flush`, which commits its own and the received ones together).
     `is_known_request(request_id)` returns whether a request may
     use this node (the Scheduler view decides). Received records are appended to the log
     through `acceptor` when one is given. `on_reject(Rejection)` is the penalty hook. Calls
@@ -79,6 +97,7 @@ class DataPlane:
         sign_many: BatchSigner | None = None,
         is_known_request: Callable[[str], bool],
         acceptor: Acceptor | None = None,
+        flush_records: Callable[[], None] | None = None,
         on_reject: Callable[[Rejection], None] | None = None,
         limits: FrameLimits = FrameLimits(),
         handler_timeout_s: float = DEFAULT_HANDLER_TIMEOUT_S,
@@ -88,6 +107,10 @@ class DataPlane:
         self.identity = identity
         self.limits = limits
         self.counters: collections.Counter[str] = collections.Counter()
+        # Seconds spent in calls that got a valid reply (`call_s`) and serving calls, from the
+        # message received to the reply handed to ZeroMQ (`serve_s`): with `calls_sent` and
+        # `calls_served`, the mean of each, so the network's share of a call shows.
+        self.timings: collections.Counter[str] = collections.Counter()
         self.endpoint = ""
         if sign_many is None:
             if sign is None:
@@ -97,6 +120,7 @@ class DataPlane:
         self._sign_many = sign_many
         self._is_known_request = is_known_request
         self._acceptor = acceptor
+        self._flush_records = flush_records
         self._on_reject = on_reject
         self._handler_timeout_s = handler_timeout_s
         self._max_concurrent_calls = max_concurrent_calls
@@ -169,6 +193,7 @@ class DataPlane:
         """
         if self._context is None or self._closed:
             raise DataPlaneClosed("the data plane is not running; call start() first")
+        started = time.perf_counter()
         channel = self._channel_for(peer_id, endpoint)
         call_id = next(self._call_ids)
         parts, trackers, input_ids = self._encode(
@@ -208,6 +233,7 @@ class DataPlane:
         finally:
             self._schedule_flush()
         await _wait_sent(trackers)
+        self.timings["call_s"] += time.perf_counter() - started
         return Reply(peer_id, request_id, tuple(outputs))
 
     async def disconnect(self, peer_id: str) -> None:
@@ -277,33 +303,39 @@ class DataPlane:
         if record not in RECORD_TYPES:
             names = sorted(record_type.__name__ for record_type in RECORD_TYPES)
             raise ValueError(f"{record!r} is not a record type; use one of {names}")
-        overlap = TENSOR_FIELDS & (fields.keys() | {key for extra in tensor_fields.values() for key in extra})
+        batch = BATCH_FIELDS.get(record)
+        filled = TENSOR_FIELDS if batch is None else BATCH_TENSOR_FIELDS | batch.keys()
+        per_tensor_keys = set() if batch is None else set(batch)
+        overlap = filled & (fields.keys() | {key for extra in tensor_fields.values() for key in extra if key not in per_tensor_keys})
         if overlap:
             raise ValueError(f"fields {sorted(overlap)} are filled from each tensor; leave them out of `fields`")
         bodies: list[Any] = []
         all_chunks: list[list[Part]] = []
-        trackers: list[zmq.MessageTracker] = []
-        for name, tensor in tensors.items():
-            _flat, data = tensor_bytes(tensor)
-            bodies.append(record(**{**fields, **tensor_fields.get(name, {})}, **describe(name, tensor, data)))
-            chunks = chunk_parts(data)
-            all_chunks.append(chunks)
-            trackers.extend(chunk.tracker for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker)
+        if batch is None:
+            for name, tensor in tensors.items():
+                _flat, data = tensor_bytes(tensor)
+                bodies.append(record(**{**fields, **tensor_fields.get(name, {})}, **describe(name, tensor, data)))
+                all_chunks.append(chunk_parts(data))
+        else:
+            for group in _batch_groups(tensors, tensor_fields, batch):
+                bodies.append(record(**fields, **group.fields))
+                all_chunks.append(group.chunks)
+        trackers = [chunk.tracker for chunks in all_chunks for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker]
         events = self._sign_many(bodies, refs, defer=True)
         records = list(zip(events, all_chunks, strict=True))
         return encode_message(op, call_id, kind, records), trackers, tuple(event.id for event in events)
 
     def _schedule_flush(self) -> None:
-        """Append the received records to the log on the next loop iteration, in one transaction."""
+        """Append the received records to the log a moment later, with others, in one transaction."""
         if self._acceptor is not None and not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_received)
+            asyncio.get_running_loop().call_later(DEFERRED_FLUSH_DELAY_S, self._flush_received)
 
     def _flush_received(self) -> None:
         self._flush_scheduled = False
         try:
             assert self._acceptor is not None
-            self._acceptor.flush_deferred()
+            (self._flush_records or self._acceptor.flush_deferred)()
         except Exception:
             self.counters["internal_errors"] += 1
             logger.exception("data plane could not append received records to the log")
@@ -313,7 +345,7 @@ class DataPlane:
         while True:
             frames = await self._router.recv_multipart(copy=False)
             try:
-                await self._on_message(frames)
+                await self._on_message(frames, time.perf_counter())
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception:
@@ -321,7 +353,7 @@ class DataPlane:
                 self.counters["internal_errors"] += 1
                 logger.exception("data plane failed to process a message; it keeps serving")
 
-    async def _on_message(self, frames: Sequence[zmq.Frame]) -> None:
+    async def _on_message(self, frames: Sequence[zmq.Frame], received: float) -> None:
         if len(frames) < 2:
             self._reject(FrameRejected(FrameReason.TRUNCATED, "message has no header part"), None, None)
             return
@@ -351,7 +383,7 @@ class DataPlane:
             return
         handler = self._handlers[header.kind][0]
         task = asyncio.get_running_loop().create_task(
-            self._serve_call(routing_id, header.call_id, call, handler), name=f"comm-call-{header.call_id}"
+            self._serve_call(routing_id, header.call_id, call, handler, received), name=f"comm-call-{header.call_id}"
         )
         self._handler_tasks.add(task)
         self._calls_by_peer[curve_key] += 1
@@ -388,7 +420,9 @@ class DataPlane:
         first = inputs[0].event
         return IncomingCall(first.author, header.kind, first.refs[0], tuple(inputs))
 
-    async def _serve_call(self, routing_id: zmq.Frame, call_id: int, call: IncomingCall, handler: Handler) -> None:
+    async def _serve_call(
+        self, routing_id: zmq.Frame, call_id: int, call: IncomingCall, handler: Handler, received: float
+    ) -> None:
         try:
             async with asyncio.timeout(self._handler_timeout_s):
                 response = await handler(call)
@@ -407,6 +441,7 @@ class DataPlane:
             logger.exception("%s handler failed on call %d from %s", call.kind, call_id, call.peer_id)
             parts = encode_error(call_id, "handler_failed", f"{type(error).__name__}: {error}")
         await self._send(routing_id, parts)
+        self.timings["serve_s"] += time.perf_counter() - received
 
     async def _send(self, routing_id: zmq.Frame, parts: Sequence[Part]) -> None:
         assert self._router is not None
@@ -429,12 +464,57 @@ class DataPlane:
         level = logging.WARNING if count & (count - 1) == 0 else logging.DEBUG
         sender = peer_id or f"CurveZMQ key {curve_key}"
         logger.log(level, "rejected a frame from %s (%d so far for %s): %s", sender, count, reason.value, rejection)
+        if rejection.evidence and self._acceptor is not None:
+            self._flush_received()  # the evidence is named as stored: store it now, not a moment later
         if not reason.penalized or self._on_reject is None:
             return
         try:
             self._on_reject(Rejection(reason, rejection.message, peer_id, curve_key, rejection.evidence))
         except Exception:
             logger.exception("the penalty hook failed on a %s rejection", reason.value)
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchGroup:
+    """The tensors of one batch record: its fields filled from the tensors, and their chunk parts."""
+
+    fields: dict[str, Any]
+    chunks: list[Part]
+
+
+def _batch_groups(
+    tensors: Mapping[str, torch.Tensor], tensor_fields: Mapping[str, Mapping[str, Any]], batch: Mapping[str, str]
+) -> list[_BatchGroup]:
+    """Group tensors into batch records: one per dtype and per set of shared extra fields, in order.
+
+    A tensor's per-tensor fields (`batch`, such as `expert`) go into the record's lists; its
+    other `tensor_fields` must be equal for the tensors of one record, so a different value
+    starts another record. Small tensors of a record are joined into one part.
+    """
+    groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, memoryview, Mapping[str, Any]]]] = {}
+    for name, tensor in tensors.items():
+        extra = tensor_fields.get(name, {})
+        shared = tuple(sorted((key, value) for key, value in extra.items() if key not in batch))
+        _flat, data = tensor_bytes(tensor)
+        groups.setdefault((DTYPE_NAMES[tensor.dtype], shared), []).append((name, tensor, data, extra))
+    result = []
+    for (dtype, shared), members in groups.items():
+        datas = [data for _name, _tensor, data, _extra in members]
+        group_fields: dict[str, Any] = dict(shared)
+        for single, plural in batch.items():
+            missing = [name for name, _tensor, _data, extra in members if single not in extra]
+            if missing:
+                raise ValueError(f"tensor_fields must give {single!r} for every tensor of a batch record; missing for {missing}")
+            group_fields[plural] = tuple(extra[single] for _name, _tensor, _data, extra in members)
+        group_fields.update(
+            names=tuple(name for name, _tensor, _data, _extra in members),
+            dtype=dtype,
+            shapes=tuple(tuple(tensor.shape) for _name, tensor, _data, _extra in members),
+            digest=digest_of(datas),
+            nbytes=sum(data.nbytes for data in datas),
+        )
+        result.append(_BatchGroup(group_fields, joined_chunk_parts(datas)))
+    return result
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

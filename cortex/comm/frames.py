@@ -60,6 +60,7 @@ import torch
 import zmq
 
 from cortex.comm.errors import FrameReason, FrameRejected
+from cortex.comm.records import TensorEntry, tensor_entries
 from events import MAX_PAYLOAD_BYTES, Event
 
 FRAME_VERSION = 1
@@ -149,6 +150,17 @@ def chunk_parts(data: memoryview) -> list[Part]:
         else:
             parts.append(zmq.Frame(chunk, track=True, copy=False))
     return parts
+
+
+def joined_chunk_parts(datas: Sequence[memoryview]) -> list[Part]:
+    """Cut the bytes of several tensors, one after the other, into chunk parts.
+
+    Tensors that are small in all are joined into one copied part (one ZeroMQ frame instead
+    of one per tensor); otherwise each tensor's chunks follow the previous ones.
+    """
+    if sum(data.nbytes for data in datas) < ZERO_COPY_MIN_BYTES:
+        return [b"".join(datas)]
+    return [part for data in datas for part in chunk_parts(data)]
 
 
 def encode_header(
@@ -266,42 +278,55 @@ def split_records(header: Header, parts: Sequence[zmq.Frame]) -> list[tuple[zmq.
     return records
 
 
-def check_tensor(body: Any, chunks: Sequence[zmq.Frame], max_tensor_bytes: int) -> None:
-    """Check a record's dtype, shape and size against its limits and the chunk lengths received.
+def check_tensor(body: Any, chunks: Sequence[zmq.Frame], max_tensor_bytes: int) -> list[TensorEntry]:
+    """Check a record's dtype, shapes and sizes against its limits and the chunk lengths received.
 
-    The digest is checked separately (`check_digest`), after the signature, because it is the
+    Return the tensors the record describes (one, or each tensor of a batch record). The
+    digest is checked separately (`check_digest`), after the signature, because it is the
     costly check.
     """
+    label = _record_label(body)
     itemsize = ITEM_SIZES.get(body.dtype)
     if itemsize is None:
         raise FrameRejected(
-            FrameReason.BAD_DTYPE, f"tensor {body.name!r} has dtype {body.dtype!r:.40}; allowed dtypes are {sorted(DTYPES)}"
+            FrameReason.BAD_DTYPE, f"tensor {label} has dtype {body.dtype!r:.40}; allowed dtypes are {sorted(DTYPES)}"
         )
     if body.nbytes > max_tensor_bytes:
         raise FrameRejected(
             FrameReason.OVERSIZED,
-            f"tensor {body.name!r} of {body.nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes "
+            f"tensor {label} of {body.nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes "
             "(MAX_TENSOR_BYTES); split the batch into smaller calls or raise max_tensor_bytes on both nodes",
         )
-    expected = math.prod(body.shape) * itemsize
+    entries = tensor_entries(body, itemsize)
+    expected = sum(math.prod(entry.shape) * itemsize for entry in entries)
     if expected != body.nbytes:
+        shapes = entries[0].shape if len(entries) == 1 else [entry.shape for entry in entries]
         raise FrameRejected(
             FrameReason.SHAPE_MISMATCH,
-            f"tensor {body.name!r} has shape {body.shape} of {body.dtype}, which is {expected} bytes, "
+            f"tensor {label} has shape {shapes!r:.200} of {body.dtype}, which is {expected} bytes, "
             f"but its record says {body.nbytes} bytes",
         )
     for chunk in chunks:
         if len(chunk) > MAX_CHUNK_BYTES:
             raise FrameRejected(
                 FrameReason.OVERSIZED,
-                f"tensor {body.name!r} has a chunk of {len(chunk)} bytes, over the limit of {MAX_CHUNK_BYTES} bytes",
+                f"tensor {label} has a chunk of {len(chunk)} bytes, over the limit of {MAX_CHUNK_BYTES} bytes",
             )
     received = sum(len(chunk) for chunk in chunks)
     if received != body.nbytes:
         raise FrameRejected(
             FrameReason.LENGTH_MISMATCH,
-            f"tensor {body.name!r} arrived with {received} bytes in {len(chunks)} chunks, but its record says {body.nbytes}",
+            f"tensor {label} arrived with {received} bytes in {len(chunks)} chunks, but its record says {body.nbytes}",
         )
+    return entries
+
+
+def _record_label(body: Any) -> str:
+    """Name the tensor(s) of a record in an error message."""
+    names = getattr(body, "names", None)
+    if names is None:
+        return repr(body.name)
+    return repr(names[0]) if len(names) == 1 else f"{list(names)!r:.120}"
 
 
 def check_digest(body: Any, chunks: Sequence[zmq.Frame]) -> None:
@@ -310,5 +335,5 @@ def check_digest(body: Any, chunks: Sequence[zmq.Frame]) -> None:
     if digest != body.digest:
         raise FrameRejected(
             FrameReason.BAD_DIGEST,
-            f"tensor {body.name!r} bytes hash to {digest}, but its signed record says {body.digest}",
+            f"tensor {_record_label(body)} bytes hash to {digest}, but its signed record says {body.digest}",
         )

@@ -14,8 +14,10 @@ from events import Event
 
 @dataclass(frozen=True, slots=True)
 class ReceivedTensor:
-    """A received tensor and the signed record event that describes it.
+    """A received tensor, the signed record event that describes it, and its own record fields.
 
+    `fields` are the record's fields for this tensor other than its description, such as
+    `layer` and `expert` (a batch record describes several tensors, each with its expert).
     A single-chunk tensor is a view of the received ZeroMQ frame, a larger one lives in a
     pooled buffer that is reused only after every view of it is gone. Clone it before
     mutating it in place if the bytes must stay equal to the record.
@@ -24,6 +26,7 @@ class ReceivedTensor:
     name: str
     tensor: torch.Tensor
     event: Event
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,8 @@ class IncomingCall:
 
     @property
     def events(self) -> tuple[Event, ...]:
-        return tuple(received.event for received in self.inputs)
+        """The record events of the inputs, each once, in order."""
+        return _distinct_events(self.inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,8 @@ class Reply:
 
     @property
     def events(self) -> tuple[Event, ...]:
-        return tuple(received.event for received in self.outputs)
+        """The record events of the outputs, each once, in order."""
+        return _distinct_events(self.outputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +100,8 @@ class Rejection:
     peer_id: str | None
     curve_key: str | None
     evidence: tuple[str, ...] = ()
+
+
+def _distinct_events(received: tuple[ReceivedTensor, ...]) -> tuple[Event, ...]:
+    # A batch record describes several tensors: its event appears once.
+    return tuple({item.event.id: item.event for item in received}.values())

@@ -2,12 +2,15 @@
 
 Family `records`, scope `request` (see `events.model`): the author numbers these events in
 its request sequence, so they stay on the request's route and anti-entropy never copies
-them to other nodes. Each event describes exactly one tensor of one message: which request it
-belongs to, where in the model it sits, and what its bytes are. The request id (the id of
+them to other nodes. A record describes the tensors of one message: which request they
+belong to, where in the model they sit, and what their bytes are. `ExpertInputSent`,
+`ExpertOutputProduced`, `StageInputSent` and `StageOutputProduced` describe one tensor
+each; `ExpertBatchSent` and `ExpertBatchProduced` describe all the experts' tensors of a
+multi-expert call in one record (the data plane's expert calls use these). The request id (the id of
 the request's `RequestSubmitted` event) is the first entry of `refs`. A reply's records also
 reference the input records they were computed from: `refs = (request_id, *input_ids)`.
 
-Fields shared by every record type:
+Fields of the one-tensor record types:
 
     model_id  str              the model id the tensor belongs to
     step      int >= 0         decoding step (0 is the prefill)
@@ -17,6 +20,10 @@ Fields shared by every record type:
     digest    str              BLAKE2b-256 of the tensor bytes, 64 lowercase hex digits
     nbytes    int >= 0         length of the tensor bytes
 
+A batch record has `names`, `experts` and `shapes` lists (one entry per tensor, in byte
+order) and one `dtype`, `digest` and `nbytes` for the concatenated bytes; `tensor_entries`
+turns any record into its tensors.
+
 The types only check the form of each field. Whether `dtype` is allowed and whether
 `shape`, `nbytes` and `digest` match the bytes received is checked by the frame decoder
 (`cortex.comm.frames`), which rejects a mismatch with its own reason.
@@ -24,14 +31,17 @@ The types only check the form of each field. Whether `dtype` is allowed and whet
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from events import REQUEST_SCOPE, event_type
 
 RECORDS = "records"
 MAX_DIMS = 8
 MAX_NAME_CHARS = 64
+MAX_BATCH_TENSORS = 64
 
 _DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
 
@@ -149,8 +159,113 @@ class StageOutputProduced:
         _check_tensor_fields(self.name, self.dtype, self.shape, self.digest, self.nbytes)
 
 
-RecordBody = ExpertInputSent | ExpertOutputProduced | StageInputSent | StageOutputProduced
-RECORD_TYPES: tuple[type, ...] = (ExpertInputSent, ExpertOutputProduced, StageInputSent, StageOutputProduced)
+def _check_batch(
+    experts: tuple[int, ...], names: tuple[str, ...], dtype: str, shapes: tuple[tuple[int, ...], ...], digest: str, nbytes: int
+) -> None:
+    if not 0 < len(names) <= MAX_BATCH_TENSORS:
+        raise ValueError(f"a batch record describes 1 to {MAX_BATCH_TENSORS} tensors, got {len(names)}")
+    if not len(experts) == len(shapes) == len(names):
+        raise ValueError(f"a batch record needs one expert and one shape per name: {len(names)} names, {len(experts)} experts, {len(shapes)} shapes")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor names {list(names)!r:.120} repeat; each tensor needs its own name")
+    for name, shape in zip(names, shapes):
+        _check_tensor_fields(name, dtype, shape, digest, nbytes)
+    _check_non_negative(**{f"experts[{index}]": expert for index, expert in enumerate(experts)})
+
+
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
+@dataclass(frozen=True, slots=True)
+class ExpertBatchSent:
+    """The author sent these tensors in one message, each as input to a routed expert of MoE layer `layer`.
+
+    Tensor i is `names[i]`, for expert `experts[i]`, of shape `shapes[i]`. All have dtype
+    `dtype`; their bytes follow each other in this order, `nbytes` in all, with the
+    BLAKE2b-256 `digest` of the whole. One record per message instead of one per tensor
+    costs one signature, one verification and one log row for a multi-expert call.
+    """
+
+    model_id: str
+    step: int
+    layer: int
+    experts: tuple[int, ...]
+    names: tuple[str, ...]
+    dtype: str
+    shapes: tuple[tuple[int, ...], ...]
+    digest: str
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _check_non_negative(step=self.step, layer=self.layer)
+        _check_batch(self.experts, self.names, self.dtype, self.shapes, self.digest, self.nbytes)
+
+
+@event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)
+@dataclass(frozen=True, slots=True)
+class ExpertBatchProduced:
+    """The author computed these tensors, tensor i with routed expert `experts[i]` of MoE layer `layer`.
+
+    The layout is that of `ExpertBatchSent`.
+    """
+
+    model_id: str
+    step: int
+    layer: int
+    experts: tuple[int, ...]
+    names: tuple[str, ...]
+    dtype: str
+    shapes: tuple[tuple[int, ...], ...]
+    digest: str
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _check_non_negative(step=self.step, layer=self.layer)
+        _check_batch(self.experts, self.names, self.dtype, self.shapes, self.digest, self.nbytes)
+
+
+RecordBody = (
+    ExpertInputSent | ExpertOutputProduced | StageInputSent | StageOutputProduced | ExpertBatchSent | ExpertBatchProduced
+)
+RECORD_TYPES: tuple[type, ...] = (
+    ExpertInputSent, ExpertOutputProduced, StageInputSent, StageOutputProduced, ExpertBatchSent, ExpertBatchProduced
+)
+# Record types that describe several tensors: per-tensor field -> the tuple field that lists it.
+BATCH_FIELDS: dict[type, dict[str, str]] = {ExpertBatchSent: {"expert": "experts"}, ExpertBatchProduced: {"expert": "experts"}}
+EXPERT_INPUT_TYPES: tuple[type, ...] = (ExpertInputSent, ExpertBatchSent)
+EXPERT_OUTPUT_TYPES: tuple[type, ...] = (ExpertOutputProduced, ExpertBatchProduced)
 
 # The fields the data plane fills from the tensor itself; the caller supplies the others.
 TENSOR_FIELDS = frozenset({"name", "dtype", "shape", "digest", "nbytes"})
+# The same for a batch record, with the per-tensor lists.
+BATCH_TENSOR_FIELDS = frozenset({"names", "dtype", "shapes", "digest", "nbytes", "experts"})
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor a record describes: its name, shape, byte length and its own fields (layer, expert, ...)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    fields: dict[str, Any]
+
+
+def tensor_entries(body: Any, item_size: int) -> list[TensorEntry]:
+    """Return the tensors a record describes, in byte order; `item_size` is the size of its dtype.
+
+    For a batch record, each tensor's byte length is its shape times `item_size`; the caller
+    checks that they add up to `nbytes`. The fields of an entry are the record's fields other
+    than the tensor description, with a batch record's list entry (`expert`) for that tensor.
+    """
+    per_tensor = BATCH_FIELDS.get(type(body))
+    if per_tensor is None:
+        shared = {key: getattr(body, key) for key in body.__dataclass_fields__ if key not in TENSOR_FIELDS}
+        return [TensorEntry(body.name, body.dtype, body.shape, body.nbytes, shared)]
+    shared = {key: getattr(body, key) for key in body.__dataclass_fields__ if key not in BATCH_TENSOR_FIELDS}
+    lists = {single: getattr(body, plural) for single, plural in per_tensor.items()}
+    return [
+        TensorEntry(
+            name, body.dtype, shape, math.prod(shape) * item_size, {**shared, **{key: values[index] for key, values in lists.items()}}
+        )
+        for index, (name, shape) in enumerate(zip(body.names, body.shapes))
+    ]

@@ -13,8 +13,8 @@ For each record of a call or reply, in this order:
 7. a reply references the call's input records after the request id (`unlinked_reply`);
 8. the request is known to this node (`unknown_request`);
 9. the Ed25519 signature (`bad_signature`), verified by the Acceptor when one is wired, which
-   also appends the events to the log (on the next event loop iteration: the DataPlane
-   schedules `Acceptor.flush_deferred`);
+   also appends the events to the log (a moment later, in a group: the DataPlane
+   schedules its flush);
 10. the digest of the bytes matches the record (`bad_digest`).
 
 A record whose digest fails after step 9 stays in the log: it is signed by its author and,
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import zmq
 
-from cortex.comm.buffers import BufferPool, assemble
+from cortex.comm.buffers import BufferPool, assemble_entries
 from cortex.comm.errors import FrameReason, FrameRejected
 from cortex.comm.frames import MAX_MESSAGE_BYTES, MAX_TENSOR_BYTES, Header, check_digest, check_tensor, split_records
 from cortex.comm.messages import ReceivedTensor
+from cortex.comm.records import TensorEntry
 from events import Acceptor, Event, EventRejected, RejectReason, curve_public_key_from_peer_id, parse_event, verify_event
 
 
@@ -73,7 +74,8 @@ def receive_records(
 ) -> list[ReceivedTensor]:
     """Check the records and chunks after a header and return the tensors; raise FrameRejected."""
     records = split_records(header, parts)
-    events = [_decode_record(event_part, chunks, expect, limits) for event_part, chunks in records]
+    decoded = [_decode_record(event_part, chunks, expect, limits) for event_part, chunks in records]
+    events = [event for event, _entries in decoded]
     total = sum(event.body.nbytes for event in events)
     if total > limits.max_message_bytes:
         raise FrameRejected(
@@ -81,7 +83,7 @@ def receive_records(
             f"message of {total} tensor bytes exceeds the limit of {limits.max_message_bytes} bytes "
             "(MAX_MESSAGE_BYTES); split the batch into smaller calls",
         )
-    _check_origin(events, expect)
+    _check_origin(events, [entry.name for _event, entries in decoded for entry in entries], expect)
     try:
         _check_signatures(events, acceptor)
         for event, (_event_part, chunks) in zip(events, records):
@@ -95,13 +97,16 @@ def receive_records(
         # The author matched the authenticated connection or the called peer, so the sender is known.
         rejection.peer_id = events[0].author
         raise
-    return [
-        ReceivedTensor(event.body.name, assemble(event.body.dtype, event.body.shape, chunks, pool), event)
-        for event, (_event_part, chunks) in zip(events, records)
-    ]
+    received = []
+    for (event, entries), (_event_part, chunks) in zip(decoded, records):
+        tensors = assemble_entries(entries, chunks, pool)
+        received.extend(ReceivedTensor(entry.name, tensor, event, entry.fields) for entry, tensor in zip(entries, tensors))
+    return received
 
 
-def _decode_record(event_part: zmq.Frame, chunks: list[zmq.Frame], expect: Expectations, limits: FrameLimits) -> Event:
+def _decode_record(
+    event_part: zmq.Frame, chunks: list[zmq.Frame], expect: Expectations, limits: FrameLimits
+) -> tuple[Event, list[TensorEntry]]:
     try:
         event = parse_event(event_part.bytes)
     except EventRejected as rejection:
@@ -110,11 +115,10 @@ def _decode_record(event_part: zmq.Frame, chunks: list[zmq.Frame], expect: Expec
     if not isinstance(event.body, expect.accepts):
         names = sorted(accepted.__name__ for accepted in expect.accepts)
         raise FrameRejected(FrameReason.UNEXPECTED_TYPE, f"record is a {event.type} event; expected one of {names}")
-    check_tensor(event.body, chunks, limits.max_tensor_bytes)
-    return event
+    return event, check_tensor(event.body, chunks, limits.max_tensor_bytes)
 
 
-def _check_origin(events: list[Event], expect: Expectations) -> None:
+def _check_origin(events: list[Event], names: list[str], expect: Expectations) -> None:
     first = events[0]
     request_id = first.refs[0] if first.refs else None
     for event in events:
@@ -123,7 +127,6 @@ def _check_origin(events: list[Event], expect: Expectations) -> None:
                 FrameReason.MALFORMED,
                 "every record of one message needs the same author and the same request id as its first ref",
             )
-    names = [event.body.name for event in events]
     if len(set(names)) != len(names):
         raise FrameRejected(FrameReason.MALFORMED, f"tensor names {names} repeat; each tensor of a message needs its own name")
     if expect.authenticated_key is not None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from cortex.comm import CommError, DataPlane, ExpertInputSent, StageInputSent
+from cortex.comm import CommError, DataPlane, ExpertBatchSent, StageInputSent
 from cortex.driver.errors import CallFailed
 from cortex.node.service import ModelService
 from cortex.quorum import TRUST_MAX, TRUST_THRESHOLD, TrustView
@@ -131,15 +131,16 @@ class SwarmDirectory:
     ) -> list[torch.Tensor]:
         """Run each (layer, expert, rows [N, D]) on `peer` in one multi-expert data-plane call.
 
-        Each segment travels as its own tensor, named `expert_tensor_name(layer, expert)`,
-        with its own signed `ExpertInputSent` record; the reply has one output per segment.
+        Each segment travels as its own tensor, named `expert_tensor_name(layer, expert)`; one
+        signed `ExpertBatchSent` record per layer describes them all; the reply has one output
+        per segment, described by `ExpertBatchProduced` records.
         """
         if peer == self.own_peer:
             return [self.service.run_expert(layer, expert, rows) for layer, expert, rows in segments]
         tensors = {expert_tensor_name(layer, expert): rows for layer, expert, rows in segments}
         per_tensor = {expert_tensor_name(layer, expert): {"layer": layer, "expert": expert} for layer, expert, _ in segments}
         fields = {"model_id": self.service.model_id, "step": step}
-        reply = await self._call(peer, "expert", request_id, ExpertInputSent, fields, tensors, self.call_timeout_s, per_tensor)
+        reply = await self._call(peer, "expert", request_id, ExpertBatchSent, fields, tensors, self.call_timeout_s, per_tensor)
         return [reply[expert_tensor_name(layer, expert)] for layer, expert, _ in segments]
 
     async def call_stage(self, peer: str, request_id: str, spec: str, position: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -193,9 +194,13 @@ class SwarmDirectory:
                 tensors=tensors, timeout_s=timeout, tensor_fields=tensor_fields,
             )
         )
-        probe = asyncio.ensure_future(_probe_until_refused(endpoint))
+        probe: asyncio.Future[None] | None = None
         try:
-            await asyncio.wait((call, probe), return_when=asyncio.FIRST_COMPLETED)
+            # Most calls end well before PROBE_AFTER_S; only a call still waiting then starts a probe.
+            await asyncio.wait((call,), timeout=PROBE_AFTER_S)
+            if not call.done():
+                probe = asyncio.ensure_future(_probe_until_refused(endpoint))
+                await asyncio.wait((call, probe), return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
                 call.cancel()
                 self.note_failure(peer)
@@ -207,18 +212,19 @@ class SwarmDirectory:
             self.note_failure(peer)
             raise CallFailed(peer, kind, str(error)) from None
         finally:
-            probe.cancel()
+            if probe is not None:
+                probe.cancel()
             if not call.done():
                 call.cancel()
             self.observations.call_finished(peer)
         self.observations.record_round_trip(peer, (time.monotonic() - started) * 1000)
         outputs = reply.tensors
-        records = {received.name: received.event.body for received in reply.outputs}
+        named = {received.name: received.fields for received in reply.outputs}
         for name, extra in (tensor_fields or {}).items():
-            body = records.get(name)
-            if body is None or any(getattr(body, key, None) != value for key, value in extra.items()):
+            fields = named.get(name)
+            if fields is None or any(fields.get(key) != value for key, value in extra.items()):
                 self.note_failure(peer)
-                raise CallFailed(peer, kind, f"the reply record of {name!r} does not name {extra}: {body!r:.200}")
+                raise CallFailed(peer, kind, f"the reply record of {name!r} does not name {extra}: {fields!r:.200}")
         for name, sent in tensors.items():
             output = outputs.get(name)
             if output is None or tuple(output.shape) != tuple(sent.shape):
@@ -236,7 +242,6 @@ async def _probe_until_refused(endpoint: str) -> None:
     """Return once a TCP connection to `endpoint` (tcp://host:port) is refused; probe forever otherwise."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     host = host.strip("[]")
-    await asyncio.sleep(PROBE_AFTER_S)
     while True:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PROBE_INTERVAL_S)

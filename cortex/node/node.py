@@ -40,7 +40,8 @@ from cortex.bus.transport import Transport
 from cortex.comm import (
     RECORD_TYPES,
     DataPlane,
-    ExpertInputSent,
+    ExpertBatchProduced,
+    ExpertBatchSent,
     ExpertOutputProduced,
     IncomingCall,
     Rejection,
@@ -49,6 +50,7 @@ from cortex.comm import (
     StageOutputProduced,
 )
 from cortex.comm.penalties import FramePenalties
+from cortex.comm.records import EXPERT_INPUT_TYPES
 from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
@@ -133,6 +135,7 @@ class Node:
             sign_many=self.writer.write_many,
             is_known_request=lambda request_id: self.scheduler.view.record(request_id) is not None,
             acceptor=self.acceptor,
+            flush_records=self.writer.flush,
             on_reject=self._on_reject,
         )
         self.penalties = FramePenalties(self.peer_id, self.emit, lambda: self.registry.view.peers)
@@ -302,6 +305,7 @@ class Node:
             # Replay of this node's log must rebuild views with these digests (tests/replay).
             "view_digests": {name: projection.view.digest() for name, projection in self.views.items()},
             "checkpoint_bytes_read": {model: service.loader.checkpoint.bytes_read for model, service in self.services.items()},
+            "dataplane": {**self.dataplane.counters, **self.dataplane.timings},
             "router": {
                 model: {
                     "single_token_dispatches": router.stats.single_token_dispatches,
@@ -342,7 +346,7 @@ class Node:
             self.routers[service.model_id] = TokenRouter(directory, self._quorum_settings(service.model_id))
             self.batchers[service.model_id] = ExpertBatcher(service, self.compute)
         self.dataplane.register_handler("stage", self._serve_stage, accepts=(StageInputSent,))
-        self.dataplane.register_handler("expert", self._serve_expert, accepts=(ExpertInputSent,))
+        self.dataplane.register_handler("expert", self._serve_expert, accepts=EXPERT_INPUT_TYPES)
 
     async def _load_models(self) -> None:
         for settings in self.config.models:
@@ -408,32 +412,31 @@ class Node:
 
     async def _serve_expert(self, call: IncomingCall) -> Response:
         """Run every expert the call carries (one input per expert, all of one model and step)."""
-        first = call.inputs[0].event.body
-        self._service(first.model_id)
-        batcher = self.batchers[first.model_id]
+        first = call.inputs[0].fields
+        self._service(first["model_id"])
+        batcher = self.batchers[first["model_id"]]
         for received in call.inputs:
-            body = received.event.body
-            if (body.model_id, body.step) != (first.model_id, first.step):
-                raise ServiceError(f"input {received.name!r} names model {body.model_id[:16]} step {body.step}; one call serves one model and step")
+            model_id, step = received.fields["model_id"], received.fields["step"]
+            if (model_id, step) != (first["model_id"], first["step"]):
+                raise ServiceError(f"input {received.name!r} names model {model_id[:16]} step {step}; one call serves one model and step")
+        segments = [(received.fields["layer"], received.fields["expert"], received.tensor) for received in call.inputs]
         # Each expert goes to the batcher, which merges it with other calls' rows for that expert.
-        outputs = await asyncio.gather(
-            *(batcher.run(received.event.body.layer, received.event.body.expert, received.tensor) for received in call.inputs)
-        )
-        segments = [(received.event.body.layer, received.event.body.expert, received.tensor) for received in call.inputs]
-        outputs = await self.faults.apply(self.services[first.model_id], segments, list(outputs))
+        outputs = await asyncio.gather(*(batcher.run(layer, expert, rows) for layer, expert, rows in segments))
+        outputs = await self.faults.apply(self.services[first["model_id"]], segments, list(outputs))
         tensors = {received.name: output.contiguous() for received, output in zip(call.inputs, outputs, strict=True)}
-        per_tensor = {received.name: {"layer": received.event.body.layer, "expert": received.event.body.expert} for received in call.inputs}
-        fields = {"model_id": first.model_id, "step": first.step}
-        return Response(ExpertOutputProduced, fields, tensors, per_tensor)
+        per_tensor = {received.name: {"layer": layer, "expert": expert} for received, (layer, expert, _rows) in zip(call.inputs, segments)}
+        fields = {"model_id": first["model_id"], "step": first["step"]}
+        # Inputs sent as one batch record get their outputs as one batch record, and the same for single records.
+        record = ExpertBatchProduced if isinstance(call.inputs[0].event.body, ExpertBatchSent) else ExpertOutputProduced
+        return Response(record, fields, tensors, per_tensor)
 
     def _on_reject(self, rejection: Rejection) -> None:
         self.penalties(rejection)  # a rate-limited PeerPenalized for an identified sender
 
     def records_of(self, request_id: str) -> list[str]:
         """Return the ids of the request-scoped records in this node's log for `request_id`."""
-        self.writer.flush()  # the data plane appends records on the next loop iteration
-        names = {record.__name__ for record in RECORD_TYPES}
-        return [event.id for event in self.store.events(ref=request_id) if event.type in names]
+        self.writer.flush()  # the data plane appends records a moment later, in groups
+        return self.store.ids(ref=request_id, types=[record.__name__ for record in RECORD_TYPES])
 
     # --- requests -----------------------------------------------------------------
 

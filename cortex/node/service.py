@@ -5,9 +5,11 @@ The node serves them over the data plane (`cortex.comm`):
 - `stage` calls (`StageInputSent` with `hidden` [T, D]) run a block for the request's
   session, dispatching its MoE layers through the node's TokenRouter, and reply with
   `StageOutputProduced` and the block's output [T, D].
-- `expert` calls (`ExpertInputSent` with `hidden` [N, D]) run one routed expert and reply
-  with `ExpertOutputProduced` and its outputs [N, D]. `ExpertBatcher` merges the calls for
-  one expert that arrive together (from concurrent requests) into one forward pass.
+- `expert` calls (one `ExpertBatchSent` record per layer, with a tensor [N, D] per expert)
+  run the routed experts and reply with `ExpertBatchProduced` and the outputs [N, D]; a
+  call with `ExpertInputSent` records gets `ExpertOutputProduced` ones. `ExpertBatcher`
+  merges the calls for one expert that arrive together (from concurrent requests) into one
+  forward pass.
 
 Shape legend: T = tokens, D = hidden size, N = expert rows.
 """

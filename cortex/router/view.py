@@ -6,9 +6,10 @@ The view folds four event families:
   for liveness, as the Registry does;
 - `shards`: the state of each `expert[l][e]` fragment per holder (last-writer-wins by stamp);
   head and block fragments are passed over;
-- `records`: every `ExpertOutputProduced` counts as one output of its author (the replica)
-  with its rows, and is paired with the `ExpertInputSent` it replies to (same layer and expert,
-  named in its refs) to give one latency sample: output time minus input time. The input then
+- `records`: every expert in an `ExpertOutputProduced` or `ExpertBatchProduced` counts as
+  one output of its author (the replica) with its rows, and the record is paired with the
+  input record it replies to (`ExpertInputSent` or `ExpertBatchSent`: same layer, its experts
+  among the input's, named in its refs) to give one latency sample: output time minus input time. The input then
   leaves the view, which keeps only inputs still waiting for their output;
 - `requests`: a request's redundancy (`RequestSubmitted`) and whether it ended
   (`RequestCompleted`, `RequestFailed`, `RequestCancelled`), which gives each replica's count
@@ -32,7 +33,15 @@ from typing import Any
 
 import orjson
 
-from cortex.comm.records import RECORDS, ExpertInputSent, ExpertOutputProduced, StageInputSent, StageOutputProduced
+from cortex.comm.records import (
+    RECORDS,
+    ExpertBatchProduced,
+    ExpertBatchSent,
+    ExpertInputSent,
+    ExpertOutputProduced,
+    StageInputSent,
+    StageOutputProduced,
+)
 from cortex.registry import LIVENESS_TIMEOUT_MS
 from cortex.scheduler.observations import DEFAULT_LATENCY_MS
 from cortex.scheduler.request_events import (
@@ -117,7 +126,7 @@ class _Output:
 
     replica: str
     layer: int
-    expert: int
+    experts: tuple[int, ...]
     time_ms: int
 
 
@@ -129,9 +138,9 @@ class RouterView:
     experts: dict[ExpertKey, dict[str, tuple[str, Stamp]]] = field(default_factory=dict)
     stats: dict[str, ReplicaStats] = field(default_factory=dict)
     requests: dict[str, RequestRouting] = field(default_factory=dict)
-    # Input record id -> (time_ms, layer, expert), for inputs no output has replied to yet. An
+    # Input record id -> (time_ms, layer, experts), for inputs no output has replied to yet. An
     # input leaves when its output arrives, so the map stays as small as the calls in flight.
-    inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    inputs: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     # Input record id -> outputs that name it and arrived before it. Not part of `to_json`: an
     # output waits under every input it names that is not stored, and the entries under inputs
     # it does not reply to stay until those inputs arrive, so their count depends on delivery order.
@@ -323,23 +332,38 @@ def _apply_request_ended(view: RouterView, event: Event) -> RouterView:
     return view
 
 
+def _experts_of(body: Any) -> tuple[int, ...]:
+    """The experts a record names: one for `ExpertInputSent`/`ExpertOutputProduced`, a list for a batch record."""
+    return tuple(body.experts) if isinstance(body, (ExpertBatchSent, ExpertBatchProduced)) else (body.expert,)
+
+
+def _rows_of(body: Any) -> int:
+    shapes = body.shapes if isinstance(body, ExpertBatchProduced) else (body.shape,)
+    return sum(shape[0] if shape else 0 for shape in shapes)
+
+
+def _replies_to(output_experts: tuple[int, ...], input_experts: tuple[int, ...]) -> bool:
+    return set(output_experts) <= set(input_experts)
+
+
 def _apply_expert_input(view: RouterView, event: Event) -> RouterView:
-    body: ExpertInputSent = event.body
+    body = event.body
+    experts = _experts_of(body)
     replied = False
     for output in view.waiting.pop(event.id, ()):
-        if (output.layer, output.expert) == (body.layer, body.expert):
+        if output.layer == body.layer and _replies_to(output.experts, experts):
             view.add_latency(output.replica, event.time_ms, output.time_ms)
             replied = True
     if not replied:
-        view.inputs[event.id] = (event.time_ms, body.layer, body.expert)
+        view.inputs[event.id] = (event.time_ms, body.layer, experts)
     return view
 
 
 def _apply_expert_output(view: RouterView, event: Event) -> RouterView:
-    body: ExpertOutputProduced = event.body
+    body = event.body
     stats = view.replica(event.author)
-    stats.expert_outputs += 1
-    stats.rows += body.shape[0] if body.shape else 0
+    stats.expert_outputs += len(_experts_of(body))
+    stats.rows += _rows_of(body)
     stats.last_output_ms = max(stats.last_output_ms, event.time_ms)
     if event.refs:
         routing = view.request(event.refs[0])
@@ -351,7 +375,7 @@ def _apply_expert_output(view: RouterView, event: Event) -> RouterView:
     return view
 
 
-def _pair_output(view: RouterView, event: Event, body: ExpertOutputProduced) -> None:
+def _pair_output(view: RouterView, event: Event, body: Any) -> None:
     """Take one latency sample from the input this output replies to, or wait for that input.
 
     The matched input leaves the view: each input has one output, so no later event needs it.
@@ -359,13 +383,14 @@ def _pair_output(view: RouterView, event: Event, body: ExpertOutputProduced) -> 
     # NOTE: a replica that signs two different outputs for one input breaks that rule: the
     # latency samples then depend on which output arrives first (its output counts do not).
     named = event.refs[1:]
+    experts = _experts_of(body)
     for input_id in named:
         known = view.inputs.get(input_id)
-        if known is not None and known[1:] == (body.layer, body.expert):
+        if known is not None and known[1] == body.layer and _replies_to(experts, known[2]):
             view.add_latency(event.author, known[0], event.time_ms)
             del view.inputs[input_id]
             return
-    output = _Output(event.author, body.layer, body.expert, event.time_ms)
+    output = _Output(event.author, body.layer, experts, event.time_ms)
     for input_id in named:
         if input_id not in view.inputs:
             view.waiting.setdefault(input_id, []).append(output)
@@ -398,6 +423,8 @@ class RouterReducer:
                 RequestCancelled: _apply_request_ended,
                 ExpertInputSent: _apply_expert_input,
                 ExpertOutputProduced: _apply_expert_output,
+                ExpertBatchSent: _apply_expert_input,
+                ExpertBatchProduced: _apply_expert_output,
                 StageInputSent: _unchanged,
                 StageOutputProduced: _unchanged,
             },

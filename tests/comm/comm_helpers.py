@@ -17,6 +17,8 @@ import zmq.asyncio
 from cortex.comm import (
     CHUNK_BYTES,
     DataPlane,
+    ExpertBatchProduced,
+    ExpertBatchSent,
     ExpertInputSent,
     ExpertOutputProduced,
     FrameLimits,
@@ -83,10 +85,12 @@ def make_node(
 
 
 async def echo_expert(call: IncomingCall) -> Response:
-    """Return every input tensor unchanged as an ExpertOutputProduced record."""
-    body = call.inputs[0].event.body
-    fields = {"model_id": body.model_id, "step": body.step, "layer": body.layer, "expert": body.expert}
-    return Response(ExpertOutputProduced, fields, {name: tensor.clone() for name, tensor in call.tensors.items()})
+    """Return every input tensor unchanged: ExpertOutputProduced records, or one ExpertBatchProduced for batch inputs."""
+    first = call.inputs[0].fields
+    fields = {"model_id": first["model_id"], "step": first["step"]}
+    per_tensor = {received.name: {"layer": received.fields["layer"], "expert": received.fields["expert"]} for received in call.inputs}
+    record = ExpertBatchProduced if isinstance(call.inputs[0].event.body, ExpertBatchSent) else ExpertOutputProduced
+    return Response(record, fields, {name: tensor.clone() for name, tensor in call.tensors.items()}, per_tensor)
 
 
 NodeFactory = Callable[..., Node]

@@ -25,6 +25,7 @@ from cortex.comm import (
 )
 from cortex.comm.sockets import configure_client
 from events import Identity, PeerLeft
+from events.writer import DEFERRED_FLUSH_DELAY_S
 
 from comm_helpers import EXPERT_FIELDS, REQUEST_ID, Node, NodeFactory, echo_expert, ipv6_loopback_works
 
@@ -89,9 +90,9 @@ async def test_round_trip_of_scalar_empty_and_strided_tensors(client: Node, serv
 
 async def test_records_land_in_both_logs(client: Node, server: Node) -> None:
     reply = await call_expert(client, server, {"hidden": torch.ones(2, 4)})
-    # Records are appended after the message is on its way, on the next event loop iteration.
+    # Records are appended after the message is on its way, a moment later, in one group.
     assert list(client.store.events(type="ExpertOutputProduced")) == []
-    await asyncio.sleep(0)
+    await asyncio.sleep(2 * DEFERRED_FLUSH_DELAY_S)
 
     input_events = list(client.store.events(type="ExpertInputSent"))
     output_event = reply.events[0]

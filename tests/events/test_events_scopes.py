@@ -29,6 +29,7 @@ from events import (
     sign_event,
 )
 from events.model import SchemaError, skipped_after_equivocation
+from events.writer import DEFERRED_FLUSH_DELAY_S
 
 
 @event_type(version="1.0", family="scopetest", scope=REQUEST_SCOPE)
@@ -173,12 +174,14 @@ def test_request_sequence_resumes_above_reservation_after_unclean_stop(tmp_path:
         assert store.missing_ranges(alice.peer_id) == []
 
 
-async def test_deferred_records_are_appended_on_the_next_iteration(store: LogStore, alice: Identity) -> None:
+async def test_deferred_records_are_appended_a_moment_later(store: LogStore, alice: Identity) -> None:
     writer = _writer(store, alice)
     records = writer.write_many([ScopeTestRecord("1"), ScopeTestRecord("2")], refs=(REQUEST_ID,), defer=True)
     assert [record.seq for record in records] == [1, 2]
     assert list(store.events(ref=REQUEST_ID)) == []
     await asyncio.sleep(0)
+    assert list(store.events(ref=REQUEST_ID)) == []  # grouped: not yet, DEFERRED_FLUSH_DELAY_S later
+    await asyncio.sleep(2 * DEFERRED_FLUSH_DELAY_S)
     assert [event.id for event in store.events(ref=REQUEST_ID)] == [record.id for record in records]
 
     deferred = writer.write(ScopeTestRecord("3"), refs=(REQUEST_ID,))  # not deferred: appended at once
@@ -197,7 +200,7 @@ async def test_close_appends_deferred_records(store: LogStore, alice: Identity) 
     writer.close()  # before the loop ran the scheduled append
 
     assert store.get(record.id) == record
-    await asyncio.sleep(0)  # the scheduled append then finds nothing left to do
+    await asyncio.sleep(2 * DEFERRED_FLUSH_DELAY_S)  # the scheduled append then finds nothing left to do
     assert len(list(store.events(ref=REQUEST_ID))) == 1
 
 

@@ -42,6 +42,9 @@ def test_demo_json_matches_local_generation(checkpoint: object) -> None:
     assert summary["degraded"] is False
     assert [node["node"] for node in summary["nodes"]] == [0, 1, 2]
     assert summary["nodes"][0]["driver"] is True
-    assert all(node["expert_rows_served"] > 0 for node in summary["nodes"][1:])
+    # With 3 nodes both expert nodes hold every expert, so the router may send every layer to
+    # the one it ranks first: the expert rows come from the expert nodes, none from the driver.
+    assert summary["nodes"][0]["expert_rows_served"] == 0
+    assert sum(node["expert_rows_served"] for node in summary["nodes"][1:]) > 0
     assert {"swarm_start_ms", "prefill", "decode", "total"} <= set(summary["timings_ms"])
     assert not any(_is_running(node["pid"]) for node in summary["nodes"])
