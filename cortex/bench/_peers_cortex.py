@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cortex.comm import DataPlane, ExpertInputSent, ExpertOutputProduced, IncomingCall, Rejection, Response
+from cortex.comm import DataPlane, ExpertBatchProduced, ExpertBatchSent, IncomingCall, Rejection, Response
 from cortex.comm import CommError
 from cortex.driver.errors import CallFailed
 from cortex.driver.router import TokenRouter
@@ -155,8 +155,9 @@ class CortexMoeLayer:
     ) -> list[torch.Tensor]:
         """Send every expert's rows [N, D] to `peer` in one multi-expert data-plane call.
 
-        Each expert's rows travel as their own tensor with their own signed record, which
-        names that expert; the reply has one output per expert, under the same name.
+        Each expert's rows travel as their own tensor; one signed `ExpertBatchSent` record
+        names every expert of the call, as a node's expert calls do. The reply has one output
+        per expert, under the same name.
         """
         assert self._dataplane is not None, "call start() before forward()"
         names = [f"expert[{layer}][{expert}]" for layer, expert, _rows in segments]
@@ -168,7 +169,7 @@ class CortexMoeLayer:
                 self.endpoints[peer],
                 EXPERT_KIND,
                 request_id=request_id,
-                record=ExpertInputSent,
+                record=ExpertBatchSent,
                 fields={"model_id": MODEL_ID, "step": step},
                 tensors=tensors,
                 timeout_s=self.call_timeout_s,
@@ -181,7 +182,12 @@ class CortexMoeLayer:
         for name, (layer, expert, rows) in zip(names, segments, strict=True):
             output = received.get(name)
             record = output.event.body if output is not None else None
-            if output is None or not isinstance(record, ExpertOutputProduced) or record.expert != expert or output.tensor.shape != rows.shape:
+            if (
+                output is None
+                or not isinstance(record, ExpertBatchProduced)
+                or output.fields.get("expert") != expert
+                or output.tensor.shape != rows.shape
+            ):
                 raise CallFailed(peer, f"expert[{layer}][{expert}]", f"reply record {record!r:.200} does not match the call")
             outputs.append(output.tensor)
         return outputs
@@ -195,24 +201,24 @@ async def serve(args: argparse.Namespace) -> int:
     dataplane, store = open_dataplane(Path(args.data_dir), args.request_id, args.handler_timeout_s)
 
     async def run_expert(call: IncomingCall) -> Response:
-        first = call.inputs[0].event.body
+        first = call.inputs[0].fields
         tensors: dict[str, torch.Tensor] = {}
         per_tensor: dict[str, dict[str, int]] = {}
         for received in call.inputs:
-            body = received.event.body
-            if body.expert not in experts:
-                raise ValueError(f"expert {body.expert} not found: this server runs experts {list(experts)}")
+            layer, expert = received.fields["layer"], received.fields["expert"]
+            if expert not in experts:
+                raise ValueError(f"expert {expert} not found: this server runs experts {list(experts)}")
             with torch.no_grad():
-                tensors[received.name] = expert_forward(weights, body.expert, received.tensor)  # [N, D]
-            per_tensor[received.name] = {"layer": body.layer, "expert": body.expert}
-        return Response(ExpertOutputProduced, {"model_id": first.model_id, "step": first.step}, tensors, per_tensor)
+                tensors[received.name] = expert_forward(weights, expert, received.tensor)  # [N, D]
+            per_tensor[received.name] = {"layer": layer, "expert": expert}
+        return Response(ExpertBatchProduced, {"model_id": first["model_id"], "step": first["step"]}, tensors, per_tensor)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # A daemon thread waits for stdin to close, because interpreter exit does not join daemon threads.
     threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
-    dataplane.register_handler(EXPERT_KIND, run_expert, accepts=(ExpertInputSent,))
+    dataplane.register_handler(EXPERT_KIND, run_expert, accepts=(ExpertBatchSent,))
     try:
         endpoint = await dataplane.start("tcp://127.0.0.1:*")
         print(json.dumps({"peer_id": dataplane.identity.peer_id, "endpoint": endpoint, "experts": experts}), flush=True)

@@ -46,15 +46,19 @@ MAX_BATCH_TENSORS = 64
 _DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def _check_tensor_fields(name: str, dtype: str, shape: tuple[int, ...], digest: str, nbytes: int) -> None:
+def _check_name_and_shape(name: str, shape: tuple[int, ...]) -> None:
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise ValueError(f"tensor name {name!r:.80} must have 1 to {MAX_NAME_CHARS} characters")
-    if not dtype:
-        raise ValueError("dtype must not be empty")
     if len(shape) > MAX_DIMS:
         raise ValueError(f"shape {shape!r:.80} has {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
     if any(size < 0 for size in shape):
         raise ValueError(f"shape {shape!r:.80} has a negative dimension")
+
+
+def _check_tensor_fields(name: str, dtype: str, shape: tuple[int, ...], digest: str, nbytes: int) -> None:
+    _check_name_and_shape(name, shape)
+    if not dtype:
+        raise ValueError("dtype must not be empty")
     if not _DIGEST_PATTERN.fullmatch(digest):
         raise ValueError(f"digest {digest!r:.80} is not BLAKE2b-256 hex (64 lowercase hex digits)")
     if nbytes < 0:
@@ -168,9 +172,12 @@ def _check_batch(
         raise ValueError(f"a batch record needs one expert and one shape per name: {len(names)} names, {len(experts)} experts, {len(shapes)} shapes")
     if len(set(names)) != len(names):
         raise ValueError(f"tensor names {list(names)!r:.120} repeat; each tensor needs its own name")
-    for name, shape in zip(names, shapes):
-        _check_tensor_fields(name, dtype, shape, digest, nbytes)
-    _check_non_negative(**{f"experts[{index}]": expert for index, expert in enumerate(experts)})
+    _check_tensor_fields(names[0], dtype, shapes[0], digest, nbytes)
+    for name, shape in zip(names[1:], shapes[1:]):
+        _check_name_and_shape(name, shape)
+    for index, expert in enumerate(experts):
+        if expert < 0:
+            raise ValueError(f"experts[{index}] must be >= 0, got {expert}")
 
 
 @event_type(version="1.0", family=RECORDS, scope=REQUEST_SCOPE)

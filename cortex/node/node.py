@@ -421,7 +421,7 @@ class Node:
                 raise ServiceError(f"input {received.name!r} names model {model_id[:16]} step {step}; one call serves one model and step")
         segments = [(received.fields["layer"], received.fields["expert"], received.tensor) for received in call.inputs]
         # Each expert goes to the batcher, which merges it with other calls' rows for that expert.
-        outputs = await asyncio.gather(*(batcher.run(layer, expert, rows) for layer, expert, rows in segments))
+        outputs = await batcher.run_many(segments)
         outputs = await self.faults.apply(self.services[first["model_id"]], segments, list(outputs))
         tensors = {received.name: output.contiguous() for received, output in zip(call.inputs, outputs, strict=True)}
         per_tensor = {received.name: {"layer": layer, "expert": expert} for received, (layer, expert, _rows) in zip(call.inputs, segments)}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cortex.driver.executors import Compute, ExpertDispatcher, LocalBlockExecutor, run_inline
+from cortex.driver.executors import Compute, ExpertDispatcher, LocalBlockExecutor
 from cortex.runtime.fragments import Block, Expert, Head
 from cortex.runtime.loader import Loader
 from cortex.runtime.model_id import model_id
@@ -86,8 +86,11 @@ class ModelService:
 class ExpertBatcher:
     """Merges the calls for one expert that arrive in one event loop iteration into one forward pass.
 
-    Rows [N, D] of every queued call are concatenated, run once in the compute worker,
-    and split back in order, so concurrent requests share each expert's matrix multiply.
+    Rows [N, D] of every queued call are concatenated, run once, and split back in order, so
+    concurrent requests share each expert's matrix multiply. A pass over at most
+    INLINE_MAX_ROWS rows runs in the event loop (the hand-off to the worker costs more), a
+    larger one in the compute worker. All experts queued in one iteration are run by one
+    callback, so a call for several experts costs one loop iteration, not one per expert.
     """
 
     def __init__(self, service: ModelService, compute: Compute) -> None:
@@ -99,36 +102,60 @@ class ExpertBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, layer: int, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Run rows [N, D] through expert[layer][index], merged with other queued rows for it."""
+        return (await self.run_many([(layer, index, rows)]))[0]
+
+    async def run_many(self, segments: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Run each (layer, expert, rows [N, D]); return the outputs [N, D] in order."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
-        queue = self._queues.setdefault((layer, index), [])
-        queue.append((rows, future))
-        if len(queue) == 1:
-            loop.call_soon(self._flush, (layer, index))
-        return await future
+        futures = []
+        for layer, index, rows in segments:
+            future: asyncio.Future[torch.Tensor] = loop.create_future()
+            if not self._queues:
+                loop.call_soon(self._flush)
+            self._queues.setdefault((layer, index), []).append((rows, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
 
-    def _flush(self, key: tuple[int, int]) -> None:
-        queued = self._queues.pop(key, [])
-        if queued:
-            task = asyncio.get_running_loop().create_task(self._forward(key, queued))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _flush(self) -> None:
+        queues, self._queues = self._queues, {}
+        for key, queued in queues.items():
+            rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
+            self.forward_passes += 1
+            self.merged_calls += len(queued) - 1
+            if rows.shape[0] > INLINE_MAX_ROWS:
+                task = asyncio.get_running_loop().create_task(self._forward_in_worker(key, rows, queued))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            try:
+                with torch.inference_mode():
+                    outputs = self.service.run_expert(key[0], key[1], rows)
+            except Exception as error:  # noqa: BLE001 - every waiting call gets the failure
+                _fail(queued, error)
+                continue
+            _split(queued, outputs)
 
-    async def _forward(self, key: tuple[int, int], queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]) -> None:
-        rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
-        self.forward_passes += 1
-        self.merged_calls += len(queued) - 1
-        # A few rows cost less to compute than the hand-off to the worker thread and back.
-        compute = run_inline if rows.shape[0] <= INLINE_MAX_ROWS else self.compute
+    async def _forward_in_worker(
+        self, key: tuple[int, int], rows: torch.Tensor, queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]
+    ) -> None:
         try:
-            outputs: torch.Tensor = await compute(self.service.run_expert, key[0], key[1], rows)
+            outputs: torch.Tensor = await self.compute(self.service.run_expert, key[0], key[1], rows)
         except Exception as error:  # noqa: BLE001 - every waiting call gets the failure
-            for _, future in queued:
-                if not future.done():
-                    future.set_exception(error)
+            _fail(queued, error)
             return
-        offset = 0
-        for item, future in queued:
-            if not future.done():
-                future.set_result(outputs[offset : offset + item.shape[0]])
-            offset += item.shape[0]
+        _split(queued, outputs)
+
+
+def _fail(queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]], error: Exception) -> None:
+    for _, future in queued:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _split(queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]], outputs: torch.Tensor) -> None:
+    offset = 0
+    for item, future in queued:
+        if not future.done():
+            future.set_result(outputs[offset : offset + item.shape[0]])
+        offset += item.shape[0]
