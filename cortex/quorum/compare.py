@@ -107,12 +107,7 @@ def group_outputs(outputs: Sequence[torch.Tensor], keys: Sequence[str], toleranc
     count = len(outputs)
     if count == 0 or len(keys) != count:
         raise ValueError(f"group_outputs needs one key per output and at least one output, got {count} outputs and {len(keys)} keys")
-    pairwise = [[0.0] * count for _ in range(count)]
-    for i in range(count):
-        for j in range(i + 1, count):
-            # Symmetrized: the larger of the two relative distances, so order never matters.
-            distance = max(relative_distance(outputs[i], outputs[j]), relative_distance(outputs[j], outputs[i]))
-            pairwise[i][j] = pairwise[j][i] = distance
+    pairwise = _pairwise_distances(outputs)
     scores = [sum(min(value, 1e9) for value in row) for row in pairwise]
     order = sorted(range(count), key=lambda index: (scores[index], keys[index]))
     groups: list[list[int]] = []
@@ -133,6 +128,34 @@ def group_outputs(outputs: Sequence[torch.Tensor], keys: Sequence[str], toleranc
     winner = best if len(best) >= quorum and not tied else None
     distances = [pairwise[index][references[0]] for index in range(count)]
     return Grouping(groups, references, distances, winner)
+
+
+def _pairwise_distances(outputs: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Return the symmetrized relative distance of every pair of outputs: the larger of
+    `relative_distance(a, b)` and `relative_distance(b, a)`, so order never matters.
+
+    Each output is converted to float64 and its norm taken once, and each pair's difference
+    once, which gives the same values as calling `relative_distance` both ways.
+    """
+    count = len(outputs)
+    converted = [output.detach().to(torch.float64) for output in outputs]
+    finite = [bool(torch.isfinite(value).all()) for value in converted]
+    norms = [max(float(torch.linalg.vector_norm(value)), MIN_NORM) for value in converted]
+    pairwise = [[0.0] * count for _ in range(count)]
+    for i in range(count):
+        for j in range(i + 1, count):
+            if converted[i].shape != converted[j].shape:
+                raise ValueError(
+                    f"outputs of shapes {list(converted[i].shape)} and {list(converted[j].shape)} cannot be compared; "
+                    "replicas must return one shape"
+                )
+            if finite[i] and finite[j]:
+                difference = float(torch.linalg.vector_norm(converted[i] - converted[j]))
+                distance = max(difference / norms[j], difference / norms[i])
+            else:
+                distance = math.inf
+            pairwise[i][j] = pairwise[j][i] = distance
+    return pairwise
 
 
 def majority(replicas: int) -> int:
