@@ -5,7 +5,7 @@ Measured in one run:
 - local tokens/s: `LocalModel` greedy generation in this process (what `cortex generate` runs);
 - swarm tokens/s: the same prompt and token count answered by node processes on loopback
   (node 0: head and blocks; the experts over the others, two replicas each), production
-  settings: libp2p bus, CurveZMQ data plane, signed records, durable SQLite logs. The
+  settings: libp2p bus (`--bus nats` for NATS), CurveZMQ data plane, signed records, durable SQLite logs. The
   generated tokens must equal the local ones, or the bench fails;
 - per-MoE-layer dispatch overhead: the driver's mean wall time to dispatch one token's
   routed experts of one layer over the data plane, minus the same dispatch run locally;
@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model, else a DeepSeek-V3 test model)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: 32, --quick: 8)")
     parser.add_argument("--nodes", type=int, default=4, help="node processes in the swarm (default: 4)")
+    parser.add_argument("--bus", choices=["libp2p", "nats"], default="libp2p", help="gossip bus backend (default: libp2p, a node's default)")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cortex-bench-swarm-") as folder:
         root = Path(folder)
         model = _model_folder(args.model, root)
-        report = asyncio.run(_measure(model, root, tokens, args.nodes))
+        report = asyncio.run(_measure(model, root, tokens, args.nodes, args.bus))
     return emit(report, args.json)
 
 
@@ -68,14 +69,14 @@ def _model_folder(model: Path | None, root: Path) -> Path:
     return make_test_checkpoint("deepseek_v3", root / "deepseek_v3")
 
 
-async def _measure(model: Path, root: Path, tokens: int, nodes: int) -> BenchReport:
+async def _measure(model: Path, root: Path, tokens: int, nodes: int, bus: str) -> BenchReport:
     import torch
 
     from cortex.comm import measure_raw_round_trip
 
     torch.set_num_threads(1)
     local = _measure_local(model, tokens)
-    swarm = await _measure_swarm(model, root, tokens, nodes)
+    swarm = await _measure_swarm(model, root, tokens, nodes, bus)
     if swarm["token_ids"] != local["token_ids"]:
         raise SystemExit(f"error: swarm tokens {swarm['token_ids']} differ from local tokens {local['token_ids']}")
     payload = local["hidden_size"] * 4
@@ -86,7 +87,7 @@ async def _measure(model: Path, root: Path, tokens: int, nodes: int) -> BenchRep
         "model": str(model),
         "nodes": nodes,
         "generated_tokens": len(local["token_ids"]),
-        "settings": "libp2p bus, CurveZMQ data plane, Ed25519-signed records, SQLite logs (WAL, fsynced seq reservations), 1 torch thread per process",
+        "settings": f"{bus} bus, CurveZMQ data plane, Ed25519-signed records, SQLite logs (WAL, fsynced seq reservations), 1 torch thread per process",
         "local_tokens_per_s": local["tokens_per_s"],
         "swarm_tokens_per_s": swarm["tokens_per_s"],
         "swarm_request_ms": swarm["request_ms"],
@@ -150,7 +151,7 @@ def _measure_local(model: Path, tokens: int) -> dict[str, Any]:
     }
 
 
-async def _measure_swarm(model: Path, root: Path, tokens: int, nodes: int) -> dict[str, Any]:
+async def _measure_swarm(model: Path, root: Path, tokens: int, nodes: int, bus: str) -> dict[str, Any]:
     import orjson
 
     from cortex.node.client import SwarmClient
@@ -159,7 +160,7 @@ async def _measure_swarm(model: Path, root: Path, tokens: int, nodes: int) -> di
 
     loader = Loader(model, device="cpu", terminal=False)
     layout = demo_layout(loader.num_layers, loader.moe_layers, loader.num_experts, nodes)
-    swarm = LocalSwarm(root / "swarm", model, layout, log_level="WARNING")
+    swarm = LocalSwarm(root / "swarm", model, layout, backend=bus, log_level="WARNING")
     await swarm.start()
     try:
         client = SwarmClient(root / "client", swarm.client_transport_factory())
