@@ -63,7 +63,7 @@ class Acceptor:
         self._excluded: dict[str, int] = {}
         self._deferred: list[tuple[Event, list[str]]] = []
         self._own_deferred: list[Event] = []
-        self._own_deferred_ids: set[str] = set()
+        self._own_deferred_wires: dict[str, bytes] = {}
         for equivocation in store.equivocations():
             self._exclude(equivocation.author, equivocation.seq)
         if self.projections:
@@ -114,7 +114,7 @@ class Acceptor:
         """
         self._check_own(events)
         self._own_deferred.extend(events)
-        self._own_deferred_ids.update(event.id for event in events)
+        self._own_deferred_wires.update((event.id, event.wire) for event in events)
 
     def flush_deferred(self) -> None:
         """Append and fold the deferred events in one transaction: own ones (`defer_own`) first,
@@ -122,7 +122,7 @@ class Acceptor:
         if not self._deferred and not self._own_deferred:
             return
         own, self._own_deferred = self._own_deferred, []
-        self._own_deferred_ids = set()
+        self._own_deferred_wires = {}
         checked, self._deferred = self._deferred, []
         own_result, result = AcceptResult(), AcceptResult()
         with self.store.transaction():
@@ -149,6 +149,10 @@ class Acceptor:
         for checked in self._checked(wires, result):
             self._deferred.append(checked)
             result.accepted.append(checked[0])
+            # The clock rises now, not at the flush: a reply signed before then must sort
+            # after the records it answers.
+            if checked[0].lamport > self.lamport:
+                self.lamport = checked[0].lamport
         self.counters["duplicates"] += result.duplicates
         return result
 
@@ -222,8 +226,12 @@ class Acceptor:
                     # Same payload, other signature bytes: a duplicate if the signature is valid.
                     verify_event(event)
                 return None
-        if event.id in self._own_deferred_ids:
-            return None  # signed here, waiting for `flush_deferred`
+        pending = self._own_deferred_wires.get(event.id)
+        if pending is not None:
+            # Signed here and waiting for `flush_deferred`: a duplicate, as if it were stored.
+            if pending != wire:
+                verify_event(event)
+            return None
         verify_event(event)
         if event.author == self.own_peer_id:
             logger.error(

@@ -52,7 +52,7 @@ from cortex.comm.frames import (
     tensor_bytes,
 )
 from cortex.comm.messages import IncomingCall, Rejection, Reply, Response
-from cortex.comm.records import BATCH_FIELDS, BATCH_TENSOR_FIELDS, RECORD_TYPES, TENSOR_FIELDS
+from cortex.comm.records import BATCH_FIELDS, BATCH_TENSOR_FIELDS, MAX_BATCH_TENSORS, RECORD_TYPES, TENSOR_FIELDS
 from cortex.comm.sockets import ZapHandler, cancel_and_wait, configure_server
 from cortex.comm.validation import Expectations, FrameLimits, curve_key_text, receive_records
 from events import Acceptor, Event, Identity
@@ -318,7 +318,7 @@ class DataPlane:
                 all_chunks.append(chunk_parts(data))
         else:
             for group in _batch_groups(tensors, tensor_fields, batch):
-                bodies.append(record(**fields, **group.fields))
+                bodies.append(record(**{**fields, **group.fields}))
                 all_chunks.append(group.chunks)
         trackers = [chunk.tracker for chunks in all_chunks for chunk in chunks if isinstance(chunk, zmq.Frame) and chunk.tracker]
         events = self._sign_many(bodies, refs, defer=True)
@@ -423,6 +423,7 @@ class DataPlane:
     async def _serve_call(
         self, routing_id: zmq.Frame, call_id: int, call: IncomingCall, handler: Handler, received: float
     ) -> None:
+        served = False
         try:
             async with asyncio.timeout(self._handler_timeout_s):
                 response = await handler(call)
@@ -430,7 +431,7 @@ class DataPlane:
             parts, _trackers, _ids = self._encode(
                 "reply", call_id, "", response.record, response.fields, response.tensors, refs, response.tensor_fields
             )
-            self.counters["calls_served"] += 1
+            served = True
         except TimeoutError:
             self.counters["handler_timeouts"] += 1
             message = f"the {call.kind} handler did not finish within {self._handler_timeout_s} s"
@@ -441,7 +442,10 @@ class DataPlane:
             logger.exception("%s handler failed on call %d from %s", call.kind, call_id, call.peer_id)
             parts = encode_error(call_id, "handler_failed", f"{type(error).__name__}: {error}")
         await self._send(routing_id, parts)
-        self.timings["serve_s"] += time.perf_counter() - received
+        if served:
+            # Counted with its time, so that serve_s / calls_served is the mean of served calls.
+            self.counters["calls_served"] += 1
+            self.timings["serve_s"] += time.perf_counter() - received
 
     async def _send(self, routing_id: zmq.Frame, parts: Sequence[Part]) -> None:
         assert self._router is not None
@@ -489,16 +493,21 @@ def _batch_groups(
 
     A tensor's per-tensor fields (`batch`, such as `expert`) go into the record's lists; its
     other `tensor_fields` must be equal for the tensors of one record, so a different value
-    starts another record. Small tensors of a record are joined into one part.
+    starts another record, as does a record that already lists MAX_BATCH_TENSORS tensors.
+    Small tensors of a record are joined into one part.
     """
     groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, memoryview, Mapping[str, Any]]]] = {}
     for name, tensor in tensors.items():
         extra = tensor_fields.get(name, {})
         shared = tuple(sorted((key, value) for key, value in extra.items() if key not in batch))
         _flat, data = tensor_bytes(tensor)
-        groups.setdefault((DTYPE_NAMES[tensor.dtype], shared), []).append((name, tensor, data, extra))
+        key = (DTYPE_NAMES[tensor.dtype], shared)
+        # A full record starts another one under a numbered key, so tensors keep their order.
+        while len(groups.get(key, ())) >= MAX_BATCH_TENSORS:
+            key = (*key, len(key))
+        groups.setdefault(key, []).append((name, tensor, data, extra))
     result = []
-    for (dtype, shared), members in groups.items():
+    for (dtype, shared, *_part), members in groups.items():
         datas = [data for _name, _tensor, data, _extra in members]
         group_fields: dict[str, Any] = dict(shared)
         for single, plural in batch.items():

@@ -291,13 +291,15 @@ def check_tensor(body: Any, chunks: Sequence[zmq.Frame], max_tensor_bytes: int) 
         raise FrameRejected(
             FrameReason.BAD_DTYPE, f"tensor {label} has dtype {body.dtype!r:.40}; allowed dtypes are {sorted(DTYPES)}"
         )
-    if body.nbytes > max_tensor_bytes:
-        raise FrameRejected(
-            FrameReason.OVERSIZED,
-            f"tensor {label} of {body.nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes "
-            "(MAX_TENSOR_BYTES); split the batch into smaller calls or raise max_tensor_bytes on both nodes",
-        )
     entries = tensor_entries(body, itemsize)
+    # The limit is per tensor: a batch record's total is bounded by the message limit.
+    for entry in entries:
+        if entry.nbytes > max_tensor_bytes:
+            raise FrameRejected(
+                FrameReason.OVERSIZED,
+                f"tensor {entry.name!r} of {entry.nbytes} bytes exceeds the limit of {max_tensor_bytes} bytes "
+                "(MAX_TENSOR_BYTES); split the batch into smaller calls or raise max_tensor_bytes on both nodes",
+            )
     expected = sum(math.prod(entry.shape) * itemsize for entry in entries)
     if expected != body.nbytes:
         shapes = entries[0].shape if len(entries) == 1 else [entry.shape for entry in entries]

@@ -419,6 +419,13 @@ class Node:
             model_id, step = received.fields["model_id"], received.fields["step"]
             if (model_id, step) != (first["model_id"], first["step"]):
                 raise ServiceError(f"input {received.name!r} names model {model_id[:16]} step {step}; one call serves one model and step")
+        hidden_size = self.services[first["model_id"]].loader.hidden_size
+        for received in call.inputs:
+            # Rows of another width would fail the forward pass merged with other calls' rows.
+            if received.tensor.dim() != 2 or received.tensor.shape[1] != hidden_size:
+                raise ServiceError(
+                    f"input {received.name!r} has shape {list(received.tensor.shape)}; expert rows must be [N, {hidden_size}]"
+                )
         segments = [(received.fields["layer"], received.fields["expert"], received.tensor) for received in call.inputs]
         # Each expert goes to the batcher, which merges it with other calls' rows for that expert.
         outputs = await batcher.run_many(segments)

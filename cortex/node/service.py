@@ -120,21 +120,24 @@ class ExpertBatcher:
     def _flush(self) -> None:
         queues, self._queues = self._queues, {}
         for key, queued in queues.items():
-            rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
-            self.forward_passes += 1
-            self.merged_calls += len(queued) - 1
-            if rows.shape[0] > INLINE_MAX_ROWS:
-                task = asyncio.get_running_loop().create_task(self._forward_in_worker(key, rows, queued))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                continue
+            # A failure (rows that do not fit the expert, say) fails this expert's calls only.
             try:
-                with torch.inference_mode():
-                    outputs = self.service.run_expert(key[0], key[1], rows)
-            except Exception as error:  # noqa: BLE001 - every waiting call gets the failure
+                self._forward(key, queued)
+            except Exception as error:  # noqa: BLE001 - every waiting call of this expert gets the failure
                 _fail(queued, error)
-                continue
-            _split(queued, outputs)
+
+    def _forward(self, key: tuple[int, int], queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]) -> None:
+        rows = torch.cat([item for item, _ in queued]) if len(queued) > 1 else queued[0][0]  # [N, D]
+        self.forward_passes += 1
+        self.merged_calls += len(queued) - 1
+        if rows.shape[0] > INLINE_MAX_ROWS:
+            task = asyncio.get_running_loop().create_task(self._forward_in_worker(key, rows, queued))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        with torch.inference_mode():
+            outputs = self.service.run_expert(key[0], key[1], rows)
+        _split(queued, outputs)
 
     async def _forward_in_worker(
         self, key: tuple[int, int], rows: torch.Tensor, queued: list[tuple[torch.Tensor, asyncio.Future[torch.Tensor]]]

@@ -12,16 +12,18 @@ from comm_helpers import EXPERT_FIELDS, REQUEST_ID, Node, NodeFactory, RawClient
 from test_comm_malformed import flip
 
 from cortex.comm import (
+    CallFailed,
     ExpertBatchProduced,
     ExpertBatchSent,
     ExpertInputSent,
     ExpertOutputProduced,
+    FrameLimits,
     FrameReason,
     IncomingCall,
     Response,
 )
 from cortex.comm.frames import DTYPE_NAMES, digest_of, encode_header
-from events import Identity
+from events import Identity, PeerHeartbeat
 from events.writer import DEFERRED_FLUSH_DELAY_S
 
 EXPERTS = (2, 5, 9)
@@ -243,3 +245,44 @@ def test_batch_record_form_checked() -> None:
         ExpertBatchSent(experts=(), names=(), shapes=(), **fields)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"experts\[1\] must be >= 0"):
         ExpertBatchSent(experts=(1, -1), names=("a", "b"), shapes=((1, 2), (1, 2)), **fields)  # type: ignore[arg-type]
+
+
+async def test_batch_reply_sorts_after_its_inputs(client: Node, multi_server: Node) -> None:
+    # The caller's clock is ahead of the server's: the reply is signed after the inputs arrive,
+    # before they are committed, and its Lamport clock must still exceed theirs.
+    ahead = [client.writer.write(PeerHeartbeat(index)) for index in range(5)][-1].lamport
+    per_tensor = {"expert[1][2]": {"layer": 1, "expert": 2}}
+
+    reply = await batch_call(client, multi_server, {"expert[1][2]": rows(2)}, per_tensor)
+
+    [output] = reply.events
+    assert output.lamport > ahead + 1  # the input record took ahead + 1
+
+
+async def test_tensor_limit_applies_per_tensor_of_a_batch(nodes: NodeFactory) -> None:
+    limits = FrameLimits(max_tensor_bytes=1024 * 1024)
+    server = nodes(limits=limits)
+    server.dataplane.register_handler("expert", scale_by_expert)
+    await server.dataplane.start()
+    caller = nodes(limits=limits)
+    await caller.dataplane.start()
+    tensors = {f"expert[1][{expert}]": torch.ones(1000, 200) for expert in range(3)}  # 800,000 bytes each
+    per_tensor = {name: {"layer": 1, "expert": expert} for expert, name in enumerate(tensors)}
+
+    reply = await batch_call(caller, server, tensors, per_tensor)
+
+    assert torch.equal(reply.tensors["expert[1][2]"], torch.ones(1000, 200) * 3)
+    with pytest.raises(CallFailed, match="oversized"):
+        await batch_call(caller, server, {"expert[1][0]": torch.ones(1400, 200)}, {"expert[1][0]": {"layer": 1, "expert": 0}})
+
+
+async def test_batch_records_hold_at_most_64_tensors(client: Node, multi_server: Node) -> None:
+    tensors = {f"expert[1][{expert}]": rows(expert) for expert in range(70)}
+    per_tensor = {name: {"layer": 1, "expert": expert} for expert, name in enumerate(tensors)}
+
+    reply = await batch_call(client, multi_server, tensors, per_tensor)
+
+    assert [out.fields["expert"] for out in reply.outputs] == list(range(70))
+    await asyncio.sleep(2 * DEFERRED_FLUSH_DELAY_S)
+    sizes = [len(event.body.experts) for event in multi_server.store.events(type="ExpertBatchSent")]
+    assert sorted(sizes) == [6, 64]

@@ -30,6 +30,8 @@ reference_greedy = swarm_shared.reference_greedy
 CALL_TIMEOUT_S = 10.0
 QUORUM_TYPES = ("QuorumVoted", "QuorumDecided", "PeerPenalized")
 
+SETTLED_S = 0.5  # how long the quorum events of the compared nodes must stay the same
+
 
 class QuorumSwarm(LocalSwarm):
     """A LocalSwarm whose nodes get their own `quorum:` config section (policy and fault mode)."""
@@ -106,10 +108,17 @@ def quorum_event_ids(data_dir: Path) -> set[str]:
 
 
 def wait_for_same_quorum_events(swarm: LocalSwarm, indexes: list[int], timeout_s: float = 30.0) -> set[str]:
-    """Wait until the nodes at `indexes` hold the same quorum events (gossip settles); return their ids."""
+    """Wait until the nodes at `indexes` hold the same quorum events (gossip settles); return their ids.
+
+    The sets must also stay the same for SETTLED_S: a voter publishes in the background, so
+    its log can match its peers' for a moment while more of its events are still queued.
+    """
     deadline = time.monotonic() + timeout_s
+    previous: set[str] | None = None
     while True:
         sets = [quorum_event_ids(swarm.nodes[index].data_dir) for index in indexes]
-        if all(ids == sets[0] for ids in sets) or time.monotonic() > deadline:
+        same = all(ids == sets[0] for ids in sets)
+        if (same and sets[0] == previous) or time.monotonic() > deadline:
             return sets[0]
-        time.sleep(0.2)
+        previous = sets[0] if same else None
+        time.sleep(SETTLED_S)
