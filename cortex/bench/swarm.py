@@ -181,8 +181,10 @@ async def _measure_swarm(model: Path, root: Path, tokens: int, nodes: int, bus: 
     if result.completed is None:
         raise SystemExit(f"error: the swarm request failed: {result.failed}")
     if result.completed.degraded:
-        # A degraded answer comes from the driver's local fallback model: no swarm was measured.
-        raise SystemExit(f"error: the swarm answered in degraded mode ({result.completed.degraded_reason}), so nothing was measured")
+        # A degraded result comes from the driver's local fallback model: no swarm was measured.
+        raise SystemExit(
+            f"error: the request completed in degraded mode ({result.completed.degraded_reason}), so the swarm was not measured"
+        )
     timings = result.completed.timings_ms
     status = orjson.loads((swarm.nodes[0].data_dir / "node.status.json").read_bytes())
     router = next(iter(status["router"].values()))

@@ -164,11 +164,13 @@ async def test_batch_record_describes_every_expert_of_a_call(client: Node, multi
     # One signed record per message on each side, listing the experts in byte order.
     [output] = reply.events
     assert isinstance(output.body, ExpertBatchProduced)
-    assert output.body.experts == EXPERTS and output.body.layer == 1
+    assert output.body.experts == EXPERTS
+    assert output.body.layer == 1
     assert output.body.shapes == tuple(tuple(rows(e).shape) for e in EXPERTS)
     await asyncio.sleep(2 * DEFERRED_FLUSH_DELAY_S)
     [sent] = list(multi_server.store.events(type="ExpertBatchSent"))
-    assert sent.body.names == tuple(tensors) and sent.body.experts == EXPERTS
+    assert sent.body.names == tuple(tensors)
+    assert sent.body.experts == EXPERTS
     assert sent.body.digest == digest_of([rows(e).numpy().data for e in EXPERTS])
     assert output.refs == (REQUEST_ID, sent.id)
     assert [event.id for event in client.store.events(type="ExpertBatchProduced")] == [output.id]
@@ -228,7 +230,8 @@ async def test_bad_batch_record_rejected(multi_server: Node, raw: RawClient, cor
     await raw.send(parts)
     header, _frames = await raw.receive()
 
-    assert header.op == "error" and header.reason == reason.value, header
+    assert header.op == "error"
+    assert header.reason == reason.value, header
     assert "expert[1][2]" in header.message
     assert [rejection.reason for rejection in multi_server.rejections] == [reason]
     await raw.send(batch_parts(raw))

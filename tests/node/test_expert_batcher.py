@@ -44,7 +44,7 @@ async def test_failing_expert_leaves_other_experts_served() -> None:
     service = ScaleService()
     batcher = ExpertBatcher(service, run_inline)  # type: ignore[arg-type]
 
-    # Rows of another width for expert 0 make its merged pass fail; expert 1 must still answer.
+    # Rows of another width for expert 0 make its merged pass fail; expert 1 must still return its outputs.
     honest = asyncio.ensure_future(batcher.run_many([(1, 1, torch.ones(2, 4))]))
     mismatched = asyncio.ensure_future(batcher.run_many([(1, 0, torch.ones(2, 4)), (1, 0, torch.ones(2, 5))]))
     missing = asyncio.ensure_future(batcher.run_many([(1, 13, torch.ones(1, 4))]))
