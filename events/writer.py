@@ -39,11 +39,11 @@ sequence for both scopes. `write_many` signs several events and appends them in 
 transaction, which is what the data plane uses for the records of one message.
 
 Deferred appends: `write_many(..., defer=True)` signs request-scoped records and returns
-them at once, and appends them a moment later (`flush`, at most DEFERRED_FLUSH_DELAY_S
-after the first one waits), in one transaction with the acceptor's deferred received
+them at once, and appends them a moment later (`flush`, about DEFERRED_FLUSH_DELAY_S
+after the first one waits, an event loop timer), in one transaction with the acceptor's deferred received
 records, so the data plane sends a tensor without waiting for an SQLite commit and a group
 of records shares one commit. A record can then leave the node before it is in the log,
-and a kill can lose it from the log (the records of the last 25 ms at most). So the request sequence never resumes below its reservation after an unclean
+and a kill can lose it from the log (the records of about the last 25 ms). So the request sequence never resumes below its reservation after an unclean
 stop, in any boot: the start finds `seq_up_to` above the stored records and resumes above
 it, with a Lamport clock above the stored reservation. Any write that is not deferred,
 `flush` and `close` append the deferred records first.

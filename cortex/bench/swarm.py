@@ -36,14 +36,17 @@ PROMPT = "Return the number of items in the container"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "swarm",
-        help="local vs 4-node loopback swarm tokens/s, dispatch overhead, raw ZeroMQ round trip",
+        help="local vs loopback swarm (4 nodes by default) tokens/s, dispatch overhead, raw ZeroMQ round trip",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     add_common_arguments(parser)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model, else a DeepSeek-V3 test model)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: 32, --quick: 8)")
     parser.add_argument("--nodes", type=int, default=4, help="node processes in the swarm (default: 4)")
-    parser.add_argument("--bus", choices=["libp2p", "nats"], default="libp2p", help="gossip bus backend (default: libp2p, a node's default)")
+    parser.add_argument(
+        "--bus", choices=["libp2p", "nats"], default="libp2p",
+        help="gossip bus backend (default: libp2p, a node's default; nats starts a local nats-server)",
+    )
     parser.set_defaults(func=run)
 
 

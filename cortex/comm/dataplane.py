@@ -185,9 +185,11 @@ class DataPlane:
     ) -> Reply:
         """Send `tensors` to the `kind` handler of `peer_id` at `endpoint` and return its reply.
 
-        Each tensor is described by its own `record` event with `fields`, updated with
-        `tensor_fields[name]` when given (a multi-expert call gives each tensor its `expert`),
-        plus the fields taken from the tensor, signed with refs `(request_id,)`. Raises PeerTimeout when no valid reply
+        A one-tensor `record` type describes each tensor with its own event: `fields`,
+        updated with `tensor_fields[name]` when given (a multi-expert call gives each tensor
+        its `expert`), plus the fields taken from the tensor. A batch record type
+        (`ExpertBatchSent`) describes the tensors of one dtype and layer in one event. Every
+        record is signed with refs `(request_id,)`. Raises PeerTimeout when no valid reply
         comes within `timeout_s`, CallFailed when the peer replies with an error frame, and
         FrameRejected when its reply fails a check (the peer is then also penalized).
         """
@@ -294,7 +296,7 @@ class DataPlane:
         refs: tuple[str, ...],
         tensor_fields: Mapping[str, Mapping[str, Any]],
     ) -> tuple[list[Part], list[zmq.MessageTracker], tuple[str, ...]]:
-        """Sign one record per tensor, in one batch, and lay out the message; return its parts, send trackers and record ids."""
+        """Sign the message's records (one per tensor, or per batch group) and lay it out; return its parts, send trackers and record ids."""
         if not tensors:
             raise ValueError("a data-plane message needs at least one tensor")
         unknown = tensor_fields.keys() - tensors.keys()

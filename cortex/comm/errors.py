@@ -34,6 +34,7 @@ class FrameReason(enum.Enum):
     MALFORMED_EVENT = "malformed_event"
     BAD_SIGNATURE = "bad_signature"
     UNEXPECTED_TYPE = "unexpected_type"
+    UNKNOWN_RECORD_TYPE = "unknown_record_type"
     UNAUTHENTICATED = "unauthenticated"
     AUTHOR_MISMATCH = "author_mismatch"
     UNLINKED_REPLY = "unlinked_reply"
@@ -49,10 +50,10 @@ class FrameReason(enum.Enum):
     def penalized(self) -> bool:
         """Whether the sender is at fault (and reported to the penalty hook).
 
-        An unknown kind can come from an honest peer running another software version, so
-        it is rejected and counted but not penalized.
+        An unknown kind or record type can come from an honest peer running another software
+        version, so it is rejected and counted but not penalized.
         """
-        return self is not FrameReason.UNKNOWN_KIND
+        return self not in (FrameReason.UNKNOWN_KIND, FrameReason.UNKNOWN_RECORD_TYPE)
 
 
 class FrameRejected(CommError):

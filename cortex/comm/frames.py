@@ -6,9 +6,9 @@ A call goes from a DEALER to a ROUTER. The ROUTER receives one extra leading rou
 part, which ZeroMQ adds and strips. A message is one multipart ZeroMQ message:
 
     part 0          header: canonical JSON (orjson, sorted keys), at most MAX_HEADER_BYTES
-    for each tensor i in 0 .. len(header.chunks) - 1:
-        part        the tensor's record event, in event wire form (payload || signature)
-        parts       header.chunks[i] chunks of the tensor's raw bytes, in order
+    for each record i in 0 .. len(header.chunks) - 1:
+        part        the record event, in event wire form (payload || signature)
+        parts       header.chunks[i] chunks of the raw bytes of its tensor(s), in order
 
 Header fields:
 
@@ -16,24 +16,26 @@ Header fields:
     op       str   "call", "reply" or "error"
     call     int   call id chosen by the caller, echoed in the reply, 0 <= call < 2**63
     kind     str   handler the call is for, such as "expert" (op "call" only)
-    chunks   list  number of chunk parts of each tensor, 1 to MAX_CHUNKS each, for 1 to
-                   MAX_TENSORS tensors (op "call" and "reply")
+    chunks   list  number of chunk parts of each record, 1 to MAX_CHUNKS each, for 1 to
+                   MAX_TENSORS records (op "call" and "reply")
     reason   str   why the call failed (op "error" only): a FrameReason value, or
                    "busy", "handler_failed", "handler_timeout", "internal_error"
     message  str   human-readable detail of the error (op "error" only)
 
 An error message has the header part only. Every record event is a signed event of the
-`records` family (see `cortex.comm.records`) that names the tensor's dtype, shape, byte
-length and BLAKE2b-256 digest.
+`records` family (see `cortex.comm.records`) that names the dtype, shape(s), byte length
+and BLAKE2b-256 digest of its tensor, or of its tensors one after the other.
 
 Multi-expert calls: the records of one message share one author, one request id (the
 first ref) and distinct tensor names, but their other fields may differ. A call for
-several experts of one replica carries one tensor per expert, named `expert[l][e]`, each
-with its own `ExpertInputSent` record naming its `layer` and `expert`; the reply carries
-one output per input, with the same name and its own `ExpertOutputProduced` record. Every
-tensor is still checked on its own (dtype, shape, length, digest, signature) and rejected
-with its reason, which names the tensor. The layout and version did not change for this,
-and a single-expert call is the case of one tensor. An expert handler written before
+several experts of one replica carries one tensor per expert, named `expert[l][e]`. A
+node describes them with one `ExpertBatchSent` record per layer and dtype (bytes one
+tensor after the other, at most MAX_BATCH_TENSORS per record); the reply carries one
+output per input, under the same name, in `ExpertBatchProduced` records. A record is
+checked as a whole (dtype, every shape against the total length, chunk lengths, digest,
+signature) and rejected with its reason, which names its tensors. One record per tensor
+(`ExpertInputSent`, `ExpertOutputProduced`) is the same layout with one tensor per record.
+The layout and version did not change for either. An expert handler written before
 multi-expert calls answers only its first tensor; the caller then finds outputs missing
 and fails that replica, so the nodes of a swarm must all serve multi-expert calls. Tensor bytes are the tensor's contiguous memory in C order,
 little-endian. The dtype names on the wire are:

@@ -4,7 +4,8 @@ For each record of a call or reply, in this order:
 
 1. the parts match the header's chunk counts (`truncated` if parts are missing);
 2. the record event decodes (`malformed_event`, `oversized` for an event over 64 KiB);
-3. it is a record type the receiver accepts (`unexpected_type`);
+3. it is a record type the receiver knows (`unknown_record_type`, not penalized: the sender
+   runs a newer version) and accepts (`unexpected_type`);
 4. dtype, size limit, shape times item size, chunk lengths (`bad_dtype`, `oversized`,
    `shape_mismatch`, `length_mismatch`);
 5. all records share one author and one request id, the first entry of `refs`, and have
@@ -36,6 +37,7 @@ from cortex.comm.frames import MAX_MESSAGE_BYTES, MAX_TENSOR_BYTES, Header, chec
 from cortex.comm.messages import ReceivedTensor
 from cortex.comm.records import TensorEntry
 from events import Acceptor, Event, EventRejected, RejectReason, curve_public_key_from_peer_id, parse_event, verify_event
+from events.model import UnknownBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,12 @@ def _decode_record(
     except EventRejected as rejection:
         reason = FrameReason.OVERSIZED if rejection.reason is RejectReason.OVERSIZED else FrameReason.MALFORMED_EVENT
         raise FrameRejected(reason, f"record event rejected: {rejection}") from None
+    if isinstance(event.body, UnknownBody):
+        raise FrameRejected(
+            FrameReason.UNKNOWN_RECORD_TYPE,
+            f"record type {event.type} {event.body.version} is not known to this node; "
+            "the sender runs a newer version: upgrade this node",
+        )
     if not isinstance(event.body, expect.accepts):
         names = sorted(accepted.__name__ for accepted in expect.accepts)
         raise FrameRejected(FrameReason.UNEXPECTED_TYPE, f"record is a {event.type} event; expected one of {names}")

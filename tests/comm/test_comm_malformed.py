@@ -12,7 +12,8 @@ from comm_helpers import Node, NodeFactory, RawClient, RecordSigner, build_call,
 
 from cortex.comm import FrameReason, Rejection
 from cortex.comm.frames import MAX_FRAME_BYTES, encode_header
-from events import Identity, PeerLeft
+import events.model as events_model
+from events import REQUEST_SCOPE, Identity, PeerLeft, event_type
 
 HIDDEN = torch.arange(12.0).reshape(3, 4)
 HIDDEN_BYTES = HIDDEN.numpy().tobytes()
@@ -213,3 +214,26 @@ async def test_flood_of_bad_frames_is_survived(server: Node, raw: RawClient) -> 
 
     assert (await asyncio.wait_for(raw.good_call(), 10.0)).op == "reply"
     assert server.dataplane.counters["rejected_bad_digest"] == 40
+
+
+async def test_unknown_record_type_is_rejected_without_penalty(server: Node, raw: RawClient) -> None:
+    # A record type from a newer version: sign it while registered, then forget the type,
+    # as a node that predates it would.
+    @event_type(version="1.0", family="records", scope=REQUEST_SCOPE, name="ExpertRecordFromTheFuture")
+    @dataclass(frozen=True, slots=True)
+    class ExpertRecordFromTheFuture:
+        note: str
+
+    wire = raw.signer.sign(ExpertRecordFromTheFuture("newer")).wire
+    del events_model._TYPES_BY_NAME["ExpertRecordFromTheFuture"]
+    del events_model._TYPES_BY_CLASS[ExpertRecordFromTheFuture]
+
+    await raw.send([encode_header("call", 1, kind="expert", chunks=[1]), wire, HIDDEN_BYTES])
+    header, _frames = await raw.receive()
+
+    assert header.op == "error"
+    assert header.reason == FrameReason.UNKNOWN_RECORD_TYPE.value
+    assert "upgrade this node" in header.message
+    assert server.dataplane.counters["rejected_unknown_record_type"] == 1
+    assert server.rejections == []  # an honest newer peer is not penalized
+    assert (await raw.good_call()).op == "reply"
