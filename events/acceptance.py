@@ -62,8 +62,7 @@ class Acceptor:
         self.lamport = store.max_lamport()
         self._excluded: dict[str, int] = {}
         self._deferred: list[tuple[Event, list[str]]] = []
-        self._own_deferred: list[Event] = []
-        self._own_deferred_wires: dict[str, bytes] = {}
+        self._own_deferred: dict[str, Event] = {}  # by id, in signing order
         for equivocation in store.equivocations():
             self._exclude(equivocation.author, equivocation.seq)
         if self.projections:
@@ -113,16 +112,14 @@ class Acceptor:
         duplicate, not a copy of this node's key in use elsewhere.
         """
         self._check_own(events)
-        self._own_deferred.extend(events)
-        self._own_deferred_wires.update((event.id, event.wire) for event in events)
+        self._own_deferred.update((event.id, event) for event in events)
 
     def flush_deferred(self) -> None:
         """Append and fold the deferred events in one transaction: own ones (`defer_own`) first,
         then the received ones `accept_many(..., defer=True)` checked."""
         if not self._deferred and not self._own_deferred:
             return
-        own, self._own_deferred = self._own_deferred, []
-        self._own_deferred_wires = {}
+        own, self._own_deferred = list(self._own_deferred.values()), {}
         checked, self._deferred = self._deferred, []
         own_result, result = AcceptResult(), AcceptResult()
         with self.store.transaction():
@@ -150,7 +147,7 @@ class Acceptor:
             self._deferred.append(checked)
             result.accepted.append(checked[0])
             # The clock rises now, not at the flush: a reply signed before then must sort
-            # after the records it answers.
+            # after the records it replies to.
             if checked[0].lamport > self.lamport:
                 self.lamport = checked[0].lamport
         self.counters["duplicates"] += result.duplicates
@@ -226,10 +223,10 @@ class Acceptor:
                     # Same payload, other signature bytes: a duplicate if the signature is valid.
                     verify_event(event)
                 return None
-        pending = self._own_deferred_wires.get(event.id)
+        pending = self._own_deferred.get(event.id)
         if pending is not None:
             # Signed here and waiting for `flush_deferred`: a duplicate, as if it were stored.
-            if pending != wire:
+            if pending.wire != wire:
                 verify_event(event)
             return None
         verify_event(event)

@@ -90,9 +90,6 @@ def assemble_entries(entries: Sequence[TensorEntry], chunks: Sequence[zmq.Frame]
 
     Each tensor is a view of the received bytes (one chunk) or of one pooled copy (several).
     """
-    if len(entries) == 1:
-        entry = entries[0]
-        return [assemble(entry.dtype, entry.shape, chunks, pool)]
     nbytes = sum(len(chunk) for chunk in chunks)
     flat = _flat_bytes(chunks, nbytes, pool) if nbytes else None
     tensors = []

@@ -493,39 +493,44 @@ def _batch_groups(
 ) -> list[_BatchGroup]:
     """Group tensors into batch records: one per dtype and per set of shared extra fields, in order.
 
-    A tensor's per-tensor fields (`batch`, such as `expert`) go into the record's lists; its
+    A tensor's per-tensor fields (`batch`, such as `expert`) go into the record's lists. Its
     other `tensor_fields` must be equal for the tensors of one record, so a different value
-    starts another record, as does a record that already lists MAX_BATCH_TENSORS tensors.
+    starts another record. A record that already lists MAX_BATCH_TENSORS tensors does too.
     Small tensors of a record are joined into one part.
     """
-    groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor, memoryview, Mapping[str, Any]]]] = {}
+    # (dtype, shared fields) -> the records of that group, each a list of (name, tensor, bytes, tensor_fields).
+    groups: dict[tuple[str, tuple[tuple[str, Any], ...]], list[list[tuple[str, torch.Tensor, memoryview, Mapping[str, Any]]]]] = {}
     for name, tensor in tensors.items():
         extra = tensor_fields.get(name, {})
         shared = tuple(sorted((key, value) for key, value in extra.items() if key not in batch))
         _flat, data = tensor_bytes(tensor)
-        key = (DTYPE_NAMES[tensor.dtype], shared)
-        # A full record starts another one under a numbered key, so tensors keep their order.
-        while len(groups.get(key, ())) >= MAX_BATCH_TENSORS:
-            key = (*key, len(key))
-        groups.setdefault(key, []).append((name, tensor, data, extra))
-    result = []
-    for (dtype, shared, *_part), members in groups.items():
-        datas = [data for _name, _tensor, data, _extra in members]
-        group_fields: dict[str, Any] = dict(shared)
-        for single, plural in batch.items():
-            missing = [name for name, _tensor, _data, extra in members if single not in extra]
-            if missing:
-                raise ValueError(f"tensor_fields must give {single!r} for every tensor of a batch record; missing for {missing}")
-            group_fields[plural] = tuple(extra[single] for _name, _tensor, _data, extra in members)
-        group_fields.update(
-            names=tuple(name for name, _tensor, _data, _extra in members),
-            dtype=dtype,
-            shapes=tuple(tuple(tensor.shape) for _name, tensor, _data, _extra in members),
-            digest=digest_of(datas),
-            nbytes=sum(data.nbytes for data in datas),
-        )
-        result.append(_BatchGroup(group_fields, joined_chunk_parts(datas)))
-    return result
+        records = groups.setdefault((DTYPE_NAMES[tensor.dtype], shared), [[]])
+        if len(records[-1]) >= MAX_BATCH_TENSORS:
+            records.append([])
+        records[-1].append((name, tensor, data, extra))
+    return [_batch_group(dtype, shared, members, batch) for (dtype, shared), records in groups.items() for members in records]
+
+
+def _batch_group(
+    dtype: str, shared: tuple[tuple[str, Any], ...], members: list[tuple[str, torch.Tensor, memoryview, Mapping[str, Any]]],
+    batch: Mapping[str, str],
+) -> _BatchGroup:
+    """Fill one batch record's fields from its tensors (`members`: name, tensor, bytes, tensor_fields)."""
+    datas = [data for _name, _tensor, data, _extra in members]
+    group_fields: dict[str, Any] = dict(shared)
+    for single, plural in batch.items():
+        missing = [name for name, _tensor, _data, extra in members if single not in extra]
+        if missing:
+            raise ValueError(f"tensor_fields must give {single!r} for every tensor of a batch record; missing for {missing}")
+        group_fields[plural] = tuple(extra[single] for _name, _tensor, _data, extra in members)
+    group_fields.update(
+        names=tuple(name for name, _tensor, _data, _extra in members),
+        dtype=dtype,
+        shapes=tuple(tuple(tensor.shape) for _name, tensor, _data, _extra in members),
+        digest=digest_of(datas),
+        nbytes=sum(data.nbytes for data in datas),
+    )
+    return _BatchGroup(group_fields, joined_chunk_parts(datas))
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

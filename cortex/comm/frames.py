@@ -157,8 +157,9 @@ def chunk_parts(data: memoryview) -> list[Part]:
 def joined_chunk_parts(datas: Sequence[memoryview]) -> list[Part]:
     """Cut the bytes of several tensors, one after the other, into chunk parts.
 
-    Tensors that are small in all are joined into one copied part (one ZeroMQ frame instead
-    of one per tensor); otherwise each tensor's chunks follow the previous ones.
+    Tensors under ZERO_COPY_MIN_BYTES in all are joined into one copied part, so they take
+    one ZeroMQ frame instead of one per tensor. Otherwise each tensor's chunks follow the
+    previous ones.
     """
     if sum(data.nbytes for data in datas) < ZERO_COPY_MIN_BYTES:
         return [b"".join(datas)]

@@ -333,7 +333,7 @@ def _apply_request_ended(view: RouterView, event: Event) -> RouterView:
 
 
 def _experts_of(body: Any) -> tuple[int, ...]:
-    """The experts a record names: one for `ExpertInputSent`/`ExpertOutputProduced`, a list for a batch record."""
+    """Return the experts a record names: one for `ExpertInputSent`/`ExpertOutputProduced`, a list for a batch record."""
     return tuple(body.experts) if isinstance(body, (ExpertBatchSent, ExpertBatchProduced)) else (body.expert,)
 
 
