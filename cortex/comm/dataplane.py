@@ -110,7 +110,7 @@ class DataPlane:
         # Seconds spent in calls that got a valid reply (`call_s`) and serving calls, from the
         # message received to the reply handed to ZeroMQ (`serve_s`): with `calls_sent` and
         # `calls_served`, the mean of each, so the network's share of a call shows.
-        self.timings: collections.Counter[str] = collections.Counter()
+        self.timings: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.endpoint = ""
         if sign_many is None:
             if sign is None:

@@ -99,7 +99,7 @@ def receive_records(
         # The author matched the authenticated connection or the called peer, so the sender is known.
         rejection.peer_id = events[0].author
         raise
-    received = []
+    received: list[ReceivedTensor] = []
     for (event, entries), (_event_part, chunks) in zip(decoded, records):
         tensors = assemble_entries(entries, chunks, pool)
         received.extend(ReceivedTensor(entry.name, tensor, event, entry.fields) for entry, tensor in zip(entries, tensors))
