@@ -221,10 +221,10 @@ class SwarmDirectory:
         outputs = reply.tensors
         named = {received.name: received.fields for received in reply.outputs}
         for name, extra in (tensor_fields or {}).items():
-            fields = named.get(name)
-            if fields is None or any(fields.get(key) != value for key, value in extra.items()):
+            output_fields = named.get(name)
+            if output_fields is None or any(output_fields.get(key) != value for key, value in extra.items()):
                 self.note_failure(peer)
-                raise CallFailed(peer, kind, f"the reply record of {name!r} does not name {extra}: {fields!r:.200}")
+                raise CallFailed(peer, kind, f"the reply record of {name!r} does not name {extra}: {output_fields!r:.200}")
         for name, sent in tensors.items():
             output = outputs.get(name)
             if output is None or tuple(output.shape) != tuple(sent.shape):
