@@ -383,6 +383,10 @@ class GossipBus:
                 self._last_missing.pop(author, None)
         return result
 
+    def lacks_events_of(self, author: str) -> bool:
+        """Return whether this node knows of events by `author` that it has not stored yet."""
+        return author in self._dirty and bool(self.missing().get(author))
+
     async def repair(self, wait_for_persistence: bool = False) -> int:
         """Fetch missing events from peers; return how many were accepted.
 

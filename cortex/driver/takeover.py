@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
-from cortex.privacy import is_recipient, open_json
+from cortex.privacy import is_recipient
 from cortex.registry import RegistryView
+from cortex.scheduler.content import StreamAssembler, open_token_batch
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.planning import driver_order, rendezvous_score
 from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
@@ -35,6 +36,10 @@ TAKEOVER_READERS = 2
 # NOTE: a driver alive but stalled for longer than this is taken over too, and nothing stops it
 # afterwards, so two drivers then stream the same steps (equal tokens only for greedy requests).
 DRIVER_SILENCE_MS = 5_000
+# How long a due takeover waits for events of the silent driver that peers announced but this
+# node has not stored yet. Anti-entropy fetches them about 2 s after the announcement (heads
+# every 1 s, then two repair rounds 0.5 s apart).
+TAKEOVER_REPAIR_WAIT_MS = 5_000
 # A request whose last event is older than this is history (a join sync), not a live request.
 ABANDONED_AFTER_MS = 60_000
 
@@ -96,7 +101,9 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
 
     Due when the request is in flight and recent, its current driver is silent (or no driver
     accepted it within `DRIVER_SILENCE_MS` of its submission and `intended_driver` is silent),
-    and `me` is the first peer of the driver order once the silent peers are left out.
+    and `me` is the first peer of the driver order once the silent peers are left out. When no
+    live peer can open the prompt, the first live head holder is due all the same, to end the
+    request (`takeover_of`) rather than leave it waiting for a driver that cannot come.
     """
     if not record.is_in_flight or record.submission is None or record.driver == me:
         return None
@@ -104,8 +111,9 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     if now_ms - last_activity > ABANDONED_AFTER_MS:
         return None
     model_id = record.submission.model_id
-    full = readable_order(driver_order(registry, model_id, record.request_id, now_ms, record.submitter), record.submission)
-    silent = {peer for peer in [*full, *record.drivers] if is_silent(registry, peer, now_ms)}
+    unfiltered = driver_order(registry, model_id, record.request_id, now_ms, record.submitter)
+    full = readable_order(unfiltered, record.submission)
+    silent = {peer for peer in [*unfiltered, *record.drivers] if is_silent(registry, peer, now_ms)}
     if record.driver:
         if record.driver not in silent:
             return None
@@ -115,7 +123,7 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     else:
         # No driver accepted it: the driver the submitter chose died, perhaps before the views counted it dead.
         previous = ""
-    order = [peer for peer in full if peer not in silent]
+    order = [peer for peer in full if peer not in silent] or [peer for peer in unfiltered if peer not in silent]
     return previous if order and order[0] == me else None
 
 
@@ -136,23 +144,20 @@ def intended_driver(registry: RegistryView, record: RequestRecord) -> str:
 def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tuple[list[int], str]:
     """Return the token ids and text a request's drivers streamed, in step order, opened with `identity`.
 
-    Pass the batches by the request's drivers that reached this node. Raises UnreadableStream
-    when a batch is sealed to other readers or steps are missing before the last one streamed.
+    Pass the batches by the request's drivers that reached this node; batches of two drivers
+    may overlap (`StreamAssembler`). Raises UnreadableStream when a batch is sealed to other
+    readers or steps are missing before the last one streamed.
     """
-    by_start: dict[int, TokenGenerated] = {}
-    for body in batches:
-        by_start.setdefault(body.step_start, body)
-    tokens: list[int] = []
-    text = ""
-    last = max((body.step_stop for body in by_start.values()), default=0)
-    while len(tokens) < last:
-        batch = by_start.get(len(tokens))
-        if batch is None:
-            raise UnreadableStream(f"steps from {len(tokens)} on are missing here, though steps up to {last} were streamed")
+    assembler = StreamAssembler()
+    last = 0
+    for body in sorted(batches, key=lambda body: (body.step_start, body.step_stop)):
         try:
-            content = open_json(batch.sealed_tokens, identity)
+            assembler.add(open_token_batch(body, identity))
         except Exception as error:  # noqa: BLE001 - NotARecipient or a broken seal: the text cannot go on here
-            raise UnreadableStream(f"tokens at steps {batch.step_start} to {batch.step_stop} cannot be opened here: {error}") from error
-        tokens.extend(int(token) for token in content["token_ids"])
-        text += str(content["text"])
-    return tokens, text
+            raise UnreadableStream(f"tokens at steps {body.step_start} to {body.step_stop} cannot be opened here: {error}") from error
+        last = max(last, body.step_stop)
+    if len(assembler.token_ids) < last:
+        raise UnreadableStream(
+            f"steps from {len(assembler.token_ids)} on are missing here, though steps up to {last} were streamed"
+        )
+    return assembler.token_ids, assembler.text

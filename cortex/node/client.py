@@ -21,7 +21,7 @@ import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.bus.bus import BusConfig, GossipBus
 from cortex.bus.transport import Transport
 from cortex.registry import RegistryReducer, RegistryView
-from cortex.scheduler.content import new_nonce, open_tokens, prepare_submission
+from cortex.scheduler.content import OpenedBatch, StreamAssembler, new_nonce, open_token_batch, prepare_submission
 from cortex.driver.takeover import prompt_readers
 from cortex.scheduler.request_events import (
     RequestAccepted,
@@ -168,29 +168,40 @@ class SwarmClient:
         await self.bus.flush()
         return request_id
 
-    async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, Any]]:
-        """Yield (event, opened tokens or None) for the request until it completes or fails.
+    async def follow(self, request_id: str, timeout_s: float) -> AsyncIterator[tuple[Event, OpenedBatch | None]]:
+        """Yield (event, opened token batch or None) for the request until it completes or fails.
 
         Gossip does not keep one author's events in order. So after `RequestCompleted` the
-        client keeps reading until it has `completion_tokens` tokens, or for at most
-        `LATE_TOKENS_S`, while anti-entropy fetches missing batches.
+        client keeps reading until every step up to `completion_tokens` arrived, or for at most
+        `LATE_TOKENS_S`, while anti-entropy fetches missing batches. Steps that two drivers
+        streamed (a takeover) count once.
         """
         queue = self._queues[request_id]
         deadline = time.monotonic() + timeout_s
-        tokens = 0
+        steps: set[int] = set()
         expected: int | None = None
-        while expected is None or tokens < expected:
+        events = 0
+        while expected is None or len(steps) < expected:
             remaining = deadline - time.monotonic()
             try:
                 event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
             except TimeoutError:
                 if expected is not None:
-                    logger.warning("request %s: %d of %d tokens arrived", request_id[:12], tokens, expected)
+                    logger.warning("request %s: %d of %d tokens arrived", request_id[:12], len(steps), expected)
                     break
-                raise ClientError(f"request {request_id[:12]} received no response within {timeout_s} s; check that a node serving the model is live") from None
+                if events == 0:
+                    raise ClientError(
+                        f"request {request_id[:12]} received no response within {timeout_s} s; check that a node serving the model is live"
+                    ) from None
+                raise ClientError(
+                    f"request {request_id[:12]} did not finish within {timeout_s} s: {events} events and {len(steps)} "
+                    "tokens arrived, then neither a completion nor a failure; see the request's events with `cortex tail`"
+                ) from None
+            events += 1
             body = event.body
-            opened = open_tokens(body, self.identity) if isinstance(body, TokenGenerated) else None
-            tokens += len(opened[0]) if opened is not None else 0
+            opened = open_token_batch(body, self.identity) if isinstance(body, TokenGenerated) else None
+            if opened is not None:
+                steps.update(range(opened.step_start, opened.step_stop))
             yield event, opened
             if isinstance(body, RequestFailed):
                 break
@@ -200,9 +211,9 @@ class SwarmClient:
         self._queues.pop(request_id, None)
 
     async def run(self, request_id: str, timeout_s: float, on_text: Any = None) -> RequestResult:
-        """Follow a request to its end, ordering token batches by step, and return what arrived."""
+        """Follow a request to its end, joining token batches in step order, and return what arrived."""
         result = RequestResult(request_id)
-        batches: dict[int, tuple[list[int], str]] = {}
+        stream = StreamAssembler()
         async for event, opened in self.follow(request_id, timeout_s):
             body = event.body
             if isinstance(body, RequestAccepted):
@@ -210,17 +221,20 @@ class SwarmClient:
             elif isinstance(body, RouteReplanned):
                 result.replans.append(body)
                 result.route = dict(body.route)
-            elif isinstance(body, TokenGenerated):
-                batches[body.step_start] = opened
+            elif opened is not None:
                 result.token_event_times_ms.append(event.time_ms)
-                while len(result.token_ids) in batches:
-                    token_ids, text = batches.pop(len(result.token_ids))
-                    result.token_ids.extend(token_ids)
-                    result.text += text
+                conflicts = len(stream.conflicts)
+                for _, text in stream.add(opened):
                     if on_text is not None and text:
                         on_text(text)
+                if len(stream.conflicts) > conflicts:
+                    logger.warning(
+                        "request %s: two drivers streamed different tokens at steps %s; the text keeps the first ones",
+                        request_id[:12], stream.conflicts[conflicts:],
+                    )
             elif isinstance(body, RequestCompleted):
                 result.completed = body
             elif isinstance(body, RequestFailed):
                 result.failed = body
+        result.token_ids, result.text = stream.token_ids, stream.text
         return result

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from cortex.driver.executors import BlockExecutor, Compute
 from cortex.driver.fallback import FallbackModel
 from cortex.driver.requests import DriverContext, Emit, Takeover
-from cortex.driver.takeover import UnreadableStream, streamed_tokens, takeover_due
+from cortex.driver.takeover import UnreadableStream, can_read, streamed_tokens, takeover_due
 from cortex.node.service import ModelService
 from cortex.privacy import is_recipient
 from cortex.registry import RegistryView
@@ -77,8 +77,9 @@ def takeover_of(
     """Return (RequestSubmitted event, what to do) when this node should take `record` over now, else None.
 
     What to do is a `Takeover`, or the message of the `RequestFailed` to publish instead when
-    the text cannot go on here: the streamed tokens cannot be read, or the silent driver was
-    answering with its fallback model. Then the request ends rather than hangs.
+    the text cannot go on here: no live peer can open the prompt, the streamed tokens cannot
+    be read, or the silent driver was answering with its fallback model. Then the request
+    ends rather than hangs.
     """
     previous = takeover_due(registry, record, identity.peer_id, now_ms)
     if previous is None:
@@ -90,6 +91,12 @@ def takeover_of(
     submitted = store.get(stored[0][0]) if stored else None
     if submitted is None:
         return None
+    if not can_read(submission.body, identity.peer_id):
+        readers = [peer for peer in prompt_readers_of(registry, submission.body) if peer != record.submitter]
+        return submitted, (
+            f"the driver {previous or '(none accepted)'} stopped and no live peer can open the prompt, which the "
+            f"submitter sealed to {', '.join(readers) or 'no known peer'}; submit the request again"
+        )
     drivers = set(record.drivers)
     batches = [
         event.body

@@ -55,7 +55,7 @@ from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver, Takeover
-from cortex.driver.takeover import fallback_order, readable_order
+from cortex.driver.takeover import TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
@@ -154,6 +154,7 @@ class Node:
         self.stopping = asyncio.Event()
         self.drivers: set[asyncio.Task[None]] = set()
         self.driving: set[str] = set()  # ids of the requests this node drives or drove
+        self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
@@ -500,15 +501,24 @@ class Node:
         if self.stopping.is_set() or self._task_group is None:
             return
         now = wall_clock_ms()
-        for record in self.scheduler.view.in_flight():
+        in_flight = self.scheduler.view.in_flight()
+        ended = set(self._takeover_due_since) - {record.request_id for record in in_flight}
+        for request_id in ended:
+            del self._takeover_due_since[request_id]
+        for record in in_flight:
             service = self.services.get(record.model_id)
             if service is None or service.head is None or record.request_id in self.driving:
                 continue
             found = takeover_of(self.registry.view, self.store, record, self.identity, now)
-            if found is not None and isinstance(found[1], str):
+            if found is None:
+                self._takeover_due_since.pop(record.request_id, None)
+                continue
+            if self._awaits_missing_events(record.request_id, record.drivers, now):
+                continue
+            if isinstance(found[1], str):
                 self.driving.add(record.request_id)
                 self._task_group.create_task(end_taken_over(self.emit, record, found[0], found[1]))
-            elif found is not None:
+            else:
                 submitted, takeover = found
                 assert isinstance(takeover, Takeover)
                 logger.warning(
@@ -516,6 +526,27 @@ class Node:
                     record.request_id[:12], takeover.previous_driver or "(none accepted)", len(takeover.token_ids),
                 )
                 self._start_driver(RequestDriver(self._driver_context(service), submitted, takeover))
+
+    def _awaits_missing_events(self, request_id: str, drivers: tuple[str, ...], now_ms: int) -> bool:
+        """Return whether a takeover of `request_id` waits for events of its drivers that anti-entropy is fetching.
+
+        A batch of the silent driver that reached other peers but not this node would
+        otherwise be streamed twice, or fail the takeover as a gap. The wait is at most
+        TAKEOVER_REPAIR_WAIT_MS from the first time the takeover was due.
+        """
+        lacking = [driver for driver in drivers if self.bus.lacks_events_of(driver)]
+        first_due = self._takeover_due_since.setdefault(request_id, now_ms)
+        if not lacking or now_ms - first_due >= TAKEOVER_REPAIR_WAIT_MS:
+            if lacking:
+                logger.warning(
+                    "taking request %s over without every event of its drivers %s: anti-entropy did not fetch them within %d ms",
+                    request_id[:12], ", ".join(lacking), TAKEOVER_REPAIR_WAIT_MS,
+                )
+            self._takeover_due_since.pop(request_id, None)
+            return False
+        if first_due == now_ms:
+            logger.info("request %s: waiting for missing events of %s before taking it over", request_id[:12], ", ".join(lacking))
+        return True
 
     def _driver_context(self, service: ModelService) -> DriverContext:
         directory = self.directories[service.model_id]

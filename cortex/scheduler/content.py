@@ -13,6 +13,7 @@ The driver seals each token batch to the submitter and itself (`TokenBatcher`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,41 @@ def open_stop(body: RequestSubmitted, identity: Identity) -> list[str]:
 
 def open_tokens(body: TokenGenerated, identity: Identity) -> tuple[list[int], str]:
     """Return the token ids and text of a token batch, opened with `identity`."""
+    batch = open_token_batch(body, identity)
+    return batch.token_ids, batch.text
+
+
+@dataclass(frozen=True)
+class OpenedBatch:
+    """The opened content of one `TokenGenerated`: its steps, token ids and text.
+
+    `text_ends[i]` is where token i's text ends in `text`, so the batch can be cut at any
+    step. None for batches of drivers that did not send it (before text ends existed).
+    """
+
+    step_start: int
+    token_ids: list[int]
+    text: str
+    text_ends: list[int] | None
+
+    @property
+    def step_stop(self) -> int:
+        return self.step_start + len(self.token_ids)
+
+    def can_cut_at(self, step: int) -> bool:
+        return step == self.step_start or (self.text_ends is not None and self.step_start < step < self.step_stop)
+
+    def tail(self, step: int) -> tuple[list[int], str]:
+        """Return the token ids and text from `step` on; `can_cut_at(step)` must hold."""
+        offset = step - self.step_start
+        if offset == 0:
+            return self.token_ids, self.text
+        assert self.text_ends is not None
+        return self.token_ids[offset:], self.text[self.text_ends[offset - 1] :]
+
+
+def open_token_batch(body: TokenGenerated, identity: Identity) -> OpenedBatch:
+    """Return the opened content of a token batch; raise SealedContentInvalid if it is malformed."""
     content = open_json(body.sealed_tokens, identity)
     token_ids = content.get("token_ids") if isinstance(content, dict) else None
     text = content.get("text") if isinstance(content, dict) else None
@@ -148,7 +184,63 @@ def open_tokens(body: TokenGenerated, identity: Identity) -> tuple[list[int], st
         raise SealedContentInvalid(
             f"sealed tokens hold {len(token_ids)} ids for steps {body.step_start} to {body.step_stop}"
         )
-    return token_ids, text
+    text_ends = content.get("text_ends")
+    if text_ends is not None and not _valid_text_ends(text_ends, len(token_ids), len(text)):
+        raise SealedContentInvalid(
+            f"sealed tokens for steps {body.step_start} to {body.step_stop} have text_ends that are not "
+            f"{len(token_ids)} non-decreasing offsets ending at the text's length {len(text)}"
+        )
+    return OpenedBatch(body.step_start, token_ids, text, text_ends)
+
+
+def _valid_text_ends(text_ends: object, tokens: int, text_length: int) -> bool:
+    if not isinstance(text_ends, list) or len(text_ends) != tokens or not all(type(end) is int for end in text_ends):
+        return False
+    return all(0 <= a <= b for a, b in zip([0, *text_ends], text_ends)) and (not text_ends or text_ends[-1] == text_length)
+
+
+class StreamAssembler:
+    """Joins a request's token batches, from one driver or several, into one stream in step order.
+
+    Two drivers can stream the same steps with batch boundaries of their own: a driver that
+    took over without a batch of its predecessor replays from an earlier step, and a driver
+    taken over while only stalled streams on. A batch that starts at the next step, or before
+    it and reaches past it, continues the stream. The steps it repeats are dropped after a
+    comparison with the stream, and `conflicts` lists the steps where they differ. A batch
+    without `text_ends` continues the stream only from its first step.
+    """
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.conflicts: list[int] = []
+        self._waiting: list[OpenedBatch] = []
+
+    def add(self, batch: OpenedBatch) -> list[tuple[list[int], str]]:
+        """Take one batch; return the pieces (token ids, text) it let the stream go on with, in order."""
+        self._waiting.append(batch)
+        pieces: list[tuple[list[int], str]] = []
+        while True:
+            step = len(self.token_ids)
+            for waiting in self._waiting:
+                self._check_repeated(waiting, step)
+            self._waiting = [waiting for waiting in self._waiting if waiting.step_stop > step]
+            usable = [waiting for waiting in self._waiting if waiting.can_cut_at(step)]
+            if not usable:
+                return pieces
+            # Prefer a batch that starts at the next step: it repeats nothing.
+            chosen = min(usable, key=lambda waiting: (step - waiting.step_start, -waiting.step_stop))
+            self._waiting.remove(chosen)
+            token_ids, text = chosen.tail(step)
+            self.token_ids.extend(token_ids)
+            self.text += text
+            pieces.append((token_ids, text))
+
+    def _check_repeated(self, batch: OpenedBatch, step: int) -> None:
+        for offset, token in enumerate(batch.token_ids[: max(0, step - batch.step_start)]):
+            position = batch.step_start + offset
+            if self.token_ids[position] != token and position not in self.conflicts:
+                self.conflicts.append(position)
 
 
 @dataclass
@@ -187,7 +279,8 @@ class TokenBatcher:
         """Return the pending tokens as one batch, or None if there are none."""
         if not self._token_ids:
             return None
-        content = {"token_ids": self._token_ids, "text": "".join(self._texts)}
+        ends = list(itertools.accumulate(len(text) for text in self._texts))
+        content = {"token_ids": self._token_ids, "text": "".join(self._texts), "text_ends": ends}
         start = self.next_step
         self.next_step += len(self._token_ids)
         self._token_ids, self._texts = [], []

@@ -12,7 +12,7 @@ from cortex.bus.bus import BusConfig, peek_author
 from cortex.bus.memory import MemoryNetwork, MemoryTransport
 from cortex.bus.testnode import BusNode
 from cortex.bus.transport import FaultInjector
-from events import Identity, PeerHeartbeat
+from events import Identity, PeerHeartbeat, sign_event
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,3 +196,16 @@ def test_peek_author_reads_first_key() -> None:
     event = sign_event(identity, PeerHeartbeat(latest_seq=0), seq=1, lamport=1, time_ms=0)
     assert peek_author(event.wire) == identity.peer_id
     assert peek_author(b'{"body":{}}') is None
+
+
+async def test_lacks_events_of_names_an_author_with_a_gap(tmp_path: Path) -> None:
+    receiver = make_node(MemoryNetwork(), tmp_path, "receiver")
+    author, other = Identity.generate(), Identity.generate()
+    events = [sign_event(author, PeerHeartbeat(seq - 1), seq=seq, lamport=seq, time_ms=1_000 + seq) for seq in range(1, 4)]
+
+    receiver.bus.ingest([events[0].wire, events[2].wire], author.peer_id)
+
+    assert receiver.bus.lacks_events_of(author.peer_id)
+    assert not receiver.bus.lacks_events_of(other.peer_id)
+    receiver.bus.ingest([events[1].wire], author.peer_id)
+    assert not receiver.bus.lacks_events_of(author.peer_id)

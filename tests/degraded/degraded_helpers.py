@@ -56,10 +56,20 @@ def live_fragments(swarm: LocalSwarm) -> set[str]:
 
 
 async def open_client(swarm: LocalSwarm, root: Path) -> SwarmClient:
-    """Start a bus client and wait until every fragment a live node holds has a live holder."""
+    """Start a bus client and wait until its view lists every live node's fragments as loaded by that node.
+
+    Every head holder must be in the client's view before it submits: the client seals the
+    prompt only to the head holders it knows, and a takeover needs a second one that can read.
+    """
     client = SwarmClient(root, swarm.client_transport_factory())
     await client.start()
-    await client.wait_for_model(client.resolve_model(str(swarm.model_dir)), live_fragments(swarm), 60.0)
+    model_id = client.resolve_model(str(swarm.model_dir))
+    await client.wait_for_model(model_id, live_fragments(swarm), 60.0)
+    live = [node for node in swarm.nodes if node.process is not None and node.process.poll() is None]
+    deadline = time.monotonic() + 60.0
+    while not all(node.peer_id in client.registry.view.holders(model_id, fragment, wall_clock_ms()) for node in live for fragment in node.fragments):
+        assert time.monotonic() < deadline, "the client did not see every live node's fragments within 60 s"
+        await asyncio.sleep(0.1)
     return client
 
 

@@ -70,7 +70,8 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     assert killed, "no text arrived before the end, so the kill did not land mid-stream"
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
-    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    streamed = [(author[-6:], body.step_start, body.step_stop) for author, body in batches]
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS)), (accepted, streamed)
 
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != killed[0])
     assert [author for author, _ in accepted] == [killed[0], successor]

@@ -11,13 +11,16 @@ import pytest
 from cortex.commands.generate import DEMO_MODEL_DIR
 from cortex.driver.fallback import FallbackModel
 from cortex.driver.requests import DriverContext, RequestDriver
-from cortex.driver.takeover import UnreadableStream, streamed_tokens
+from cortex.driver.takeover import UnreadableStream, streamed_tokens, takeover_due
+from cortex.node.driving import takeover_of
 from cortex.node.config import parse_config
 from cortex.privacy import open_json, seal
 from cortex.scheduler import RequestAccepted, RequestCompleted, RequestFailed, RequestSubmitted, TokenGenerated
 from cortex.scheduler.content import TokenBatcher
-from cortex.scheduler.request_events import request_id_for
-from events import Event, Identity, sign_event
+from cortex.registry import RegistryReducer
+from cortex.scheduler.request_events import plan_digest, request_id_for
+from cortex.scheduler.view import fold
+from events import Event, Identity, LogStore, PeerHeartbeat, PeerJoined, ShardLoaded, sign_event
 
 SUBMITTER = Identity.generate()
 NODE = Identity.generate()
@@ -118,3 +121,52 @@ def test_unserved_fragments_message_sorts_and_counts() -> None:
     message = unserved_fragments_message(missing)
     assert message == "6 fragment(s) have no live holder: block[0:8], block[8:16], expert[2][3], expert[2][11] and 2 more"
     assert unserved_fragments_message(["head"]) == "1 fragment(s) have no live holder: head"
+
+
+def test_streamed_tokens_joins_overlapping_drivers() -> None:
+    readers = (SUBMITTER.peer_id, NODE.peer_id)
+    first = _batches(readers)[:2]  # steps 0 to 3, by the first driver
+    # The next driver missed the second batch: it replays from step 2 with boundaries of its own.
+    batcher = TokenBatcher("cd" * 32, readers, max_tokens=3, next_step=2)
+    second = [batch for batch in [*(batcher.add(token, f" t{token}", 0) for token in range(2, 7)), batcher.flush()] if batch]
+    assert [(batch.step_start, batch.step_stop) for batch in second] == [(2, 5), (5, 7)]
+
+    assert streamed_tokens([*second, *first], NODE) == ([0, 1, 2, 3, 4, 5, 6], " t0 t1 t2 t3 t4 t5 t6")
+
+
+HEAD_HOLDER = Identity.generate()
+
+
+def _joined(identity: Identity, heartbeat_ms: int) -> list[Event]:
+    joined = PeerJoined(("/ip4/127.0.0.1/tcp/4001",), "tcp://127.0.0.1:5555", identity.curve_public_key.decode(), {"cpus": 2}, "1.0", "0.1.0")
+    return [
+        sign_event(identity, joined, seq=1, lamport=1, time_ms=1_000),
+        sign_event(identity, ShardLoaded("ab" * 32, "head", 10), seq=2, lamport=2, time_ms=1_000),
+        sign_event(identity, PeerHeartbeat(2), seq=3, lamport=3, time_ms=heartbeat_ms),
+    ]
+
+
+def test_takeover_unreadable_prompt_ends_request(tmp_path: Path) -> None:
+    # The submitter knew only NODE when it submitted, so the prompt is sealed to NODE alone.
+    # NODE accepts and goes silent, and HEAD_HOLDER, live, cannot open the prompt.
+    submitted = _submitted(4)
+    request_id = request_id_for(SUBMITTER.peer_id, submitted.body.nonce)
+    accepted = sign_event(NODE, RequestAccepted(request_id, {}, {}, 0, plan_digest({}, {}, 0)), seq=4, lamport=4, time_ms=1_500, refs=(submitted.id,))
+    events = [*_joined(NODE, 1_000), *_joined(HEAD_HOLDER, 7_000), submitted, accepted]
+    registry = RegistryReducer().empty()
+    for event in events:
+        registry = RegistryReducer().apply(registry, event)
+    record = fold(events).requests[request_id]
+    store = LogStore(tmp_path / "events.db")
+    for event in events:
+        store.append(event)
+
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 7_000) == NODE.peer_id
+    found = takeover_of(registry, store, record, HEAD_HOLDER, 7_000)
+
+    assert found is not None and found[0].id == submitted.id
+    assert isinstance(found[1], str)
+    assert f"the driver {NODE.peer_id} stopped and no live peer can open the prompt" in found[1]
+    assert f"sealed to {NODE.peer_id}" in found[1]
+    # While NODE is live, nothing is due.
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 2_000) is None

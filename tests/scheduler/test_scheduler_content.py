@@ -6,14 +6,18 @@ from dataclasses import replace
 
 import pytest
 
-from cortex.privacy import NotARecipient, SealedContentInvalid
+from cortex.privacy import NotARecipient, SealedContentInvalid, seal_json
+from cortex.scheduler import TokenGenerated
 from cortex.scheduler import RequestSubmitted, request_id_for
 from cortex.scheduler.content import (
     MAX_INLINE_PROMPT_CHARS,
     ContentError,
+    OpenedBatch,
+    StreamAssembler,
     TokenBatcher,
     open_prompt,
     open_stop,
+    open_token_batch,
     open_tokens,
     prepare_submission,
     prompt_digest,
@@ -122,3 +126,83 @@ def test_open_tokens_checks_count() -> None:
 
     with pytest.raises(SealedContentInvalid, match="hold 2 ids for steps 0 to 3"):
         open_tokens(replace(body, step_stop=3), DRIVER)
+
+
+def _stream(texts: list[str], start: int = 0, max_tokens: int = 2) -> list[OpenedBatch]:
+    """Batch tokens start, start + 1, ... with these texts; return the batches as the submitter opens them."""
+    batcher = TokenBatcher("ab" * 32, (SUBMITTER.peer_id,), max_tokens=max_tokens, next_step=start)
+    bodies = [batcher.add(start + index, text, now_ms=0) for index, text in enumerate(texts)]
+    return [open_token_batch(body, SUBMITTER) for body in [*bodies, batcher.flush()] if body is not None]
+
+
+def test_batches_carry_where_each_token_text_ends() -> None:
+    (batch,) = _stream(["He", "llo", "", " world"], max_tokens=4)
+
+    assert batch.text == "Hello world"
+    assert batch.text_ends == [2, 5, 5, 11]
+    assert batch.tail(2) == ([2, 3], " world")
+    assert batch.tail(1) == ([1, 2, 3], "llo world")
+
+
+def test_assembler_joins_batches_in_step_order() -> None:
+    batches = _stream(["a", "b", "c", "d", "e"])
+    stream = StreamAssembler()
+
+    assert stream.add(batches[2]) == []
+    assert stream.add(batches[1]) == []
+    assert stream.add(batches[0]) == [([0, 1], "ab"), ([2, 3], "cd"), ([4], "e")]
+    assert (stream.token_ids, stream.text, stream.conflicts) == ([0, 1, 2, 3, 4], "abcde", [])
+
+
+def test_assembler_continues_from_replayed_steps() -> None:
+    # The first driver streamed steps 0 to 3, and the next one replays from step 1 in batches of 3.
+    first = _stream(["a", "b", "c", "d"])
+    second = _stream(["b", "c", "d", "e", "f"], start=1, max_tokens=3)
+    assert [(batch.step_start, batch.step_stop) for batch in second] == [(1, 4), (4, 6)]
+    stream = StreamAssembler()
+    for batch in first:
+        stream.add(batch)
+
+    assert stream.add(second[1]) == [([4, 5], "ef")]
+    assert stream.add(second[0]) == []
+    assert (stream.token_ids, stream.text, stream.conflicts) == ([0, 1, 2, 3, 4, 5], "abcdef", [])
+
+
+def test_assembler_cuts_overlapping_batch() -> None:
+    first = _stream(["a", "b", "c"], max_tokens=3)
+    replay = _stream(["a", "b", "c", "d", "e"], max_tokens=5)
+    stream = StreamAssembler()
+    stream.add(first[0])
+
+    assert stream.add(replay[0]) == [([3, 4], "de")]
+    assert stream.text == "abcde"
+
+
+def test_assembler_reports_steps_where_two_drivers_differ() -> None:
+    first = _stream(["a", "b"])
+    other = open_token_batch(TokenGenerated("ab" * 32, 0, 3, seal_json({"token_ids": [0, 9, 2], "text": "aXc", "text_ends": [1, 2, 3]}, [SUBMITTER.peer_id])), SUBMITTER)
+    stream = StreamAssembler()
+    stream.add(first[0])
+
+    assert stream.add(other) == [([2], "c")]
+    assert stream.conflicts == [1]
+    assert stream.token_ids == [0, 1, 2]
+
+
+def test_assembler_without_text_ends_waits() -> None:
+    # A batch from a driver that sends no text ends cannot be cut inside.
+    old = open_token_batch(TokenGenerated("ab" * 32, 0, 3, seal_json({"token_ids": [0, 1, 2], "text": "abc"}, [SUBMITTER.peer_id])), SUBMITTER)
+    stream = StreamAssembler()
+    stream.add(_stream(["a"])[0])
+
+    assert old.text_ends is None
+    assert stream.add(old) == []
+    assert stream.add(_stream(["b", "c"], start=1)[0]) == [([1, 2], "bc")]
+
+
+@pytest.mark.parametrize("text_ends", [[1, 2], [2, 1, 3], [1, 2, 4], [-1, 2, 3], "123", [1, 2, 3.0]])
+def test_open_token_batch_rejects_bad_text_ends(text_ends: object) -> None:
+    body = TokenGenerated("ab" * 32, 0, 3, seal_json({"token_ids": [0, 1, 2], "text": "abc", "text_ends": text_ends}, [SUBMITTER.peer_id]))
+
+    with pytest.raises(SealedContentInvalid, match="text_ends"):
+        open_token_batch(body, SUBMITTER)
