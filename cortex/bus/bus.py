@@ -372,20 +372,25 @@ class GossipBus:
         """Return the seq ranges this node lacks per dirty author, above its sync floors."""
         result: dict[str, list[tuple[int, int]]] = {}
         for author in sorted(self._dirty):
-            known = self._known_heads.get(author, 0)
-            ranges = self.store.missing_ranges(author, up_to=known if known > self.store.max_seq(author) else None)
-            floor = self._floors.get(author, 0)
-            ranges = [(max(first, floor + 1), last) for first, last in ranges if last > floor]
+            ranges = self._missing_of(author)
             if ranges:
                 result[author] = ranges
-            else:
-                self._dirty.discard(author)
-                self._last_missing.pop(author, None)
         return result
 
+    def _missing_of(self, author: str) -> list[tuple[int, int]]:
+        """Return the seq ranges of a dirty author this node lacks; an author lacking none is clean again."""
+        known = self._known_heads.get(author, 0)
+        ranges = self.store.missing_ranges(author, up_to=known if known > self.store.max_seq(author) else None)
+        floor = self._floors.get(author, 0)
+        ranges = [(max(first, floor + 1), last) for first, last in ranges if last > floor]
+        if not ranges:
+            self._dirty.discard(author)
+            self._last_missing.pop(author, None)
+        return ranges
+
     def lacks_events_of(self, author: str) -> bool:
-        """Return whether this node knows of events by `author` that it has not stored yet."""
-        return author in self._dirty and bool(self.missing().get(author))
+        """Return whether peers announced events by `author` that this node has not stored yet."""
+        return author in self._dirty and bool(self._missing_of(author))
 
     async def repair(self, wait_for_persistence: bool = False) -> int:
         """Fetch missing events from peers; return how many were accepted.

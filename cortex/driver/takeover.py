@@ -12,7 +12,8 @@ heartbeat (`takeover_due`). When a request's driver is silent, or no driver acce
 first live peer of `driver_order` without the silent ones takes it over. It publishes
 `RequestAccepted` with `takeover_of` set, replays the prompt and the tokens already streamed
 (`streamed_tokens`) as one prefill, and streams on from the next step, so the submitter
-sees no duplicated or changed token.
+sees no duplicated or changed token. When no peer that can open the prompt is live, the
+first live head holder ends the request instead (`cortex.node.driving.takeover_of`).
 
 Fallback drivers. When no live peer holds a model's head, the request is driven by a live
 peer that announced a fallback model: the submitter itself if it is such a peer, else the
@@ -21,6 +22,7 @@ first in rendezvous order over those peers (`fallback_order`). It answers degrad
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
@@ -32,13 +34,15 @@ from cortex.scheduler.planning import driver_order, rendezvous_score
 from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
 from events import Identity
 
+logger = logging.getLogger(__name__)
+
 TAKEOVER_READERS = 2
 # NOTE: a driver alive but stalled for longer than this is taken over too, and nothing stops it
 # afterwards, so two drivers then stream the same steps (equal tokens only for greedy requests).
 DRIVER_SILENCE_MS = 5_000
 # How long a due takeover waits for events of the silent driver that peers announced but this
-# node has not stored yet. Anti-entropy fetches them about 2 s after the announcement (heads
-# every 1 s, then two repair rounds 0.5 s apart).
+# node has not stored yet. An idle node fetches them about 2 s after the announcement (heads
+# every 1 s, then two repair rounds 0.5 s apart). A node with a backlog of frames repairs later.
 TAKEOVER_REPAIR_WAIT_MS = 5_000
 # A request whose last event is older than this is history (a join sync), not a live request.
 ABANDONED_AFTER_MS = 60_000
@@ -102,8 +106,9 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     Due when the request is in flight and recent, its current driver is silent (or no driver
     accepted it within `DRIVER_SILENCE_MS` of its submission and `intended_driver` is silent),
     and `me` is the first peer of the driver order once the silent peers are left out. When no
-    live peer can open the prompt, the first live head holder is due all the same, to end the
-    request (`takeover_of`) rather than leave it waiting for a driver that cannot come.
+    peer that can open the prompt is live (`LIVENESS_TIMEOUT_MS`, 15 s), the first live head
+    holder is due all the same, to end the request (`takeover_of`) rather than leave it
+    waiting for a driver that cannot come.
     """
     if not record.is_in_flight or record.submission is None or record.driver == me:
         return None
@@ -123,8 +128,19 @@ def takeover_due(registry: RegistryView, record: RequestRecord, me: str, now_ms:
     else:
         # No driver accepted it: the driver the submitter chose died, perhaps before the views counted it dead.
         previous = ""
-    order = [peer for peer in full if peer not in silent] or [peer for peer in unfiltered if peer not in silent]
+    order = [peer for peer in full if peer not in silent]
+    if not order and not any(registry.is_live(peer, now_ms) for peer in prompt_readers_known(registry, record)):
+        # Ending cannot be undone, so it waits for the registry's longer liveness limit: a
+        # reader that is only stalled, or whose heartbeats are late here, still gets the request.
+        order = [peer for peer in unfiltered if peer not in silent]
     return previous if order and order[0] == me else None
+
+
+def prompt_readers_known(registry: RegistryView, record: RequestRecord) -> list[str]:
+    """Return the known peers besides the submitter that can open the request's prompt, and its drivers."""
+    assert record.submission is not None
+    readers = [peer for peer in registry.peers if peer != record.submitter and can_read(record.submission, peer)]
+    return sorted({*readers, *record.drivers})
 
 
 def intended_driver(registry: RegistryView, record: RequestRecord) -> str:
@@ -150,7 +166,8 @@ def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tu
     """
     assembler = StreamAssembler()
     last = 0
-    for body in sorted(batches, key=lambda body: (body.step_start, body.step_stop)):
+    # Among batches of one first step the longest comes first, so one without text ends is used whole.
+    for body in sorted(batches, key=lambda body: (body.step_start, -body.step_stop)):
         try:
             assembler.add(open_token_batch(body, identity))
         except Exception as error:  # noqa: BLE001 - NotARecipient or a broken seal: the text cannot go on here
@@ -160,4 +177,6 @@ def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tu
         raise UnreadableStream(
             f"steps from {len(assembler.token_ids)} on are missing here, though steps up to {last} were streamed"
         )
+    if assembler.conflicts:
+        logger.warning("two drivers streamed different tokens at steps %s; the replay keeps the first ones", assembler.conflicts)
     return assembler.token_ids, assembler.text

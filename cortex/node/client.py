@@ -172,22 +172,23 @@ class SwarmClient:
         """Yield (event, opened token batch or None) for the request until it completes or fails.
 
         Gossip does not keep one author's events in order. So after `RequestCompleted` the
-        client keeps reading until every step up to `completion_tokens` arrived, or for at most
+        client keeps reading until every step below `completion_tokens` arrived, or for at most
         `LATE_TOKENS_S`, while anti-entropy fetches missing batches. Steps that two drivers
-        streamed (a takeover) count once.
+        streamed (a takeover) count once, and steps past the completion do not count.
         """
         queue = self._queues[request_id]
         deadline = time.monotonic() + timeout_s
         steps: set[int] = set()
         expected: int | None = None
         events = 0
-        while expected is None or len(steps) < expected:
+        while expected is None or sum(step < expected for step in steps) < expected:
             remaining = deadline - time.monotonic()
             try:
                 event = await asyncio.wait_for(queue.get(), max(remaining, 0.001))
             except TimeoutError:
                 if expected is not None:
-                    logger.warning("request %s: %d of %d tokens arrived", request_id[:12], len(steps), expected)
+                    arrived = sum(step < expected for step in steps)
+                    logger.warning("request %s: %d of %d tokens arrived", request_id[:12], arrived, expected)
                     break
                 if events == 0:
                     raise ClientError(

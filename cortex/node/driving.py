@@ -18,7 +18,7 @@ from collections.abc import Callable
 from cortex.driver.executors import BlockExecutor, Compute
 from cortex.driver.fallback import FallbackModel
 from cortex.driver.requests import DriverContext, Emit, Takeover
-from cortex.driver.takeover import UnreadableStream, can_read, streamed_tokens, takeover_due
+from cortex.driver.takeover import UnreadableStream, can_read, prompt_readers_known, streamed_tokens, takeover_due
 from cortex.node.service import ModelService
 from cortex.privacy import is_recipient
 from cortex.registry import RegistryView
@@ -92,10 +92,11 @@ def takeover_of(
     if submitted is None:
         return None
     if not can_read(submission.body, identity.peer_id):
-        readers = [peer for peer in prompt_readers_of(registry, submission.body) if peer != record.submitter]
+        readers = ", ".join(prompt_readers_known(registry, record))
+        stopped = f"the driver {previous} stopped" if previous else "no driver accepted the request"
         return submitted, (
-            f"the driver {previous or '(none accepted)'} stopped and no live peer can open the prompt, which the "
-            f"submitter sealed to {', '.join(readers) or 'no known peer'}; submit the request again"
+            f"{stopped} and no live peer can open the prompt (the submitter sealed it to "
+            f"{readers or 'no other known peer'}); submit the request again"
         )
     drivers = set(record.drivers)
     batches = [

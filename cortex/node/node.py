@@ -55,7 +55,7 @@ from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver, Takeover
-from cortex.driver.takeover import TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order
+from cortex.driver.takeover import TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order, takeover_due
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
@@ -509,11 +509,13 @@ class Node:
             service = self.services.get(record.model_id)
             if service is None or service.head is None or record.request_id in self.driving:
                 continue
-            found = takeover_of(self.registry.view, self.store, record, self.identity, now)
-            if found is None:
+            if takeover_due(self.registry.view, record, self.peer_id, now) is None:
                 self._takeover_due_since.pop(record.request_id, None)
                 continue
             if self._awaits_missing_events(record.request_id, record.drivers, now):
+                continue
+            found = takeover_of(self.registry.view, self.store, record, self.identity, now)
+            if found is None:
                 continue
             if isinstance(found[1], str):
                 self.driving.add(record.request_id)

@@ -4,15 +4,18 @@ The submitter draws a nonce, which fixes the request id, computes the driver fro
 (`planning.driver_order`), and seals the prompt and stop strings to itself and the driver
 (`prepare_submission`). A prompt whose sealed text exceeds MAX_INLINE_PROMPT_CHARS is not
 put in the event: `RequestSubmitted.prompt_digest` names it and the submitter sends the
-sealed text to the driver over the data plane. A driver that takes a request over and was
-not a recipient gets the prompt the same way: the submitter seals it again to that driver.
+sealed text to the driver over the data plane. A driver that takes a request over must be
+one of the recipients: nothing seals the prompt again to another peer.
 
-The driver seals each token batch to the submitter and itself (`TokenBatcher`).
+The driver seals each token batch to the submitter and the prompt's readers (`TokenBatcher`),
+and the submitter joins the batches of one or several drivers in step order
+(`StreamAssembler`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import secrets
 from collections.abc import Sequence
@@ -207,40 +210,59 @@ class StreamAssembler:
     taken over while only stalled streams on. A batch that starts at the next step, or before
     it and reaches past it, continues the stream. The steps it repeats are dropped after a
     comparison with the stream, and `conflicts` lists the steps where they differ. A batch
-    without `text_ends` continues the stream only from its first step.
+    without `text_ends` continues the stream only from its first step, so one that starts
+    before the next step is dropped.
     """
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
         self.text = ""
-        self.conflicts: list[int] = []
-        self._waiting: list[OpenedBatch] = []
+        self._conflicts: set[int] = set()
+        # Batches not joined yet, by (first step, -last step, arrival): each is pushed once and
+        # popped once the stream reaches its first step, so a long gap costs O(log n) per batch.
+        self._waiting: list[tuple[int, int, int, OpenedBatch]] = []
+        self._arrivals = 0
+
+    @property
+    def conflicts(self) -> list[int]:
+        """Return the steps where a batch repeated a step with another token than the stream's."""
+        return sorted(self._conflicts)
 
     def add(self, batch: OpenedBatch) -> list[tuple[list[int], str]]:
         """Take one batch; return the pieces (token ids, text) it let the stream go on with, in order."""
-        self._waiting.append(batch)
+        self._arrivals += 1
+        heapq.heappush(self._waiting, (batch.step_start, -batch.step_stop, self._arrivals, batch))
         pieces: list[tuple[list[int], str]] = []
-        while True:
+        while self._waiting and self._waiting[0][0] <= len(self.token_ids):
             step = len(self.token_ids)
-            for waiting in self._waiting:
-                self._check_repeated(waiting, step)
-            self._waiting = [waiting for waiting in self._waiting if waiting.step_stop > step]
-            usable = [waiting for waiting in self._waiting if waiting.can_cut_at(step)]
+            usable: list[OpenedBatch] = []
+            while self._waiting and self._waiting[0][0] <= step:
+                waiting = heapq.heappop(self._waiting)[3]
+                if waiting.step_stop > step and waiting.can_cut_at(step):
+                    usable.append(waiting)
+                else:
+                    self._compare(waiting)
             if not usable:
-                return pieces
-            # Prefer a batch that starts at the next step: it repeats nothing.
-            chosen = min(usable, key=lambda waiting: (step - waiting.step_start, -waiting.step_stop))
-            self._waiting.remove(chosen)
+                continue
+            # Prefer a batch that starts at the next step (it repeats nothing), then the longest.
+            chosen = max(usable, key=lambda waiting: (waiting.step_start, waiting.step_stop))
+            self._compare(chosen)
             token_ids, text = chosen.tail(step)
             self.token_ids.extend(token_ids)
             self.text += text
             pieces.append((token_ids, text))
+            for waiting in usable:
+                if waiting is not chosen:
+                    self._arrivals += 1
+                    heapq.heappush(self._waiting, (waiting.step_start, -waiting.step_stop, self._arrivals, waiting))
+        return pieces
 
-    def _check_repeated(self, batch: OpenedBatch, step: int) -> None:
-        for offset, token in enumerate(batch.token_ids[: max(0, step - batch.step_start)]):
-            position = batch.step_start + offset
-            if self.token_ids[position] != token and position not in self.conflicts:
-                self.conflicts.append(position)
+    def _compare(self, batch: OpenedBatch) -> None:
+        """Note the steps where `batch` repeats a step of the stream with another token."""
+        joined = min(batch.step_stop, len(self.token_ids))
+        for position in range(batch.step_start, joined):
+            if self.token_ids[position] != batch.token_ids[position - batch.step_start]:
+                self._conflicts.add(position)
 
 
 @dataclass

@@ -225,8 +225,9 @@ class RequestAccepted:
 class TokenGenerated:
     """Tokens at positions `step_start` to `step_stop - 1` of the output, sealed.
 
-    `sealed_tokens` opens to JSON `{"token_ids": [int, ...], "text": str}` with
-    `step_stop - step_start` token ids and the text they add.
+    `sealed_tokens` opens to JSON `{"token_ids": [int, ...], "text": str, "text_ends": [int, ...]}`
+    with `step_stop - step_start` token ids, the text they add, and where each token's text
+    ends in it (`text_ends`, absent in batches of drivers before it existed).
     """
 
     request_id: str

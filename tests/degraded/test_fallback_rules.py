@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from cortex.driver.requests import DriverContext, RequestDriver
 from cortex.driver.takeover import UnreadableStream, streamed_tokens, takeover_due
 from cortex.node.driving import takeover_of
 from cortex.node.config import parse_config
-from cortex.privacy import open_json, seal
+from cortex.bus.memory import MemoryNetwork, MemoryTransport
+from cortex.node.client import SwarmClient
+from cortex.privacy import open_json, seal, seal_json
 from cortex.scheduler import RequestAccepted, RequestCompleted, RequestFailed, RequestSubmitted, TokenGenerated
 from cortex.scheduler.content import TokenBatcher
 from cortex.registry import RegistryReducer
@@ -152,7 +155,7 @@ def test_takeover_unreadable_prompt_ends_request(tmp_path: Path) -> None:
     submitted = _submitted(4)
     request_id = request_id_for(SUBMITTER.peer_id, submitted.body.nonce)
     accepted = sign_event(NODE, RequestAccepted(request_id, {}, {}, 0, plan_digest({}, {}, 0)), seq=4, lamport=4, time_ms=1_500, refs=(submitted.id,))
-    events = [*_joined(NODE, 1_000), *_joined(HEAD_HOLDER, 7_000), submitted, accepted]
+    events = [*_joined(NODE, 1_000), *_joined(HEAD_HOLDER, 17_000), submitted, accepted]
     registry = RegistryReducer().empty()
     for event in events:
         registry = RegistryReducer().apply(registry, event)
@@ -161,12 +164,70 @@ def test_takeover_unreadable_prompt_ends_request(tmp_path: Path) -> None:
     for event in events:
         store.append(event)
 
-    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 7_000) == NODE.peer_id
-    found = takeover_of(registry, store, record, HEAD_HOLDER, 7_000)
+    # Silent (5 s) but still live (15 s), NODE may only be stalled: nothing is due yet.
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 7_000) is None
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 17_000) == NODE.peer_id
+    found = takeover_of(registry, store, record, HEAD_HOLDER, 17_000)
 
-    assert found is not None and found[0].id == submitted.id
-    assert isinstance(found[1], str)
-    assert f"the driver {NODE.peer_id} stopped and no live peer can open the prompt" in found[1]
-    assert f"sealed to {NODE.peer_id}" in found[1]
-    # While NODE is live, nothing is due.
-    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 2_000) is None
+    assert found is not None
+    assert found[0].id == submitted.id
+    assert found[1] == (
+        f"the driver {NODE.peer_id} stopped and no live peer can open the prompt "
+        f"(the submitter sealed it to {NODE.peer_id}); submit the request again"
+    )
+
+
+def test_takeover_waits_for_a_reader_live_elsewhere() -> None:
+    # The prompt is sealed to NODE, the driver, and READER. NODE died, and READER's heartbeats
+    # are 6 s late here: READER is silent but live, so HEAD_HOLDER, which cannot read, waits.
+    reader = Identity.generate()
+    body = RequestSubmitted(
+        secrets.token_hex(16), "ab" * 32, 4, len(PROMPT.encode()),
+        sealed_prompt=seal(PROMPT.encode(), [SUBMITTER.peer_id, NODE.peer_id, reader.peer_id]),
+    )  # fmt: skip
+    submitted = sign_event(SUBMITTER, body, seq=1, lamport=1, time_ms=1_000)
+    request_id = request_id_for(SUBMITTER.peer_id, body.nonce)
+    accepted = sign_event(NODE, RequestAccepted(request_id, {}, {}, 0, plan_digest({}, {}, 0)), seq=4, lamport=4, time_ms=1_500, refs=(submitted.id,))
+    events = [*_joined(NODE, 1_000), *_joined(reader, 2_000), *_joined(HEAD_HOLDER, 17_000), submitted, accepted]
+    registry = RegistryReducer().empty()
+    for event in events:
+        registry = RegistryReducer().apply(registry, event)
+    record = fold(events).requests[request_id]
+
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 8_000) is None
+    assert takeover_due(registry, record, HEAD_HOLDER.peer_id, 17_500) == NODE.peer_id
+
+
+def _token_event(author: Identity, seq: int, start: int, tokens: list[int], reader: str) -> Event:
+    texts = [f" t{token}" for token in tokens]
+    ends = [sum(len(text) for text in texts[: index + 1]) for index in range(len(texts))]
+    sealed = seal_json({"token_ids": tokens, "text": "".join(texts), "text_ends": ends}, [reader])
+    return sign_event(author, TokenGenerated("cd" * 32, start, start + len(tokens), sealed), seq=seq, lamport=seq, time_ms=2_000 + seq)
+
+
+async def test_client_run_counts_steps_below_completion(tmp_path: Path) -> None:
+    # A stalled first driver streamed steps 0 to 3 and 6 to 7 of a longer output. The new
+    # driver replays from step 2 and completes with 6 tokens. Steps 6 and 7 must not count
+    # toward the 6, or the client would stop before the new driver's steps 4 and 5 arrive.
+    client = SwarmClient(tmp_path, lambda identity, data_dir: MemoryTransport(MemoryNetwork(), identity.peer_id))
+    me = client.identity.peer_id
+    other = Identity.generate()
+    request_id = "cd" * 32
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    client._queues[request_id] = queue
+    completed = RequestCompleted(request_id, 0, 6, "length", {"total": 10}, "ab" * 32, 0)
+    for event in [
+        _token_event(NODE, 1, 0, [0, 1, 2, 3], me),
+        _token_event(NODE, 2, 6, [6, 7], me),
+        _token_event(other, 1, 2, [2, 3], me),
+        sign_event(other, completed, seq=3, lamport=3, time_ms=3_000),
+    ]:
+        queue.put_nowait(event)
+    later = _token_event(other, 2, 4, [4, 5], me)
+    asyncio.get_running_loop().call_later(0.3, queue.put_nowait, later)
+
+    result = await client.run(request_id, 5.0)
+
+    assert result.completed == completed
+    assert result.token_ids[:6] == [0, 1, 2, 3, 4, 5]
+    assert result.text.startswith(" t0 t1 t2 t3 t4 t5")
