@@ -22,10 +22,12 @@ auto-relay and IPFS bootstrap switched off; hivemind's TLS stays on, as a user w
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import select
 import sys
+import tempfile
 import time
 
 import torch
@@ -73,6 +75,9 @@ def load_expert(weights: dict[str, torch.Tensor], expert: int) -> FeedForward:
 
 def serve(args: argparse.Namespace) -> int:
     """Serve the experts until stdin closes or --max-lifetime-s passes."""
+    if args.stack_dump_after_s > 0:
+        # A start that hangs leaves every thread's stack in stderr, where the bench reports it.
+        faulthandler.dump_traceback_later(args.stack_dump_after_s)
     from hivemind import DHT
     from hivemind.moe.server import ModuleBackend, Server
     from hivemind.utils.tensor_descr import BatchTensorDescriptor
@@ -95,6 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         _wait_until_declared(dht, list(backends))
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+        faulthandler.cancel_dump_traceback_later()
         print(json.dumps({"maddrs": maddrs}), flush=True)
         # The bench closes our stdin to stop us. The lifetime limit covers a bench that died first.
         select.select([sys.stdin], [], [], args.max_lifetime_s)
@@ -191,6 +197,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     serve_parser.add_argument("--max-batch-size", type=int, default=4096, help="rows per expert batch on the server")
     serve_parser.add_argument("--threads", type=int, default=1, help="torch threads")
     serve_parser.add_argument("--max-lifetime-s", type=float, default=600.0, help="stop after this many seconds")
+    serve_parser.add_argument(
+        "--stack-dump-after-s", type=float, default=0.0, help="print every thread's stack if not serving by then (0: never)"
+    )
     serve_parser.set_defaults(func=serve)
     client_parser = modes.add_parser("client", help="time RemoteMixtureOfExperts")
     client_parser.add_argument("--weights", required=True, help="torch.save file of router and expert tensors")
@@ -204,5 +213,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    # hivemind forks processes while its threads run. tempfile finds its directory under a
+    # lock on first use, and a child forked while another thread held that lock waited on it
+    # forever (a server start hung so in a connection handler). Found once here, it needs no lock.
+    tempfile.gettempdir()
     arguments = parse_arguments(sys.argv[1:])
     sys.exit(arguments.func(arguments))

@@ -85,6 +85,32 @@ def test_bench_peers_against_hivemind() -> None:
     assert goal["value"] == round(results["hivemind_batch_16_median_ms"] / results["cortex_batch_16_median_ms"], 4)
 
 
+@pytest.mark.slow
+def test_bench_peers_restarts_a_hung_hivemind_server(tmp_path: Path) -> None:
+    real = HivemindVenv(default_cache_dir() / "hivemind-venv")
+    if real.cached() is None:
+        pytest.skip(f"the hivemind venv is not cached at {real.path}; run `cortex bench peers` once to build it")
+    # A venv whose python hangs at the first server start and runs the real one afterwards.
+    fake = HivemindVenv(tmp_path / "hivemind-venv")
+    fake.python.parent.mkdir(parents=True)
+    fake.marker.write_text(real.marker.read_text())
+    hung = tmp_path / "hung-once"
+    fake.python.write_text(
+        f'#!/bin/bash\nif [[ "$2" == serve && ! -e {hung} ]]; then touch {hung}; exec sleep 600; fi\nexec {real.python} "$@"\n'
+    )
+    fake.python.chmod(0o755)
+
+    completed = run_bench(
+        "--quick", "--repeats", "2", "--warmup", "1", "--cache-dir", str(tmp_path), "--ready-timeout-s", "20", timeout_s=300
+    )
+
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    results = orjson.loads(completed.stdout)["results"]
+    assert hung.exists()
+    assert results["hivemind_status"] == "measured", completed.stderr.decode()[-3000:]
+    assert "starting a new hivemind server once" in completed.stderr.decode()
+
+
 def test_reference_layer_matches_token_loop() -> None:
     weights = make_weights(0)
     tokens = make_inputs(0)["16"]
