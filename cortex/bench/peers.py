@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--call-timeout-s", type=float, default=30.0, help="time limit of one expert call, both systems (default: 30)")
     parser.add_argument(
         "--ready-timeout-s", type=float, default=READY_TIMEOUT_S,
-        help="time limit for each server and client to start; a hivemind server that misses it is started once more (default: 120)",
+        help="time limit for each server and client to start, and a hivemind server that misses it is started once more (default: 120)",
     )  # fmt: skip
     parser.set_defaults(func=run)
 

@@ -378,7 +378,7 @@ class GossipBus:
         return result
 
     def _missing_of(self, author: str) -> list[tuple[int, int]]:
-        """Return the seq ranges of a dirty author this node lacks; an author lacking none is clean again."""
+        """Return the seq ranges of a dirty author this node lacks. An author lacking none is clean again."""
         known = self._known_heads.get(author, 0)
         ranges = self.store.missing_ranges(author, up_to=known if known > self.store.max_seq(author) else None)
         floor = self._floors.get(author, 0)

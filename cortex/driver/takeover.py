@@ -12,7 +12,7 @@ heartbeat (`takeover_due`). When a request's driver is silent, or no driver acce
 first live peer of `driver_order` without the silent ones takes it over. It publishes
 `RequestAccepted` with `takeover_of` set, replays the prompt and the tokens already streamed
 (`streamed_tokens`) as one prefill, and streams on from the next step, so the submitter
-sees no duplicated or changed token. When no peer that can open the prompt is live, the
+receives no duplicated or changed token. When no peer that can open the prompt is live, the
 first live head holder ends the request instead (`cortex.node.driving.takeover_of`).
 
 Fallback drivers. When no live peer holds a model's head, the request is driven by a live

@@ -203,7 +203,7 @@ def _valid_text_ends(text_ends: object, tokens: int, text_length: int) -> bool:
 
 
 class StreamAssembler:
-    """Joins a request's token batches, from one driver or several, into one stream in step order.
+    """The stream of a request's token batches, from one driver or several, joined in step order.
 
     Two drivers can stream the same steps with batch boundaries of their own: a driver that
     took over without a batch of its predecessor replays from an earlier step, and a driver

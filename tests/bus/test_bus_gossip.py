@@ -198,7 +198,7 @@ def test_peek_author_reads_first_key() -> None:
     assert peek_author(b'{"body":{}}') is None
 
 
-async def test_lacks_events_of_names_an_author_with_a_gap(tmp_path: Path) -> None:
+async def test_lacks_events_of_gap_author(tmp_path: Path) -> None:
     receiver = make_node(MemoryNetwork(), tmp_path, "receiver")
     author, other = Identity.generate(), Identity.generate()
     events = [sign_event(author, PeerHeartbeat(seq - 1), seq=seq, lamport=seq, time_ms=1_000 + seq) for seq in range(1, 4)]

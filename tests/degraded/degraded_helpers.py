@@ -59,7 +59,7 @@ async def open_client(swarm: LocalSwarm, root: Path) -> SwarmClient:
     """Start a bus client and wait until its view lists every live node's fragments as loaded by that node.
 
     Every head holder must be in the client's view before it submits: the client seals the
-    prompt only to the head holders it knows, and a takeover needs a second one that can read.
+    prompt only to the head holders in its view, and a takeover needs a second one that can read.
     """
     client = SwarmClient(root, swarm.client_transport_factory())
     await client.start()
