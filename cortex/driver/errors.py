@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 
 class DriverError(Exception):
     """Base class of every error raised by `cortex.driver`."""
@@ -23,3 +26,15 @@ class NoLiveHolder(DriverError):
 
 class RequestRejected(DriverError):
     """A request that a node refuses to run, with the reason (admission, unknown model, ...)."""
+
+
+def abandon_call(task: asyncio.Future[Any]) -> None:
+    """Drop a call whose result no caller awaits any more: cancel it, or take the error it ended with.
+
+    A call can end with an error (a timeout, say) in the same event loop iteration in which its
+    caller is cancelled. Taking that error keeps asyncio from logging it as never retrieved.
+    """
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()

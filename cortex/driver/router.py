@@ -46,7 +46,7 @@ from typing import Protocol
 
 import torch
 
-from cortex.driver.errors import CallFailed, NoLiveHolder
+from cortex.driver.errors import CallFailed, NoLiveHolder, abandon_call
 from cortex.quorum.policy import StragglerPolicy, spot_checked
 from cortex.quorum.replicated import QuorumSettings, QuorumStats, ReplicatedLayer
 from cortex.quorum.voting import LayerCall
@@ -221,8 +221,7 @@ class TokenRouter:
                 raise CallFailed(peer, "expert", f"no reply within its deadline of {deadline:.2f} s")
             return task.result()
         finally:
-            if not task.done():
-                task.cancel()
+            abandon_call(task)
             self._in_flight[peer] -= 1
 
     def _has_other_replica(self, peer: str, segments: list[tuple[int, int, torch.Tensor]]) -> bool:
@@ -268,29 +267,30 @@ class TokenRouter:
         """Call `peer`, and past the hedge delay also the next replicas; return the first complete reply."""
         started = time.monotonic()
         primary = asyncio.ensure_future(self.call(peer, session_id, step, segments))
-        if peer == getattr(self.directory, "own_peer", None):
-            return await primary  # this node's own experts: no network to wait for
-        rows = sum(int(segment.shape[0]) for _, _, segment in segments)
-        delay = self.stragglers.hedge_delay_s(self._expected_latency_ms(peer), rows)
-        done, _ = await asyncio.wait({primary}, timeout=delay)
-        if done:
-            return primary.result()
-        backup_plan = self._backup_plan(peer, segments)
-        if backup_plan is None:
-            return await primary
-        self.stats.hedges += 1
-        logger.info("expert call of layer %d on %s unanswered after %.2f s; hedging on %s", segments[0][0], peer, delay, sorted(backup_plan))
-        backup = asyncio.ensure_future(self._run_backup(backup_plan, session_id, step, segments))
         try:
-            done, _ = await asyncio.wait({primary, backup}, return_when=asyncio.FIRST_COMPLETED)
-            first = primary if primary in done and primary.exception() is None else backup
-            if first is backup and backup in done and backup.exception() is not None:
-                first = primary
-            result = await first
+            if peer == getattr(self.directory, "own_peer", None):
+                return await primary  # this node's own experts: no network to wait for
+            rows = sum(int(segment.shape[0]) for _, _, segment in segments)
+            delay = self.stragglers.hedge_delay_s(self._expected_latency_ms(peer), rows)
+            done, _ = await asyncio.wait({primary}, timeout=delay)
+            if done:
+                return primary.result()
+            backup_plan = self._backup_plan(peer, segments)
+            if backup_plan is None:
+                return await primary
+            self.stats.hedges += 1
+            logger.info("expert call of layer %d on %s unanswered after %.2f s; hedging on %s", segments[0][0], peer, delay, sorted(backup_plan))
+            backup = asyncio.ensure_future(self._run_backup(backup_plan, session_id, step, segments))
+            try:
+                done, _ = await asyncio.wait({primary, backup}, return_when=asyncio.FIRST_COMPLETED)
+                first = primary if primary in done and primary.exception() is None else backup
+                if first is backup and backup in done and backup.exception() is not None:
+                    first = primary
+                result = await first
+            finally:
+                abandon_call(backup)
         finally:
-            for task in (primary, backup):
-                if not task.done():
-                    task.cancel()
+            abandon_call(primary)
         if first is backup:
             self.stats.hedges_won += 1
             self._record_slow(peer, time.monotonic() - started)

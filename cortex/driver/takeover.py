@@ -37,8 +37,9 @@ from events import Identity
 logger = logging.getLogger(__name__)
 
 TAKEOVER_READERS = 2
-# NOTE: a driver alive but stalled for longer than this is taken over too, and nothing stops it
-# afterwards, so two drivers then stream the same steps (equal tokens only for greedy requests).
+# A driver alive but stalled for longer than this is taken over too. Once it runs again and
+# receives the successor's RequestAccepted, it stops driving (`Node._stop_taken_over`). The steps
+# it streams before that repeat the successor's, with equal tokens only for greedy requests.
 DRIVER_SILENCE_MS = 5_000
 # How long a due takeover waits for events of the silent driver that peers announced but this
 # node has not stored yet. An idle node fetches them about 2 s after the announcement (heads

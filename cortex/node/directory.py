@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from cortex.comm import CommError, DataPlane, ExpertBatchSent, StageInputSent
-from cortex.driver.errors import CallFailed
+from cortex.driver.errors import CallFailed, abandon_call
 from cortex.node.service import ModelService
 from cortex.quorum import TRUST_MAX, TRUST_THRESHOLD, TrustView
 from cortex.registry import RegistryView
@@ -214,8 +214,7 @@ class SwarmDirectory:
         finally:
             if probe is not None:
                 probe.cancel()
-            if not call.done():
-                call.cancel()
+            abandon_call(call)
             self.observations.call_finished(peer)
         self.observations.record_round_trip(peer, (time.monotonic() - started) * 1000)
         outputs = reply.tensors

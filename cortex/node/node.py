@@ -55,7 +55,7 @@ from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver, Takeover
-from cortex.driver.takeover import TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order, takeover_due
+from cortex.driver.takeover import DRIVER_SILENCE_MS, TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order, takeover_due
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
@@ -77,6 +77,7 @@ from cortex.scheduler import KV_CACHE_HARDWARE_KEY, SchedulerReducer, SchedulerV
 from cortex.scheduler.admission import ModelGeometry
 from cortex.scheduler.planning import PlanningContext, driver_order
 from cortex.scheduler.request_events import (
+    RequestAccepted,
     RequestCancelled,
     RequestCompleted,
     RequestFailed,
@@ -152,8 +153,8 @@ class Node:
         self.batchers: dict[str, ExpertBatcher] = {}
         self.tokenizers: dict[str, Any] = {}
         self.stopping = asyncio.Event()
-        self.drivers: set[asyncio.Task[None]] = set()
-        self.driving: set[str] = set()  # ids of the requests this node drives or drove
+        self.drivers: dict[str, asyncio.Task[None]] = {}  # request id -> the task driving it here
+        self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
@@ -266,7 +267,7 @@ class Node:
     async def _drain(self) -> None:
         logger.info("draining %d running request(s)", len(self.drivers))
         if self.drivers:
-            await asyncio.wait(set(self.drivers), timeout=DRAIN_TIMEOUT_S)
+            await asyncio.wait(set(self.drivers.values()), timeout=DRAIN_TIMEOUT_S)
 
     async def _shut_down(self) -> None:
         with contextlib.suppress(Exception):
@@ -455,8 +456,27 @@ class Node:
         for event in events:
             if isinstance(event.body, RequestSubmitted):
                 self._consider(event)
+            elif isinstance(event.body, RequestAccepted) and event.body.takeover_of == self.peer_id and event.author != self.peer_id:
+                self._stop_taken_over(event.body.request_id, event.author)
             elif isinstance(event.body, (RequestCompleted, RequestFailed, RequestCancelled)):
                 self._close_sessions(event.body.request_id)
+
+    def _stop_taken_over(self, request_id: str, successor: str) -> None:
+        """Cancel this node's driver of a request that `successor` took over from it.
+
+        Peers take a request over when its driver is silent for DRIVER_SILENCE_MS. A driver
+        that was only stalled (a paused process, a long pause of the machine) gets the
+        successor's acceptance once it runs again. Its driver then stops here, so only the
+        successor streams on and ends the request.
+        """
+        task = self.drivers.get(request_id)
+        if task is None or task.done():
+            return
+        logger.warning(
+            "request %s was taken over by %s while this node was silent for more than %d s; stopping this node's driver of it",
+            request_id[:12], successor, DRIVER_SILENCE_MS // 1000,
+        )
+        task.cancel()
 
     def _close_sessions(self, request_id: str) -> None:
         """Drop the KV caches of a finished request on every block this node holds."""
@@ -492,9 +512,13 @@ class Node:
         assert self._task_group is not None
         self.driving.add(driver.request_id)
         task = self._task_group.create_task(driver.run())
-        self.drivers.add(task)
-        task.add_done_callback(self.drivers.discard)
-        task.add_done_callback(lambda _: self.driving.discard(driver.request_id))
+        self.drivers[driver.request_id] = task
+        task.add_done_callback(lambda _: self._driver_done(driver.request_id, task))
+
+    def _driver_done(self, request_id: str, task: asyncio.Task[None]) -> None:
+        if self.drivers.get(request_id) is task:
+            del self.drivers[request_id]
+        self.driving.discard(request_id)
 
     def _take_over_silent_drivers(self) -> None:
         """Take over the in-flight requests whose driver went silent and whose next driver is this node."""

@@ -3,32 +3,38 @@
 Two nodes hold the head and every block, two others hold every expert each (two replicas, so
 one slow call moves to the other replica). The tests run in order on one swarm:
 
-1. SIGKILL the request's driver when the first text reaches the submitter: the other head
+1. SIGSTOP the request's driver when the first text reaches the submitter and SIGCONT it once
+   the other head holder took the request over: the stalled driver stops driving it, and the
+   submitter gets the reference tokens, exactly as many as requested.
+2. SIGKILL the request's driver when the first text reaches the submitter: the other head
    holder takes the request over once the driver is silent, replays the prompt and the
    streamed tokens, and streams on from the next step.
-2. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
+3. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
    replays, and the answer equals the reference.
-3. SIGKILL every expert holder at the first text with none to come back: the request fails at
+4. SIGKILL every expert holder at the first text with none to come back: the request fails at
    its deadline with `deadline_exceeded`, after streaming only swarm tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from degraded_helpers import PROMPT, accepted_by, join, open_client, reference_tokens, start_swarm, stop
+from degraded_helpers import PROMPT, accepted_by, join, open_client, pause, reference_tokens, start_swarm, stop
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.node.launcher import LocalSwarm
 from cortex.runtime.loader import Loader
-from cortex.scheduler import TokenGenerated
+from cortex.scheduler import RequestCompleted, TokenGenerated
+from events import LogStore
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 48
+STOPPED_DRIVER_LINE = "stopping this node's driver of it"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,85 @@ def swarm(degraded_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
         yield swarm
     finally:
         asyncio.run(swarm.stop())
+
+
+async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    request: list[str] = []
+    paused: list[int] = []
+    resumed: list[asyncio.Task[None]] = []
+
+    async def resume_after_takeover(index: int) -> None:
+        # Keep the driver stopped until the successor's acceptance reaches the submitter, so the
+        # takeover happened while the driver was silent. Never leave the process stopped.
+        try:
+            deadline = time.monotonic() + 60.0
+            driver = swarm.nodes[index].peer_id
+            while time.monotonic() < deadline:
+                if any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0])):
+                    return
+                await asyncio.sleep(0.1)
+        finally:
+            pause(swarm, [index], paused=False)
+
+    def on_text(piece: str) -> None:
+        if paused:
+            return
+        driver = accepted_by(client.store, request[0])[0][0]
+        index = next(node.index for node in swarm.nodes if node.peer_id == driver)
+        pause(swarm, [index], paused=True)
+        paused.append(index)
+        resumed.append(asyncio.ensure_future(resume_after_takeover(index)))
+
+    try:
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
+        result = await client.run(request[0], 180.0, on_text)
+        if resumed:
+            await resumed[0]
+        accepted = accepted_by(client.store, request[0])
+    finally:
+        for task in resumed:
+            task.cancel()
+        if paused:
+            pause(swarm, paused, paused=False)
+        await client.stop()
+
+    assert paused, "no text arrived before the end, so the stall did not land mid-stream"
+    stalled = swarm.nodes[paused[0]]
+    successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
+    assert [author for author, _ in accepted] == [stalled.peer_id, successor]
+    assert accepted[1][1].takeover_of == stalled.peer_id
+    assert result.failed is None, result.failed
+    assert result.completed is not None and result.completed.degraded is False
+    assert result.driver == successor
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    assert len(result.token_ids) == MAX_TOKENS
+
+    # Once running again, the stalled driver learns of the takeover and stops: it logs that it
+    # stops, and the only end of the request in its log is the successor's.
+    deadline = time.monotonic() + 30.0
+    while True:
+        log = stalled.log_path.read_text()
+        ends = _completions(stalled.data_dir / "events.db", request[0])
+        if (STOPPED_DRIVER_LINE in log and ends) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert STOPPED_DRIVER_LINE in log, log[-3000:]
+    assert request[0][:12] in log.split(STOPPED_DRIVER_LINE)[0].splitlines()[-1]
+    assert ends == [successor]
+
+
+def _completions(path: Path, request_id: str) -> list[str]:
+    """Return the authors of the request's RequestCompleted events in the log at `path`."""
+    store = LogStore(path)
+    try:
+        return [
+            event.author
+            for event in store.events(type="RequestCompleted")
+            if isinstance(event.body, RequestCompleted) and event.body.request_id == request_id
+        ]
+    finally:
+        store.close()
 
 
 async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_path: Path) -> None:

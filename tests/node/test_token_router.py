@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from cortex.driver.errors import CallFailed, NoLiveHolder
+from cortex.driver.errors import CallFailed, NoLiveHolder, abandon_call
 from cortex.driver.executors import run_inline
 from cortex.driver.router import TokenRouter, cover_replicas
 from cortex.node.service import ExpertBatcher, ModelService
@@ -141,3 +142,30 @@ def test_cover_prefers_local_node() -> None:
 
     assert cover_replicas(candidates, load={}, local="me") == {"me": [1, 2], "r": [3]}
     assert cover_replicas(candidates, load={}) == {"r": [1, 2, 3]}
+
+
+async def test_abandon_call_cancels_or_takes_the_error() -> None:
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+
+    async def times_out() -> None:
+        raise CallFailed("a", "expert", "no reply within 3.0 s")
+
+    # A call that failed as its caller was cancelled, dropped as is: asyncio reports it.
+    dropped = asyncio.ensure_future(times_out())
+    await asyncio.sleep(0)
+    del dropped
+    gc.collect()
+    assert len(reported) == 1
+    assert "never retrieved" in str(reported[0]["message"])
+
+    failed = asyncio.ensure_future(times_out())
+    await asyncio.sleep(0)
+    running = asyncio.ensure_future(asyncio.sleep(10))
+    abandon_call(failed)
+    abandon_call(running)
+    await asyncio.sleep(0)
+    assert running.cancelled()
+    del failed
+    gc.collect()
+    assert len(reported) == 1
