@@ -29,12 +29,19 @@ class RequestRejected(DriverError):
 
 
 def abandon_call(task: asyncio.Future[Any]) -> None:
-    """Drop a call whose result no caller awaits any more: cancel it, or take the error it ended with.
+    """Drop a call whose result no caller awaits any more: cancel it, and take the error it ends with.
 
     A call can end with an error (a timeout, say) in the same event loop iteration in which its
-    caller is cancelled. Taking that error keeps asyncio from logging it as never retrieved.
+    caller is cancelled, or while it handles its own cancellation. Taking that error keeps
+    asyncio from logging it as never retrieved.
     """
-    if not task.done():
+    if task.done():
+        _take_error(task)
+    else:
         task.cancel()
-    elif not task.cancelled():
+        task.add_done_callback(_take_error)
+
+
+def _take_error(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
         task.exception()

@@ -26,7 +26,6 @@ its late replies find no waiting call and are dropped, and its sessions are clos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -34,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex.driver.errors import DriverError, NoLiveHolder
+from cortex.driver.errors import DriverError, NoLiveHolder, abandon_call
 from cortex.driver.executors import BlockExecutor, Compute
 from cortex.driver.fallback import FallbackError, FallbackModel
 from cortex.driver.loop import DriverLoop, GenerationOutcome, Stage
@@ -275,6 +274,9 @@ class RequestDriver:
                 logger.warning("request %s lost a holder after %d tokens: %s", self.request_id[:12], len(self.generated), error)
                 await self._wait_for_swarm(str(error))
                 stages = await self._resume_stages()
+            finally:
+                # A driver cancelled while it waits for the first token (a takeover) stops the loop too.
+                abandon_call(task)
 
     async def _first_token_or_deadline(self, task: asyncio.Future[GenerationOutcome]) -> None:
         """Return once the first token streamed or the attempt ended; at the deadline, cancel it and degrade."""
@@ -289,8 +291,8 @@ class RequestDriver:
         if self.generated or task.done():
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await asyncio.wait({task})  # unlike awaiting the task, lets a cancellation of this driver through
+        abandon_call(task)
         logger.warning("request %s: no first token within its deadline of %d ms", self.request_id[:12], self.request.deadline_ms)
         raise Degrade(DEADLINE_EXCEEDED, f"no first token from the swarm within the deadline of {self.request.deadline_ms} ms")
 

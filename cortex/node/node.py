@@ -108,6 +108,10 @@ DRAIN_TIMEOUT_S = 30.0
 IDENTITY_PROBE_S = 1.5
 # A submission older than this when it arrives came from history (a join sync), not a live client.
 STALE_REQUEST_MS = 60_000
+# A request this node would drive may have been taken over already when it arrives older than
+# DRIVER_SILENCE_MS (this node was paused, or its bus fell behind). The node then waits this long
+# for such an acceptance to reach it, by gossip still queued or by one anti-entropy round.
+LATE_REQUEST_WAIT_S = 2.5
 MIB = 1024 * 1024
 
 
@@ -456,26 +460,32 @@ class Node:
         for event in events:
             if isinstance(event.body, RequestSubmitted):
                 self._consider(event)
-            elif isinstance(event.body, RequestAccepted) and event.body.takeover_of == self.peer_id and event.author != self.peer_id:
-                self._stop_taken_over(event.body.request_id, event.author)
+            elif isinstance(event.body, RequestAccepted) and event.author != self.peer_id:
+                self._stop_taken_over(event.body, event.author)
             elif isinstance(event.body, (RequestCompleted, RequestFailed, RequestCancelled)):
                 self._close_sessions(event.body.request_id)
 
-    def _stop_taken_over(self, request_id: str, successor: str) -> None:
-        """Cancel this node's driver of a request that `successor` took over from it.
+    def _stop_taken_over(self, accepted: RequestAccepted, successor: str) -> None:
+        """Cancel this node's driver of a request that `successor` accepted in its place.
 
-        Peers take a request over when its driver is silent for DRIVER_SILENCE_MS. A driver
-        that was only stalled (a paused process, a long pause of the machine) gets the
-        successor's acceptance once it runs again. Its driver then stops here, so only the
-        successor streams on and ends the request.
+        Peers take a request over when its driver is silent for DRIVER_SILENCE_MS, or when no
+        driver accepted it in that time while the chosen one is silent. A driver that was only
+        stalled (a paused process, a long pause of the machine) gets the successor's
+        acceptance once it runs again. Its driver then stops here, so only the successor
+        streams on and ends the request. An acceptance that names no previous driver stops
+        this node's driver only while it has not accepted the request itself.
         """
-        task = self.drivers.get(request_id)
+        task = self.drivers.get(accepted.request_id)
         if task is None or task.done():
             return
-        logger.warning(
-            "request %s was taken over by %s while this node was silent for more than %d s; stopping this node's driver of it",
-            request_id[:12], successor, DRIVER_SILENCE_MS // 1000,
-        )
+        if accepted.takeover_of == self.peer_id:
+            happened = f"was taken over by {successor} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
+        else:
+            record = self.scheduler.view.record(accepted.request_id)
+            if accepted.takeover_of or record is None or self.peer_id in record.drivers:
+                return
+            happened = f"was accepted by {successor} before this node's driver accepted it"
+        logger.warning("request %s %s; stopping this node's driver of it", accepted.request_id[:12], happened)
         task.cancel()
 
     def _close_sessions(self, request_id: str) -> None:
@@ -484,7 +494,7 @@ class Node:
             for block in service.blocks.values():
                 block.close_session(request_id)
 
-    def _consider(self, event: Event) -> None:
+    def _consider(self, event: Event, waited: bool = False) -> None:
         request: RequestSubmitted = event.body
         service = self.services.get(request.model_id)
         if self.stopping.is_set() or self._task_group is None:
@@ -492,13 +502,22 @@ class Node:
         request_id = request_id_for(event.author, request.nonce)
         record = self.scheduler.view.record(request_id)
         if record is not None and (record.is_terminal or record.driver):
-            return  # a request from history (a join sync after a restart) that another run already handled
+            return  # accepted by another peer, or from history (a join sync after a restart) and handled
+        if request_id in self.driving:
+            return  # this node took it over meanwhile
         if wall_clock_ms() - event.time_ms > STALE_REQUEST_MS:
             logger.info("request %s was submitted %d s ago; not driving it", request_id[:12], (wall_clock_ms() - event.time_ms) // 1000)
             return
         now = wall_clock_ms()
         order = readable_order(driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author), request)
         if order and order[0] == self.peer_id and service is not None and service.head is not None:
+            if not waited and now - event.time_ms > DRIVER_SILENCE_MS:
+                logger.info(
+                    "request %s was submitted %.1f s ago and has no driver here yet; waiting %.1f s for a takeover to arrive before driving it",
+                    request_id[:12], (now - event.time_ms) / 1000, LATE_REQUEST_WAIT_S,
+                )
+                asyncio.get_running_loop().call_later(LATE_REQUEST_WAIT_S, self._consider, event, True)
+                return
             self._start_driver(RequestDriver(self._driver_context(service), event))
         elif not order and self.fallback is not None and readable_order(fallback_order(self.registry.view, request_id, now, event.author), request)[:1] == [self.peer_id]:
             # No live head holder: this node is the request's fallback driver (docs/degraded.md).
@@ -518,7 +537,7 @@ class Node:
     def _driver_done(self, request_id: str, task: asyncio.Task[None]) -> None:
         if self.drivers.get(request_id) is task:
             del self.drivers[request_id]
-        self.driving.discard(request_id)
+            self.driving.discard(request_id)
 
     def _take_over_silent_drivers(self) -> None:
         """Take over the in-flight requests whose driver went silent and whose next driver is this node."""

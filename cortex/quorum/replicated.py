@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from cortex.driver.errors import CallFailed, DriverError
+from cortex.driver.errors import CallFailed, DriverError, abandon_call
 from cortex.quorum.compare import least_precise, relative_distance, tensor_digest, tolerance_for
 from cortex.quorum.events import DISAGREED, PeerPenalized
 from cortex.quorum.policy import MAX_EXTRA_REPLICAS, QuorumPolicy
@@ -232,7 +232,7 @@ class ReplicatedLayer:
                 self.caller.record_slow(tasks[task][0], time.monotonic() - started)
         finally:
             for task in pending:
-                task.cancel()
+                abandon_call(task)
 
     def _hedge(
         self,

@@ -1,4 +1,4 @@
-"""Failures after the first streamed token: the answer never switches models.
+"""Failures during a request: a stalled or killed driver, lost expert holders. The text never switches models.
 
 Two nodes hold the head and every block, two others hold every expert each (two replicas, so
 one slow call moves to the other replica). The tests run in order on one swarm:
@@ -6,12 +6,14 @@ one slow call moves to the other replica). The tests run in order on one swarm:
 1. SIGSTOP the request's driver when the first text reaches the submitter and SIGCONT it once
    the other head holder took the request over: the stalled driver stops driving it, and the
    submitter gets the reference tokens, exactly as many as requested.
-2. SIGKILL the request's driver when the first text reaches the submitter: the other head
+2. SIGSTOP the driver the submitter chooses just before the submission and SIGCONT it once
+   the other head holder accepted the request: the stalled node never accepts it.
+3. SIGKILL the request's driver when the first text reaches the submitter: the other head
    holder takes the request over once the driver is silent, replays the prompt and the
    streamed tokens, and streams on from the next step.
-3. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
+4. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
    replays, and the answer equals the reference.
-4. SIGKILL every expert holder at the first text with none to come back: the request fails at
+5. SIGKILL every expert holder at the first text with none to come back: the request fails at
    its deadline with `deadline_exceeded`, after streaming only swarm tokens.
 """
 
@@ -19,22 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from degraded_helpers import PROMPT, accepted_by, join, open_client, pause, reference_tokens, start_swarm, stop
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
-from cortex.node.launcher import LocalSwarm
+from cortex.node.client import SwarmClient
+from cortex.node.launcher import LocalSwarm, SwarmNode
+from cortex.node.node import LATE_REQUEST_WAIT_S
 from cortex.runtime.loader import Loader
-from cortex.scheduler import RequestCompleted, TokenGenerated
+from cortex.scheduler import RequestAccepted, RequestCompleted, TokenGenerated
 from events import LogStore
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 48
+STALL_TOKENS = 160  # long enough that the stalled driver learns of the takeover well before the end
 STOPPED_DRIVER_LINE = "stopping this node's driver of it"
+LATE_REQUEST_LINE = "has no driver here yet; waiting"
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +62,6 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
     paused: list[int] = []
     resumed: list[asyncio.Task[None]] = []
 
-    async def resume_after_takeover(index: int) -> None:
-        # Keep the driver stopped until the successor's acceptance reaches the submitter, so the
-        # takeover happened while the driver was silent. Never leave the process stopped.
-        try:
-            deadline = time.monotonic() + 60.0
-            driver = swarm.nodes[index].peer_id
-            while time.monotonic() < deadline:
-                if any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0])):
-                    return
-                await asyncio.sleep(0.1)
-        finally:
-            pause(swarm, [index], paused=False)
-
     def on_text(piece: str) -> None:
         if paused:
             return
@@ -75,20 +69,19 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
         index = next(node.index for node in swarm.nodes if node.peer_id == driver)
         pause(swarm, [index], paused=True)
         paused.append(index)
-        resumed.append(asyncio.ensure_future(resume_after_takeover(index)))
+        # Keep the driver stopped until the successor's acceptance reaches the submitter, so the
+        # takeover happened while the driver was silent.
+        taken_over = lambda: any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0]))  # noqa: E731
+        resumed.append(asyncio.ensure_future(_resume_once(swarm, index, taken_over)))
 
     try:
-        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, STALL_TOKENS))
         result = await client.run(request[0], 180.0, on_text)
         if resumed:
             await resumed[0]
         accepted = accepted_by(client.store, request[0])
     finally:
-        for task in resumed:
-            task.cancel()
-        if paused:
-            pause(swarm, paused, paused=False)
-        await client.stop()
+        await _stop_client(client, swarm, paused, resumed)
 
     assert paused, "no text arrived before the end, so the stall did not land mid-stream"
     stalled = swarm.nodes[paused[0]]
@@ -98,31 +91,107 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
     assert result.driver == successor
-    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
-    assert len(result.token_ids) == MAX_TOKENS
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, STALL_TOKENS))
+    assert len(result.token_ids) == STALL_TOKENS
 
     # Once running again, the stalled driver learns of the takeover and stops: it logs that it
-    # stops, and the only end of the request in its log is the successor's.
+    # stops, it streams no step up to the end, and the only end of the request in its log is
+    # the successor's.
     deadline = time.monotonic() + 30.0
     while True:
         log = stalled.log_path.read_text()
-        ends = _completions(stalled.data_dir / "events.db", request[0])
+        ends = _logged(stalled, RequestCompleted, request[0])
         if (STOPPED_DRIVER_LINE in log and ends) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
     assert STOPPED_DRIVER_LINE in log, log[-3000:]
     assert request[0][:12] in log.split(STOPPED_DRIVER_LINE)[0].splitlines()[-1]
-    assert ends == [successor]
+    assert [author for author, _ in ends] == [successor]
+    streamed = [body for author, body in _logged(stalled, TokenGenerated, request[0]) if author == stalled.peer_id]
+    assert streamed, "the stalled driver streamed nothing before the stall"
+    assert max(body.step_stop for body in streamed) < STALL_TOKENS
 
 
-def _completions(path: Path, request_id: str) -> list[str]:
-    """Return the authors of the request's RequestCompleted events in the log at `path`."""
-    store = LogStore(path)
+async def test_driver_stalled_before_accepting_never_accepts(swarm: LocalSwarm, tmp_path: Path) -> None:
+    import cortex.node.client as client_module
+
+    client = await open_client(swarm, tmp_path)
+    paused: list[int] = []
+    resumed: list[asyncio.Task[None]] = []
+    request: list[str] = []
+    choose = client_module.prompt_readers
+
+    def stop_the_chosen_driver(*args: object, **kwargs: object) -> list[str]:
+        # Stop the driver the submitter chooses just before the submission goes out, so the
+        # request reaches it only once it runs again, after another peer accepted it.
+        readers = choose(*args, **kwargs)  # type: ignore[arg-type]
+        index = next(node.index for node in swarm.nodes if node.peer_id == readers[0])
+        pause(swarm, [index], paused=True)
+        paused.append(index)
+        accepted = lambda: bool(accepted_by(client.store, request[0])) if request else False  # noqa: E731
+        resumed.append(asyncio.ensure_future(_resume_once(swarm, index, accepted)))
+        return readers
+
+    client_module.prompt_readers = stop_the_chosen_driver  # type: ignore[assignment]
+    try:
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
+        client_module.prompt_readers = choose
+        result = await client.run(request[0], 180.0)
+        await resumed[0]
+        accepted = accepted_by(client.store, request[0])
+    finally:
+        client_module.prompt_readers = choose
+        await _stop_client(client, swarm, paused, resumed)
+
+    stalled = swarm.nodes[paused[0]]
+    successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
+    assert result.failed is None, result.failed
+    assert result.completed is not None and result.completed.degraded is False
+    assert result.driver == successor
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    assert [(author, body.takeover_of) for author, body in accepted] == [(successor, "")]
+
+    # Running again, the stalled node gets the submission late, waits for a takeover, finds the
+    # successor's acceptance and never accepts the request itself.
+    deadline = time.monotonic() + 30.0
+    while LATE_REQUEST_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    log = stalled.log_path.read_text()
+    assert LATE_REQUEST_LINE in log, log[-3000:]
+    assert request[0][:12] in log.split(LATE_REQUEST_LINE)[0].splitlines()[-1]
+    await asyncio.sleep(LATE_REQUEST_WAIT_S + 1.0)
+    assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [successor]
+
+
+async def _resume_once(swarm: LocalSwarm, index: int, ready: Callable[[], bool]) -> None:
+    """SIGCONT node `index` once `ready()` holds, or after 60 s; never leave the process stopped."""
+    try:
+        deadline = time.monotonic() + 60.0
+        while not ready() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        _resume(swarm, [index])
+
+
+def _resume(swarm: LocalSwarm, indexes: list[int]) -> None:
+    pause(swarm, [index for index in indexes if swarm.nodes[index].process.poll() is None], paused=False)  # type: ignore[union-attr]
+
+
+async def _stop_client(client: SwarmClient, swarm: LocalSwarm, paused: list[int], resumed: list[asyncio.Task[None]]) -> None:
+    for task in resumed:
+        task.cancel()
+    _resume(swarm, paused)
+    await client.stop()
+
+
+def _logged(node: SwarmNode, kind: type, request_id: str) -> list[tuple[str, Any]]:
+    """Return (author, body) of the request's events of type `kind` in the log of `node`."""
+    store = LogStore(node.data_dir / "events.db")
     try:
         return [
-            event.author
-            for event in store.events(type="RequestCompleted")
-            if isinstance(event.body, RequestCompleted) and event.body.request_id == request_id
+            (event.author, event.body)
+            for event in store.events(type=kind.__name__)
+            if isinstance(event.body, kind) and event.body.request_id == request_id
         ]
     finally:
         store.close()
