@@ -10,7 +10,10 @@ Measured in one run:
 - per-MoE-layer dispatch overhead: the driver's mean wall time to dispatch one token's
   routed experts of one layer over the data plane, minus the same dispatch run locally;
 - the raw ZeroMQ round trip (`cortex.comm.measure_raw_round_trip`) of one token's hidden
-  state, the floor of any remote dispatch.
+  state, the floor of any remote dispatch;
+- where a data-plane call's time goes: the driver's mean call, from sending to a checked
+  reply, and the expert nodes' mean time from receiving a call to handing its reply to
+  ZeroMQ. The difference is the loopback and the driver's own work on the message.
 
 Both token rates count generation (prefill and decode) over generated tokens; the swarm
 figure uses the driver's own timings, so gossip latency of the submission is left out and
@@ -100,6 +103,9 @@ async def _measure(model: Path, root: Path, tokens: int, nodes: int, bus: str) -
         "dispatch_overhead_per_moe_layer_ms": overhead_ms,
         "raw_zmq_round_trip_median_ms": raw.median_us / 1000,
         "raw_zmq_round_trip_payload_bytes": payload,
+        "swarm_calls_per_moe_layer": swarm["calls_per_layer"],
+        "swarm_call_ms": swarm["call_ms"],
+        "swarm_serve_ms": swarm["serve_ms"],
         "tokens_identical": True,
     }
     report.goals = [
@@ -189,12 +195,20 @@ async def _measure_swarm(model: Path, root: Path, tokens: int, nodes: int, bus: 
             f"error: the request completed in degraded mode ({result.completed.degraded_reason}), so the swarm was not measured"
         )
     timings = result.completed.timings_ms
-    status = orjson.loads((swarm.nodes[0].data_dir / "node.status.json").read_bytes())
-    router = next(iter(status["router"].values()))
+    statuses = [orjson.loads((node.data_dir / "node.status.json").read_bytes()) for node in swarm.nodes]
+    router = next(iter(statuses[0]["router"].values()))
+    driver = statuses[0]["dataplane"]
+    served = [status["dataplane"] for status in statuses[1:]]
     shutil.rmtree(root / "swarm", ignore_errors=True)
+    answered = driver.get("calls_sent", 0) - driver.get("call_timeouts", 0) - driver.get("call_errors", 0)
+    calls_served = sum(counters.get("calls_served", 0) for counters in served)
     return {
         "token_ids": result.token_ids,
         "tokens_per_s": len(result.token_ids) / ((timings["prefill"] + timings["decode"]) / 1000),
         "request_ms": request_ms,
         "dispatch_ms": 1000 * router["single_token_dispatch_s"] / max(router["single_token_dispatches"], 1),
+        # Every MoE layer of the warm-up and the measured request, prefill included.
+        "calls_per_layer": driver.get("calls_sent", 0) / max(router["dispatches"], 1),
+        "call_ms": 1000 * driver.get("call_s", 0.0) / max(answered, 1),
+        "serve_ms": 1000 * sum(counters.get("serve_s", 0.0) for counters in served) / max(calls_served, 1),
     }

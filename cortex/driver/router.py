@@ -88,6 +88,7 @@ class RouterStats:
     batches: int = 0
     messages: int = 0
     retries: int = 0
+    dispatches: int = 0  # MoE layers dispatched, prefill included
     single_token_dispatches: int = 0
     single_token_dispatch_s: float = 0.0  # wall time of dispatches of one token (decode steps)
     hedges: int = 0  # calls sent again to other replicas after the hedge delay
@@ -111,6 +112,7 @@ class TokenRouter:
     async def dispatch(self, session_id: str, call: MoeCall, step: int) -> torch.Tensor:
         started = time.perf_counter()
         outputs = await self._dispatch(session_id, call, step)
+        self.stats.dispatches += 1
         if call.hidden.shape[0] == 1:
             self.stats.single_token_dispatches += 1
             self.stats.single_token_dispatch_s += time.perf_counter() - started

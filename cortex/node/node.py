@@ -314,6 +314,7 @@ class Node:
             "dataplane": {**self.dataplane.counters, **self.dataplane.timings},
             "router": {
                 model: {
+                    "dispatches": router.stats.dispatches,
                     "single_token_dispatches": router.stats.single_token_dispatches,
                     "single_token_dispatch_s": router.stats.single_token_dispatch_s,
                     "retries": router.stats.retries,
