@@ -108,10 +108,17 @@ DRAIN_TIMEOUT_S = 30.0
 IDENTITY_PROBE_S = 1.5
 # A submission older than this when it arrives came from history (a join sync), not a live client.
 STALE_REQUEST_MS = 60_000
-# A request this node would drive may have been taken over already when it arrives older than
-# DRIVER_SILENCE_MS (this node was paused, or its bus fell behind). The node then waits this long
-# for such an acceptance to reach it, by gossip still queued or by one anti-entropy round.
-LATE_REQUEST_WAIT_S = 2.5
+# A gap this long between two heartbeat ticks means the node's event loop was stopped (a paused
+# process, a stalled machine) long enough for peers to count it silent, after DRIVER_SILENCE_MS
+# without a heartbeat. They may then have taken its requests over, or accepted requests it
+# should drive.
+STALL_GAP_S = DRIVER_SILENCE_MS / 1000 - 2 * HEARTBEAT_S
+# After such a stall the node catches up before it drives a new request or takes one over: for
+# at least CATCH_UP_MIN_S (gossip still queued, one anti-entropy round), then while peers announce
+# events it lacks, up to TAKEOVER_REPAIR_WAIT_MS in all. A request for it waits CATCH_UP_POLL_S
+# at a time.
+CATCH_UP_MIN_S = 2.5
+CATCH_UP_POLL_S = 0.25
 MIB = 1024 * 1024
 
 
@@ -160,6 +167,8 @@ class Node:
         self.drivers: dict[str, asyncio.Task[None]] = {}  # request id -> the task driving it here
         self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
+        self._last_tick: float | None = None  # monotonic time of the heartbeat loop's last tick
+        self._catch_up_since: float | None = None  # monotonic time the heartbeat loop found a stall
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
@@ -217,6 +226,7 @@ class Node:
                 await self.stopping.wait()
                 await self._drain()
                 heartbeat.cancel()
+            self._task_group = None  # requests considered again after a stall find no group to drive in
         finally:
             await self._shut_down()
 
@@ -263,10 +273,37 @@ class Node:
         return event
 
     async def _heartbeat_loop(self) -> None:
+        self._last_tick = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            if now - self._last_tick > STALL_GAP_S:
+                logger.warning(
+                    "this node's event loop was stopped for %.1f s, so peers may have taken its requests over; it drives "
+                    "no new request and takes none over until it caught up with them (%.1f to %.1f s)",
+                    now - self._last_tick - HEARTBEAT_S, CATCH_UP_MIN_S, TAKEOVER_REPAIR_WAIT_MS / 1000,
+                )
+                self._catch_up_since = now
+            self._last_tick = now
             await self.emit(PeerHeartbeat(latest_seq=self.writer.last_seq))
-            self._take_over_silent_drivers()
+            if not self._catching_up():
+                self._take_over_silent_drivers()
+
+    def _catching_up(self) -> bool:
+        """Return whether this node is still catching up with its peers after its event loop was stopped."""
+        now = time.monotonic()
+        if self._last_tick is not None and now - self._last_tick > STALL_GAP_S:
+            return True  # stopped, and the heartbeat loop has not run since
+        if self._catch_up_since is None:
+            return False
+        elapsed = now - self._catch_up_since
+        if elapsed < CATCH_UP_MIN_S:
+            return True
+        if elapsed < TAKEOVER_REPAIR_WAIT_MS / 1000 and any(self.bus.lacks_events_of(peer) for peer in self.registry.view.peers):
+            return True
+        logger.info("caught up with peers %.1f s after the stall", elapsed)
+        self._catch_up_since = None
+        return False
 
     async def _drain(self) -> None:
         logger.info("draining %d running request(s)", len(self.drivers))
@@ -495,7 +532,7 @@ class Node:
             for block in service.blocks.values():
                 block.close_session(request_id)
 
-    def _consider(self, event: Event, waited: bool = False) -> None:
+    def _consider(self, event: Event, deferred: bool = False) -> None:
         request: RequestSubmitted = event.body
         service = self.services.get(request.model_id)
         if self.stopping.is_set() or self._task_group is None:
@@ -512,21 +549,23 @@ class Node:
         now = wall_clock_ms()
         order = readable_order(driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author), request)
         if order and order[0] == self.peer_id and service is not None and service.head is not None:
-            if not waited and now - event.time_ms > DRIVER_SILENCE_MS:
-                logger.info(
-                    "request %s was submitted %.1f s ago and has no driver here yet; waiting %.1f s for a takeover to arrive before driving it",
-                    request_id[:12], (now - event.time_ms) / 1000, LATE_REQUEST_WAIT_S,
-                )
-                asyncio.get_running_loop().call_later(LATE_REQUEST_WAIT_S, self._consider, event, True)
-                return
-            self._start_driver(RequestDriver(self._driver_context(service), event))
+            context = self._driver_context(service)
         elif not order and self.fallback is not None and readable_order(fallback_order(self.registry.view, request_id, now, event.author), request)[:1] == [self.peer_id]:
             # No live head holder: this node is the request's fallback driver (docs/degraded.md).
             context = fallback_context(
                 self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
                 lambda submitted: prompt_readers_of(self.registry.view, submitted),
             )
-            self._start_driver(RequestDriver(context, event))
+        else:
+            return
+        if self._catching_up():
+            # After a stall, another peer may have accepted this request already: drive it only
+            # if no acceptance arrived once this node caught up.
+            if not deferred:
+                logger.info("request %s arrived while this node catches up after a stall; it waits until then", request_id[:12])
+            asyncio.get_running_loop().call_later(CATCH_UP_POLL_S, self._consider, event, True)
+            return
+        self._start_driver(RequestDriver(context, event))
 
     def _start_driver(self, driver: RequestDriver) -> None:
         assert self._task_group is not None

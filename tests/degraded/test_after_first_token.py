@@ -3,18 +3,20 @@
 Two nodes hold the head and every block, two others hold every expert each (two replicas, so
 one slow call moves to the other replica). The tests run in order on one swarm:
 
-1. SIGSTOP the request's driver when the first text reaches the submitter and SIGCONT it once
-   the other head holder took the request over: the stalled driver stops driving it, and the
-   submitter gets the reference tokens, exactly as many as requested.
+1. SIGSTOP the request's driver when the first token batch reaches the submitter, and
+   SIGCONT it once the other head holder took the request over: the stalled driver stops
+   driving it, and the submitter gets the reference tokens, exactly as many as requested.
 2. SIGSTOP the driver the submitter chooses just before the submission and SIGCONT it once
    the other head holder accepted the request: the stalled node never accepts it.
-3. SIGKILL the request's driver when the first text reaches the submitter: the other head
-   holder takes the request over once the driver is silent, replays the prompt and the
+3. SIGSTOP the head holder that does not drive, and SIGCONT it once the request ended and the
+   driver looks silent in its stale view: it takes nothing over.
+4. SIGKILL the request's driver when the first token batch reaches the submitter: the other
+   head holder takes the request over once the driver is silent, replays the prompt and the
    streamed tokens, and streams on from the next step.
-4. SIGKILL every expert holder at the first text, then start a new one: the driver waits,
-   replays, and the answer equals the reference.
-5. SIGKILL every expert holder at the first text with none to come back: the request fails at
-   its deadline with `deadline_exceeded`, after streaming only swarm tokens.
+5. SIGKILL every expert holder at the first token batch, then start a new one: the driver
+   waits, replays, and the tokens equal the reference.
+6. SIGKILL every expert holder at the first token batch with none to come back: the request
+   fails at its deadline with `deadline_exceeded`, after streaming only swarm tokens.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from degraded_helpers import PROMPT, accepted_by, join, open_client, pause, reference_tokens, start_swarm, stop
+from degraded_helpers import PROMPT, accepted_by, join, open_client, pause, reference_tokens, start_swarm
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.node.client import SwarmClient
 from cortex.node.launcher import LocalSwarm, SwarmNode
-from cortex.node.node import LATE_REQUEST_WAIT_S
+from cortex.driver.takeover import DRIVER_SILENCE_MS
+from cortex.node.node import CATCH_UP_MIN_S, HEARTBEAT_S
 from cortex.runtime.loader import Loader
 from cortex.scheduler import RequestAccepted, RequestCompleted, TokenGenerated
 from events import LogStore
@@ -39,9 +42,9 @@ from events import LogStore
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 48
-STALL_TOKENS = 160  # long enough that the stalled driver learns of the takeover well before the end
+LONG_TOKENS = 160  # long enough that a failure at the first token batch lands well before the end
 STOPPED_DRIVER_LINE = "stopping this node's driver of it"
-LATE_REQUEST_LINE = "has no driver here yet; waiting"
+STALL_LINE = "event loop was stopped for"
 
 
 @pytest.fixture(scope="module")
@@ -58,41 +61,36 @@ def swarm(degraded_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_path: Path) -> None:
     client = await open_client(swarm, tmp_path)
+    stall = _Stall(swarm)
     request: list[str] = []
-    paused: list[int] = []
-    resumed: list[asyncio.Task[None]] = []
 
-    def on_text(piece: str) -> None:
-        if paused:
-            return
+    def stall_the_driver() -> None:
         driver = accepted_by(client.store, request[0])[0][0]
-        index = next(node.index for node in swarm.nodes if node.peer_id == driver)
-        pause(swarm, [index], paused=True)
-        paused.append(index)
         # Keep the driver stopped until the successor's acceptance reaches the submitter, so the
         # takeover happened while the driver was silent.
-        taken_over = lambda: any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0]))  # noqa: E731
-        resumed.append(asyncio.ensure_future(_resume_once(swarm, index, taken_over)))
+        stall.start(driver, lambda: any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0])))
 
+    watch = _at_first_batch(client, request, stall_the_driver)
     try:
-        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, STALL_TOKENS))
-        result = await client.run(request[0], 180.0, on_text)
-        if resumed:
-            await resumed[0]
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS))
+        result = await client.run(request[0], 180.0)
+        await stall.resumed()
         accepted = accepted_by(client.store, request[0])
     finally:
-        await _stop_client(client, swarm, paused, resumed)
+        watch.cancel()
+        stall.end()
+        await client.stop()
 
-    assert paused, "no text arrived before the end, so the stall did not land mid-stream"
-    stalled = swarm.nodes[paused[0]]
+    assert stall.node is not None, "no token batch arrived before the end, so the stall did not land mid-stream"
+    stalled = stall.node
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
     assert [author for author, _ in accepted] == [stalled.peer_id, successor]
     assert accepted[1][1].takeover_of == stalled.peer_id
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
     assert result.driver == successor
-    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, STALL_TOKENS))
-    assert len(result.token_ids) == STALL_TOKENS
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, LONG_TOKENS))
+    assert len(result.token_ids) == LONG_TOKENS
 
     # Once running again, the stalled driver learns of the takeover and stops: it logs that it
     # stops, it streams no step up to the end, and the only end of the request in its log is
@@ -109,15 +107,14 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
     assert [author for author, _ in ends] == [successor]
     streamed = [body for author, body in _logged(stalled, TokenGenerated, request[0]) if author == stalled.peer_id]
     assert streamed, "the stalled driver streamed nothing before the stall"
-    assert max(body.step_stop for body in streamed) < STALL_TOKENS
+    assert max(body.step_stop for body in streamed) < LONG_TOKENS
 
 
 async def test_driver_stalled_before_accepting_never_accepts(swarm: LocalSwarm, tmp_path: Path) -> None:
     import cortex.node.client as client_module
 
     client = await open_client(swarm, tmp_path)
-    paused: list[int] = []
-    resumed: list[asyncio.Task[None]] = []
+    stall = _Stall(swarm)
     request: list[str] = []
     choose = client_module.prompt_readers
 
@@ -125,25 +122,23 @@ async def test_driver_stalled_before_accepting_never_accepts(swarm: LocalSwarm, 
         # Stop the driver the submitter chooses just before the submission goes out, so the
         # request reaches it only once it runs again, after another peer accepted it.
         readers = choose(*args, **kwargs)  # type: ignore[arg-type]
-        index = next(node.index for node in swarm.nodes if node.peer_id == readers[0])
-        pause(swarm, [index], paused=True)
-        paused.append(index)
-        accepted = lambda: bool(accepted_by(client.store, request[0])) if request else False  # noqa: E731
-        resumed.append(asyncio.ensure_future(_resume_once(swarm, index, accepted)))
+        stall.start(readers[0], lambda: bool(request) and bool(accepted_by(client.store, request[0])))
         return readers
 
-    client_module.prompt_readers = stop_the_chosen_driver  # type: ignore[assignment]
+    client_module.prompt_readers = stop_the_chosen_driver
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
         client_module.prompt_readers = choose
         result = await client.run(request[0], 180.0)
-        await resumed[0]
+        await stall.resumed()
         accepted = accepted_by(client.store, request[0])
     finally:
         client_module.prompt_readers = choose
-        await _stop_client(client, swarm, paused, resumed)
+        stall.end()
+        await client.stop()
 
-    stalled = swarm.nodes[paused[0]]
+    assert stall.node is not None
+    stalled = stall.node
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
@@ -151,37 +146,116 @@ async def test_driver_stalled_before_accepting_never_accepts(swarm: LocalSwarm, 
     assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
     assert [(author, body.takeover_of) for author, body in accepted] == [(successor, "")]
 
-    # Running again, the stalled node gets the submission late, waits for a takeover, finds the
-    # successor's acceptance and never accepts the request itself.
+    # Running again, the stalled node finds it was stopped, catches up with its peers before it
+    # drives the submission it got late, finds the successor's acceptance and never accepts the
+    # request itself. Without the catch-up it would accept at once and become the driver.
     deadline = time.monotonic() + 30.0
-    while LATE_REQUEST_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
+    while STALL_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    log = stalled.log_path.read_text()
-    assert LATE_REQUEST_LINE in log, log[-3000:]
-    assert request[0][:12] in log.split(LATE_REQUEST_LINE)[0].splitlines()[-1]
-    await asyncio.sleep(LATE_REQUEST_WAIT_S + 1.0)
+    assert STALL_LINE in stalled.log_path.read_text(), stalled.log_path.read_text()[-3000:]
+    await asyncio.sleep(CATCH_UP_MIN_S + 1.0)
     assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [successor]
 
 
-async def _resume_once(swarm: LocalSwarm, index: int, ready: Callable[[], bool]) -> None:
-    """SIGCONT node `index` once `ready()` holds, or after 60 s; never leave the process stopped."""
+async def test_stalled_head_holder_takes_nothing_over(swarm: LocalSwarm, tmp_path: Path) -> None:
+    client = await open_client(swarm, tmp_path)
+    stall = _Stall(swarm)
+    request: list[str] = []
+    ended: list[bool] = []
+
+    def stall_the_other_head_holder() -> None:
+        driver = accepted_by(client.store, request[0])[0][0]
+        other = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != driver)
+        # Keep the other head holder stopped longer than the driver's silence limit, until the
+        # request ended: its view then shows the request in flight under a silent driver.
+        stopped_at = time.monotonic()
+        stall.start(other, lambda: bool(ended) and time.monotonic() - stopped_at > DRIVER_SILENCE_MS / 1000 + 1.0)
+
+    watch = _at_first_batch(client, request, stall_the_other_head_holder)
     try:
-        deadline = time.monotonic() + 60.0
-        while not ready() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
+        result = await client.run(request[0], 180.0)
+        ended.append(True)
+        await stall.resumed()
+        accepted = accepted_by(client.store, request[0])
     finally:
-        _resume(swarm, [index])
+        watch.cancel()
+        stall.end()
+        await client.stop()
+
+    assert stall.node is not None, "no token batch arrived before the end, so the stall did not land mid-stream"
+    stalled = stall.node
+    assert result.failed is None, result.failed
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    # Running again, the node catches up with its peers before it checks for silent drivers, so
+    # it takes nothing over. Without the catch-up it takes the finished request over from its
+    # stale view.
+    deadline = time.monotonic() + 30.0
+    while STALL_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert STALL_LINE in stalled.log_path.read_text(), stalled.log_path.read_text()[-3000:]
+    await asyncio.sleep(CATCH_UP_MIN_S + 2 * HEARTBEAT_S)
+    assert [author for author, _ in accepted] == [result.driver]
+    assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [result.driver]
+    takeovers = [line for line in stalled.log_path.read_text().splitlines() if f"taking request {request[0][:12]} over" in line]
+    assert takeovers == []
 
 
-def _resume(swarm: LocalSwarm, indexes: list[int]) -> None:
-    pause(swarm, [index for index in indexes if swarm.nodes[index].process.poll() is None], paused=False)  # type: ignore[union-attr]
+def _at_first_batch(client: SwarmClient, request: list[str], action: Callable[[], None]) -> asyncio.Task[None]:
+    """Run `action` once the first token batch of request[0] and its acceptance are in the client's log.
+
+    A batch counts as soon as it is stored, whatever its steps. The text shows only from step 0
+    on, so a trigger on the text lands late when the batch of step 0 arrives after later ones.
+    """
+
+    async def watch() -> None:
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            if request and accepted_by(client.store, request[0]) and any(
+                isinstance(event.body, TokenGenerated) and event.body.request_id == request[0]
+                for event in client.store.events(type="TokenGenerated")
+            ):
+                action()
+                return
+            await asyncio.sleep(0.02)
+
+    return asyncio.ensure_future(watch())
 
 
-async def _stop_client(client: SwarmClient, swarm: LocalSwarm, paused: list[int], resumed: list[asyncio.Task[None]]) -> None:
-    for task in resumed:
-        task.cancel()
-    _resume(swarm, paused)
-    await client.stop()
+class _Stall:
+    """SIGSTOPs one node process and SIGCONTs it once a condition holds; never leaves it stopped."""
+
+    def __init__(self, swarm: LocalSwarm) -> None:
+        self.swarm = swarm
+        self.node: SwarmNode | None = None
+        self._resume: asyncio.Task[None] | None = None
+
+    def start(self, peer_id: str, ready: Callable[[], bool]) -> None:
+        """Stop the node of `peer_id` now; resume it once `ready()` holds, or after 60 s."""
+        self.node = next(node for node in self.swarm.nodes if node.peer_id == peer_id)
+        pause(self.swarm, [self.node.index], paused=True)
+        self._resume = asyncio.ensure_future(self._resume_when(ready))
+
+    async def resumed(self) -> None:
+        if self._resume is not None:
+            await self._resume
+
+    def end(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+        self._continue()
+
+    async def _resume_when(self, ready: Callable[[], bool]) -> None:
+        try:
+            deadline = time.monotonic() + 60.0
+            while not ready() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            self._continue()
+
+    def _continue(self) -> None:
+        if self.node is not None and self.node.process is not None and self.node.process.poll() is None:
+            pause(self.swarm, [self.node.index], paused=False)
 
 
 def _logged(node: SwarmNode, kind: type, request_id: str) -> list[tuple[str, Any]]:
@@ -191,7 +265,7 @@ def _logged(node: SwarmNode, kind: type, request_id: str) -> list[tuple[str, Any
         return [
             (event.author, event.body)
             for event in store.events(type=kind.__name__)
-            if isinstance(event.body, kind) and event.body.request_id == request_id
+            if isinstance(event.body, kind) and getattr(event.body, "request_id", None) == request_id
         ]
     finally:
         store.close()
@@ -202,16 +276,15 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     request: list[str] = []
     killed: list[str] = []
 
-    def on_text(piece: str) -> None:
-        if killed:
-            return
+    def kill_the_driver() -> None:
         driver = accepted_by(client.store, request[0])[0][0]
         swarm.kill(next(node.index for node in swarm.nodes if node.peer_id == driver))
         killed.append(driver)
 
+    watch = _at_first_batch(client, request, kill_the_driver)
     try:
-        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
-        result = await client.run(request[0], 180.0, on_text)
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS))
+        result = await client.run(request[0], 180.0)
         accepted = accepted_by(client.store, request[0])
         batches = [
             (event.author, event.body)
@@ -219,13 +292,14 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
             if isinstance(event.body, TokenGenerated) and event.body.request_id == request[0]
         ]
     finally:
+        watch.cancel()
         await client.stop()
 
-    assert killed, "no text arrived before the end, so the kill did not land mid-stream"
+    assert killed, "no token batch arrived before the end, so the kill did not land mid-stream"
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
     streamed = [(author[-6:], body.step_start, body.step_stop) for author, body in batches]
-    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS)), (accepted, streamed)
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, LONG_TOKENS)), (accepted, streamed)
 
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != killed[0])
     assert [author for author, _ in accepted] == [killed[0], successor]
@@ -244,6 +318,17 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     assert ranges[-1][1] == len(result.token_ids)
 
 
+def _kill_all(swarm: LocalSwarm, indexes: list[int]) -> None:
+    """SIGKILL the node processes all at once, then wait for each to exit."""
+    processes = [swarm.nodes[index].process for index in indexes]
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+    for process in processes:
+        if process is not None:
+            process.wait(timeout=30)
+
+
 def _expert_holders(swarm: LocalSwarm) -> list[int]:
     return [
         node.index for node in swarm.nodes
@@ -256,25 +341,26 @@ async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: Loc
     holders = _expert_holders(swarm)
     killed: list[int] = []
     joined: list[asyncio.Task[object]] = []
+    request: list[str] = []
 
-    def on_text(piece: str) -> None:
-        if not killed:
-            for holder in holders:
-                stop(swarm, holder, kill=True)
-            killed.extend(holders)
-            joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holders[0]].fragments)))
+    def kill_the_expert_holders() -> None:
+        _kill_all(swarm, holders)
+        killed.extend(holders)
+        joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holders[0]].fragments)))
 
+    watch = _at_first_batch(client, request, kill_the_expert_holders)
     try:
-        request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=150_000)
-        result = await client.run(request_id, 180.0, on_text)
-        accepted = accepted_by(client.store, request_id)
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS, deadline_ms=150_000))
+        result = await client.run(request[0], 180.0)
+        accepted = accepted_by(client.store, request[0])
         await asyncio.gather(*joined)
     finally:
+        watch.cancel()
         await client.stop()
-    assert killed, "no text arrived before the end, so the kill did not land mid-stream"
+    assert killed, "no token batch arrived before the end, so the kill did not land mid-stream"
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
-    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, LONG_TOKENS))
     assert len(accepted) == 1, "accepted once: no switch to the fallback model"
     assert accepted[0][1].route
 
@@ -283,21 +369,22 @@ async def test_lost_expert_holder_after_the_first_token_fails_at_the_deadline(sw
     client = await open_client(swarm, tmp_path)
     holders = _expert_holders(swarm)
     killed: list[int] = []
+    request: list[str] = []
 
-    def on_text(piece: str) -> None:
-        if not killed:
-            for holder in holders:
-                stop(swarm, holder, kill=True)
-            killed.extend(holders)
+    def kill_the_expert_holders() -> None:
+        _kill_all(swarm, holders)
+        killed.extend(holders)
 
+    watch = _at_first_batch(client, request, kill_the_expert_holders)
     try:
-        request_id = await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS, deadline_ms=12_000)
-        result = await client.run(request_id, 120.0, on_text)
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS, deadline_ms=12_000))
+        result = await client.run(request[0], 120.0)
     finally:
+        watch.cancel()
         await client.stop()
     assert killed
     assert result.completed is None
     assert result.failed is not None and result.failed.reason_code == "deadline_exceeded", result.failed
-    reference = list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
+    reference = list(reference_tokens(swarm.model_dir, PROMPT, LONG_TOKENS))
     assert 0 < len(result.token_ids) < len(reference)
     assert result.token_ids == reference[: len(result.token_ids)], "only the swarm model's tokens were streamed"
