@@ -221,13 +221,23 @@ class Libp2pTransport(Transport):
 
     async def _trio_wait_for_queue_room(self) -> None:
         # NOTE: the library has no event for "queue drained", so this polls every 2 ms while full.
-        assert self._pubsub is not None
+        # Only the queues of connected peers count: a peer that died keeps its queue until
+        # libp2p notices, and its full queue would hold every publish, heartbeats included.
+        assert self._pubsub is not None and self._host is not None
         with trio.move_on_after(QUEUE_WAIT_S):
-            while any(len(queue) >= QUEUE_HIGH_WATER for queue in self._pubsub.peer_queues.values()):
+            while self._full_queues():
                 self.queue_waits += 1
                 await trio.sleep(0.002)
             return
         logger.warning("libp2p outbound queues stayed full for %s s; publishing anyway", QUEUE_WAIT_S)
+
+    def _full_queues(self) -> bool:
+        assert self._pubsub is not None and self._host is not None
+        full = [peer for peer, queue in self._pubsub.peer_queues.items() if len(queue) >= QUEUE_HIGH_WATER]
+        if not full:
+            return False
+        connected = set(self._host.get_connected_peers())
+        return any(peer in connected for peer in full)
 
     async def _trio_subscribe(self, topic: str) -> None:
         assert self._pubsub is not None and self._nursery is not None

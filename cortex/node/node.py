@@ -122,6 +122,14 @@ CATCH_UP_POLL_S = 0.25
 MIB = 1024 * 1024
 
 
+BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _clock() -> float:
+    """Seconds on a clock that also runs while the machine sleeps (CLOCK_BOOTTIME on Linux), so a suspend counts as a stall."""
+    return time.clock_gettime(BOOT_CLOCK)
+
+
 class Node:
     """One Cortex node: log, views, bus, data plane, loaded fragments and request drivers."""
 
@@ -218,16 +226,19 @@ class Node:
             self.joined = True
             self._open_models()
             await self.emit(self._announcement())
-            async with asyncio.TaskGroup() as group:
-                self._task_group = group
-                heartbeat = group.create_task(self._heartbeat_loop())
-                await self._load_models()
-                self._write_status("serving")
-                await self.stopping.wait()
-                await self._drain()
-                heartbeat.cancel()
-            self._task_group = None  # requests considered again after a stall find no group to drive in
+            try:
+                async with asyncio.TaskGroup() as group:
+                    self._task_group = group
+                    heartbeat = group.create_task(self._heartbeat_loop())
+                    await self._load_models()
+                    self._write_status("serving")
+                    await self.stopping.wait()
+                    await self._drain()
+                    heartbeat.cancel()
+            finally:
+                self._task_group = None  # events and deferred requests after this find no group to drive in
         finally:
+            self.stopping.set()
             await self._shut_down()
 
     async def _check_join(self) -> None:
@@ -273,10 +284,10 @@ class Node:
         return event
 
     async def _heartbeat_loop(self) -> None:
-        self._last_tick = time.monotonic()
+        self._last_tick = _clock()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            now = time.monotonic()
+            now = _clock()
             if now - self._last_tick > STALL_GAP_S:
                 logger.warning(
                     "this node's event loop was stopped for %.1f s, so peers may have taken its requests over; it drives "
@@ -291,7 +302,7 @@ class Node:
 
     def _catching_up(self) -> bool:
         """Return whether this node is still catching up with its peers after its event loop was stopped."""
-        now = time.monotonic()
+        now = _clock()
         if self._last_tick is not None and now - self._last_tick > STALL_GAP_S:
             return True  # stopped, and the heartbeat loop has not run since
         if self._catch_up_since is None:
@@ -299,9 +310,16 @@ class Node:
         elapsed = now - self._catch_up_since
         if elapsed < CATCH_UP_MIN_S:
             return True
-        if elapsed < TAKEOVER_REPAIR_WAIT_MS / 1000 and any(self.bus.lacks_events_of(peer) for peer in self.registry.view.peers):
+        lacking = [peer for peer in self.registry.view.peers if self.bus.lacks_events_of(peer)]
+        if lacking and elapsed < TAKEOVER_REPAIR_WAIT_MS / 1000:
             return True
-        logger.info("caught up with peers %.1f s after the stall", elapsed)
+        if lacking:
+            logger.warning(
+                "caught up with peers %.1f s after the stall without every event of %s; anti-entropy fetches them later",
+                elapsed, ", ".join(sorted(lacking)),
+            )
+        else:
+            logger.info("caught up with peers %.1f s after the stall", elapsed)
         self._catch_up_since = None
         return False
 
@@ -548,15 +566,9 @@ class Node:
             return
         now = wall_clock_ms()
         order = readable_order(driver_order(self.registry.view, request.model_id, request_id, now, submitter=event.author), request)
-        if order and order[0] == self.peer_id and service is not None and service.head is not None:
-            context = self._driver_context(service)
-        elif not order and self.fallback is not None and readable_order(fallback_order(self.registry.view, request_id, now, event.author), request)[:1] == [self.peer_id]:
-            # No live head holder: this node is the request's fallback driver (docs/degraded.md).
-            context = fallback_context(
-                self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
-                lambda submitted: prompt_readers_of(self.registry.view, submitted),
-            )
-        else:
+        drives = order[:1] == [self.peer_id] and service is not None and service.head is not None
+        fallback = not order and self.fallback is not None and readable_order(fallback_order(self.registry.view, request_id, now, event.author), request)[:1] == [self.peer_id]
+        if not (drives or fallback):
             return
         if self._catching_up():
             # After a stall, another peer may have accepted this request already: drive it only
@@ -565,6 +577,16 @@ class Node:
                 logger.info("request %s arrived while this node catches up after a stall; it waits until then", request_id[:12])
             asyncio.get_running_loop().call_later(CATCH_UP_POLL_S, self._consider, event, True)
             return
+        if drives:
+            assert service is not None
+            context = self._driver_context(service)
+        else:
+            # No live head holder: this node is the request's fallback driver (docs/degraded.md).
+            assert self.fallback is not None
+            context = fallback_context(
+                self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
+                lambda submitted: prompt_readers_of(self.registry.view, submitted),
+            )
         self._start_driver(RequestDriver(context, event))
 
     def _start_driver(self, driver: RequestDriver) -> None:

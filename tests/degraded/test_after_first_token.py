@@ -34,7 +34,7 @@ import cortex.scheduler  # noqa: F401 - registers the request event types
 from cortex.node.client import SwarmClient
 from cortex.node.launcher import LocalSwarm, SwarmNode
 from cortex.driver.takeover import DRIVER_SILENCE_MS
-from cortex.node.node import CATCH_UP_MIN_S, HEARTBEAT_S
+from cortex.node.node import HEARTBEAT_S
 from cortex.runtime.loader import Loader
 from cortex.scheduler import RequestAccepted, RequestCompleted, TokenGenerated
 from events import LogStore
@@ -45,6 +45,7 @@ MAX_TOKENS = 48
 LONG_TOKENS = 160  # long enough that a failure at the first token batch lands well before the end
 STOPPED_DRIVER_LINE = "stopping this node's driver of it"
 STALL_LINE = "event loop was stopped for"
+CAUGHT_UP_LINE = "caught up with peers"
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,12 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
     stall = _Stall(swarm)
     request: list[str] = []
 
-    def stall_the_driver() -> None:
-        driver = accepted_by(client.store, request[0])[0][0]
+    def stall_the_driver(driver: str) -> None:
         # Keep the driver stopped until the successor's acceptance reaches the submitter, so the
         # takeover happened while the driver was silent.
         stall.start(driver, lambda: any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0])))
 
-    watch = _at_first_batch(client, request, stall_the_driver)
+    watch = _at_first_batch(swarm, request, stall_the_driver)
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS))
         result = await client.run(request[0], 180.0)
@@ -81,7 +81,7 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
         stall.end()
         await client.stop()
 
-    assert stall.node is not None, "no token batch arrived before the end, so the stall did not land mid-stream"
+    assert stall.node is not None, "the driver logged no token batch before the end, so the stall did not land mid-stream"
     stalled = stall.node
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
     assert [author for author, _ in accepted] == [stalled.peer_id, successor]
@@ -149,11 +149,7 @@ async def test_driver_stalled_before_accepting_never_accepts(swarm: LocalSwarm, 
     # Running again, the stalled node finds it was stopped, catches up with its peers before it
     # drives the submission it got late, finds the successor's acceptance and never accepts the
     # request itself. Without the catch-up it would accept at once and become the driver.
-    deadline = time.monotonic() + 30.0
-    while STALL_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert STALL_LINE in stalled.log_path.read_text(), stalled.log_path.read_text()[-3000:]
-    await asyncio.sleep(CATCH_UP_MIN_S + 1.0)
+    await _caught_up(stalled)
     assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [successor]
 
 
@@ -163,15 +159,14 @@ async def test_stalled_head_holder_takes_nothing_over(swarm: LocalSwarm, tmp_pat
     request: list[str] = []
     ended: list[bool] = []
 
-    def stall_the_other_head_holder() -> None:
-        driver = accepted_by(client.store, request[0])[0][0]
+    def stall_the_other_head_holder(driver: str) -> None:
         other = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != driver)
         # Keep the other head holder stopped longer than the driver's silence limit, until the
         # request ended: its view then shows the request in flight under a silent driver.
         stopped_at = time.monotonic()
         stall.start(other, lambda: bool(ended) and time.monotonic() - stopped_at > DRIVER_SILENCE_MS / 1000 + 1.0)
 
-    watch = _at_first_batch(client, request, stall_the_other_head_holder)
+    watch = _at_first_batch(swarm, request, stall_the_other_head_holder)
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
         result = await client.run(request[0], 180.0)
@@ -183,43 +178,60 @@ async def test_stalled_head_holder_takes_nothing_over(swarm: LocalSwarm, tmp_pat
         stall.end()
         await client.stop()
 
-    assert stall.node is not None, "no token batch arrived before the end, so the stall did not land mid-stream"
+    assert stall.node is not None, "the driver logged no token batch before the end, so the stall did not land mid-stream"
     stalled = stall.node
     assert result.failed is None, result.failed
     assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, MAX_TOKENS))
     # Running again, the node catches up with its peers before it checks for silent drivers, so
     # it takes nothing over. Without the catch-up it takes the finished request over from its
     # stale view.
-    deadline = time.monotonic() + 30.0
-    while STALL_LINE not in stalled.log_path.read_text() and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert STALL_LINE in stalled.log_path.read_text(), stalled.log_path.read_text()[-3000:]
-    await asyncio.sleep(CATCH_UP_MIN_S + 2 * HEARTBEAT_S)
+    await _caught_up(stalled)
     assert [author for author, _ in accepted] == [result.driver]
     assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [result.driver]
     takeovers = [line for line in stalled.log_path.read_text().splitlines() if f"taking request {request[0][:12]} over" in line]
     assert takeovers == []
 
 
-def _at_first_batch(client: SwarmClient, request: list[str], action: Callable[[], None]) -> asyncio.Task[None]:
-    """Run `action` once the first token batch of request[0] and its acceptance are in the client's log.
+def _at_first_batch(swarm: LocalSwarm, request: list[str], action: Callable[[str], None]) -> asyncio.Task[None]:
+    """Run `action(driver)` once a head holder's own log has a token batch it streamed for request[0].
 
-    A batch counts as soon as it is stored, whatever its steps. The text shows only from step 0
-    on, so a trigger on the text lands late when the batch of step 0 arrives after later ones.
+    A driver logs each batch as it sends it, so the action lands mid-stream whatever gossip does.
+    The text reaches the submitter only from step 0 on, and gossip can hold batches back, so a
+    trigger on the submitter's side can land after the end.
     """
 
     async def watch() -> None:
-        deadline = time.monotonic() + 120.0
-        while time.monotonic() < deadline:
-            if request and accepted_by(client.store, request[0]) and any(
-                isinstance(event.body, TokenGenerated) and event.body.request_id == request[0]
-                for event in client.store.events(type="TokenGenerated")
-            ):
-                action()
-                return
-            await asyncio.sleep(0.02)
+        heads = [node for node in swarm.nodes if "head" in node.fragments and node.process is not None and node.process.poll() is None]
+        stores = [(node.peer_id, LogStore(node.data_dir / "events.db")) for node in heads]
+        try:
+            deadline = time.monotonic() + 120.0
+            while time.monotonic() < deadline:
+                for peer_id, store in stores:
+                    if request and any(
+                        event.author == peer_id and isinstance(event.body, TokenGenerated) and event.body.request_id == request[0]
+                        for event in store.events(type="TokenGenerated")
+                    ):
+                        action(peer_id)
+                        return
+                await asyncio.sleep(0.02)
+        finally:
+            for _, store in stores:
+                store.close()
 
     return asyncio.ensure_future(watch())
+
+
+async def _caught_up(node: SwarmNode) -> None:
+    """Wait until `node` logged that it caught up after its last stall, and one heartbeat more."""
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        log = node.log_path.read_text()
+        stall = log.rfind(STALL_LINE)
+        if stall >= 0 and CAUGHT_UP_LINE in log[stall:]:
+            await asyncio.sleep(HEARTBEAT_S + 0.5)
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"node {node.index} logged no stall and catch-up within 30 s: {node.log_path.read_text()[-3000:]}")
 
 
 class _Stall:
@@ -276,12 +288,11 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
     request: list[str] = []
     killed: list[str] = []
 
-    def kill_the_driver() -> None:
-        driver = accepted_by(client.store, request[0])[0][0]
+    def kill_the_driver(driver: str) -> None:
         swarm.kill(next(node.index for node in swarm.nodes if node.peer_id == driver))
         killed.append(driver)
 
-    watch = _at_first_batch(client, request, kill_the_driver)
+    watch = _at_first_batch(swarm, request, kill_the_driver)
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS))
         result = await client.run(request[0], 180.0)
@@ -295,7 +306,7 @@ async def test_driver_killed_mid_stream_is_taken_over(swarm: LocalSwarm, tmp_pat
         watch.cancel()
         await client.stop()
 
-    assert killed, "no token batch arrived before the end, so the kill did not land mid-stream"
+    assert killed, "the driver logged no token batch before the end, so the kill did not land mid-stream"
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
     streamed = [(author[-6:], body.step_start, body.step_stop) for author, body in batches]
@@ -343,12 +354,12 @@ async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: Loc
     joined: list[asyncio.Task[object]] = []
     request: list[str] = []
 
-    def kill_the_expert_holders() -> None:
+    def kill_the_expert_holders(driver: str) -> None:
         _kill_all(swarm, holders)
         killed.extend(holders)
         joined.append(asyncio.ensure_future(join(swarm, swarm.nodes[holders[0]].fragments)))
 
-    watch = _at_first_batch(client, request, kill_the_expert_holders)
+    watch = _at_first_batch(swarm, request, kill_the_expert_holders)
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS, deadline_ms=150_000))
         result = await client.run(request[0], 180.0)
@@ -357,7 +368,7 @@ async def test_lost_expert_holder_after_the_first_token_is_waited_for(swarm: Loc
     finally:
         watch.cancel()
         await client.stop()
-    assert killed, "no token batch arrived before the end, so the kill did not land mid-stream"
+    assert killed, "the driver logged no token batch before the end, so the kill did not land mid-stream"
     assert result.failed is None, result.failed
     assert result.completed is not None and result.completed.degraded is False
     assert result.token_ids == list(reference_tokens(swarm.model_dir, PROMPT, LONG_TOKENS))
@@ -371,11 +382,11 @@ async def test_lost_expert_holder_after_the_first_token_fails_at_the_deadline(sw
     killed: list[int] = []
     request: list[str] = []
 
-    def kill_the_expert_holders() -> None:
+    def kill_the_expert_holders(driver: str) -> None:
         _kill_all(swarm, holders)
         killed.extend(holders)
 
-    watch = _at_first_batch(client, request, kill_the_expert_holders)
+    watch = _at_first_batch(swarm, request, kill_the_expert_holders)
     try:
         request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS, deadline_ms=12_000))
         result = await client.run(request[0], 120.0)
