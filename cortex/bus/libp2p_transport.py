@@ -232,6 +232,7 @@ class Libp2pTransport(Transport):
         logger.warning("libp2p outbound queues stayed full for %s s; publishing anyway", QUEUE_WAIT_S)
 
     def _full_queues(self) -> bool:
+        """Return whether a connected peer's outbound queue is at QUEUE_HIGH_WATER."""
         assert self._pubsub is not None and self._host is not None
         full = [peer for peer, queue in self._pubsub.peer_queues.items() if len(queue) >= QUEUE_HIGH_WATER]
         if not full:

@@ -108,10 +108,10 @@ DRAIN_TIMEOUT_S = 30.0
 IDENTITY_PROBE_S = 1.5
 # A submission older than this when it arrives came from history (a join sync), not a live client.
 STALE_REQUEST_MS = 60_000
-# A gap this long between two heartbeat ticks means the node's event loop was stopped (a paused
-# process, a stalled machine) long enough for peers to count it silent, after DRIVER_SILENCE_MS
-# without a heartbeat. They may then have taken its requests over, or accepted requests it
-# should drive.
+# A gap longer than this between two heartbeat ticks means the node's event loop was stopped (a
+# paused process, a stalled machine). Peers count a node silent after DRIVER_SILENCE_MS without a
+# heartbeat, so with a heartbeat interval of slack on each side they may already have taken its
+# requests over, or accepted requests it should drive.
 STALL_GAP_S = DRIVER_SILENCE_MS / 1000 - 2 * HEARTBEAT_S
 # After such a stall the node catches up before it drives a new request or takes one over: for
 # at least CATCH_UP_MIN_S (gossip still queued, one anti-entropy round), then while peers announce
@@ -175,8 +175,8 @@ class Node:
         self.drivers: dict[str, asyncio.Task[None]] = {}  # request id -> the task driving it here
         self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
-        self._last_tick: float | None = None  # monotonic time of the heartbeat loop's last tick
-        self._catch_up_since: float | None = None  # monotonic time the heartbeat loop found a stall
+        self._last_tick: float | None = None  # `_clock()` time of the heartbeat loop's last tick
+        self._catch_up_since: float | None = None  # `_clock()` time the heartbeat loop found a stall
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
@@ -290,8 +290,8 @@ class Node:
             now = _clock()
             if now - self._last_tick > STALL_GAP_S:
                 logger.warning(
-                    "this node's event loop was stopped for %.1f s, so peers may have taken its requests over; it drives "
-                    "no new request and takes none over until it caught up with them (%.1f to %.1f s)",
+                    "this node's event loop was stopped for %.1f s, so peers may have taken its requests over. It drives "
+                    "no new request and takes none over until it has caught up with them (%.1f to %.1f s)",
                     now - self._last_tick - HEARTBEAT_S, CATCH_UP_MIN_S, TAKEOVER_REPAIR_WAIT_MS / 1000,
                 )
                 self._catch_up_since = now
@@ -301,7 +301,10 @@ class Node:
                 self._take_over_silent_drivers()
 
     def _catching_up(self) -> bool:
-        """Return whether this node is still catching up with its peers after its event loop was stopped."""
+        """Return whether this node is still catching up with its peers after its event loop was stopped.
+
+        The first call past the catch-up ends it and logs which peers' events are still missing, if any.
+        """
         now = _clock()
         if self._last_tick is not None and now - self._last_tick > STALL_GAP_S:
             return True  # stopped, and the heartbeat loop has not run since
@@ -315,7 +318,7 @@ class Node:
             return True
         if lacking:
             logger.warning(
-                "caught up with peers %.1f s after the stall without every event of %s; anti-entropy fetches them later",
+                "caught up with peers %.1f s after the stall, still missing events of %s, which anti-entropy fetches later",
                 elapsed, ", ".join(sorted(lacking)),
             )
         else:
@@ -524,12 +527,10 @@ class Node:
     def _stop_taken_over(self, accepted: RequestAccepted, successor: str) -> None:
         """Cancel this node's driver of a request that `successor` accepted in its place.
 
-        Peers take a request over when its driver is silent for DRIVER_SILENCE_MS, or when no
-        driver accepted it in that time while the chosen one is silent. A driver that was only
-        stalled (a paused process, a long pause of the machine) gets the successor's
-        acceptance once it runs again. Its driver then stops here, so only the successor
-        streams on and ends the request. An acceptance that names no previous driver stops
-        this node's driver only while it has not accepted the request itself.
+        A driver that was only stalled (a paused process) receives the successor's acceptance
+        once it runs again, and stops here, so only the successor streams on and ends the
+        request. An acceptance that names no previous driver stops this node's driver only
+        while that driver has not accepted the request itself.
         """
         task = self.drivers.get(accepted.request_id)
         if task is None or task.done():
@@ -541,7 +542,7 @@ class Node:
             if accepted.takeover_of or record is None or self.peer_id in record.drivers:
                 return
             happened = f"was accepted by {successor} before this node's driver accepted it"
-        logger.warning("request %s %s; stopping this node's driver of it", accepted.request_id[:12], happened)
+        logger.warning("request %s %s, so this node stops its driver of it", accepted.request_id[:12], happened)
         task.cancel()
 
     def _close_sessions(self, request_id: str) -> None:
@@ -574,7 +575,7 @@ class Node:
             # After a stall, another peer may have accepted this request already: drive it only
             # if no acceptance arrived once this node caught up.
             if not deferred:
-                logger.info("request %s arrived while this node catches up after a stall; it waits until then", request_id[:12])
+                logger.info("request %s arrived while this node catches up after a stall, so it waits until then", request_id[:12])
             asyncio.get_running_loop().call_later(CATCH_UP_POLL_S, self._consider, event, True)
             return
         if drives:

@@ -31,7 +31,7 @@ import pytest
 from degraded_helpers import PROMPT, accepted_by, join, open_client, pause, reference_tokens, start_swarm
 
 import cortex.scheduler  # noqa: F401 - registers the request event types
-from cortex.node.client import SwarmClient
+from cortex.node.client import RequestResult, SwarmClient
 from cortex.node.launcher import LocalSwarm, SwarmNode
 from cortex.driver.takeover import DRIVER_SILENCE_MS
 from cortex.node.node import HEARTBEAT_S
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 48
 LONG_TOKENS = 160  # long enough that a failure at the first token batch lands well before the end
-STOPPED_DRIVER_LINE = "stopping this node's driver of it"
+STOPPED_DRIVER_LINE = "so this node stops its driver of it"
 STALL_LINE = "event loop was stopped for"
 CAUGHT_UP_LINE = "caught up with peers"
 
@@ -70,17 +70,7 @@ async def test_stalled_driver_stops_after_its_takeover(swarm: LocalSwarm, tmp_pa
         # takeover happened while the driver was silent.
         stall.start(driver, lambda: any(body.takeover_of == driver for _, body in accepted_by(client.store, request[0])))
 
-    watch = _at_first_batch(swarm, request, stall_the_driver)
-    try:
-        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, LONG_TOKENS))
-        result = await client.run(request[0], 180.0)
-        await stall.resumed()
-        accepted = accepted_by(client.store, request[0])
-    finally:
-        watch.cancel()
-        stall.end()
-        await client.stop()
-
+    result, accepted = await _run_with_stall(client, swarm, stall, request, LONG_TOKENS, stall_the_driver)
     assert stall.node is not None, "the driver logged no token batch before the end, so the stall did not land mid-stream"
     stalled = stall.node
     successor = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != stalled.peer_id)
@@ -157,27 +147,20 @@ async def test_stalled_head_holder_takes_nothing_over(swarm: LocalSwarm, tmp_pat
     client = await open_client(swarm, tmp_path)
     stall = _Stall(swarm)
     request: list[str] = []
-    ended: list[bool] = []
 
     def stall_the_other_head_holder(driver: str) -> None:
         other = next(node.peer_id for node in swarm.nodes if "head" in node.fragments and node.peer_id != driver)
         # Keep the other head holder stopped longer than the driver's silence limit, until the
         # request ended: its view then shows the request in flight under a silent driver.
         stopped_at = time.monotonic()
-        stall.start(other, lambda: bool(ended) and time.monotonic() - stopped_at > DRIVER_SILENCE_MS / 1000 + 1.0)
 
-    watch = _at_first_batch(swarm, request, stall_the_other_head_holder)
-    try:
-        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, MAX_TOKENS))
-        result = await client.run(request[0], 180.0)
-        ended.append(True)
-        await stall.resumed()
-        accepted = accepted_by(client.store, request[0])
-    finally:
-        watch.cancel()
-        stall.end()
-        await client.stop()
+        def ready() -> bool:
+            completed = any(getattr(event.body, "request_id", None) == request[0] for event in client.store.events(type="RequestCompleted"))
+            return completed and time.monotonic() - stopped_at > DRIVER_SILENCE_MS / 1000 + 1.0
 
+        stall.start(other, ready)
+
+    result, accepted = await _run_with_stall(client, swarm, stall, request, MAX_TOKENS, stall_the_other_head_holder)
     assert stall.node is not None, "the driver logged no token batch before the end, so the stall did not land mid-stream"
     stalled = stall.node
     assert result.failed is None, result.failed
@@ -190,6 +173,25 @@ async def test_stalled_head_holder_takes_nothing_over(swarm: LocalSwarm, tmp_pat
     assert [author for author, _ in _logged(stalled, RequestAccepted, request[0])] == [result.driver]
     takeovers = [line for line in stalled.log_path.read_text().splitlines() if f"taking request {request[0][:12]} over" in line]
     assert takeovers == []
+
+
+async def _run_with_stall(
+    client: SwarmClient, swarm: LocalSwarm, stall: _Stall, request: list[str], max_tokens: int, action: Callable[[str], None]
+) -> tuple[RequestResult, list[tuple[str, RequestAccepted]]]:
+    """Submit PROMPT, run `action(driver)` at its first token batch, and return the result and acceptances.
+
+    Waits until the stalled node runs again, and stops the client.
+    """
+    watch = _at_first_batch(swarm, request, action)
+    try:
+        request.append(await client.submit(client.resolve_model(str(swarm.model_dir)), PROMPT, max_tokens))
+        result = await client.run(request[0], 180.0)
+        await stall.resumed()
+        return result, accepted_by(client.store, request[0])
+    finally:
+        watch.cancel()
+        stall.end()
+        await client.stop()
 
 
 def _at_first_batch(swarm: LocalSwarm, request: list[str], action: Callable[[str], None]) -> asyncio.Task[None]:
