@@ -15,6 +15,14 @@ first live peer of `driver_order` without the silent ones takes it over. It publ
 receives no duplicated or changed token. When no peer that can open the prompt is live, the
 first live head holder ends the request instead (`cortex.node.driving.takeover_of`).
 
+One driver per request. Views differ for a moment, so two peers may both accept a request:
+a stalled driver and its successor, two peers that took the same request over at once, or a
+peer whose view lagged. Every peer derives the same winner from the same acceptances: the
+latest one by stamp (lamport, author, seq), the view's `driver`, counting only authors that
+may drive the model (`may_drive`). The node checks `superseding_driver` on each acceptance by
+another peer and stops its driver when it lost. Once both acceptances reached both drivers,
+one driver goes on.
+
 Fallback drivers. When no live peer holds a model's head, the request is driven by a live
 peer that announced a fallback model: the submitter itself if it is such a peer, else the
 first in rendezvous order over those peers (`fallback_order`). It answers degraded.
@@ -28,10 +36,11 @@ from collections.abc import Iterable
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
 from cortex.privacy import is_recipient
 from cortex.registry import RegistryView
+from cortex.registry.view import LOADED
 from cortex.scheduler.content import StreamAssembler, open_token_batch
 from cortex.scheduler.lifecycle import RequestRecord
-from cortex.scheduler.planning import driver_order, rendezvous_score
-from cortex.scheduler.request_events import RequestSubmitted, TokenGenerated
+from cortex.scheduler.planning import HEAD, driver_order, rendezvous_score
+from cortex.scheduler.request_events import RequestAccepted, RequestSubmitted, TokenGenerated
 from events import Identity
 
 logger = logging.getLogger(__name__)
@@ -156,6 +165,36 @@ def intended_driver(registry: RegistryView, record: RequestRecord) -> str:
         return record.submitter
     ranked = sorted(readers, key=lambda peer: (bytes(255 - b for b in rendezvous_score(record.request_id, peer)), peer))
     return ranked[0] if ranked else ""
+
+
+def may_drive(registry: RegistryView, model_id: str, peer: str) -> bool:
+    """Return whether `peer` announced what driving `model_id` takes: the model's head, loaded, or a fallback model.
+
+    Liveness is left out on purpose: a stalled driver's acceptance still counts.
+    """
+    shard = registry.shards.get((peer, model_id, HEAD))
+    if shard is not None and shard.state == LOADED:
+        return True
+    record = registry.peers.get(peer)
+    return record is not None and record.announcement is not None and FALLBACK_HARDWARE_KEY in record.announcement.hardware
+
+
+def superseding_driver(registry: RegistryView, record: RequestRecord, me: str) -> str:
+    """Return the peer whose acceptance of `record` wins over `me`'s driving of it, or "" if `me` drives on.
+
+    The winner is the author of the latest acceptance by stamp among `me` and the peers that
+    `may_drive` the model. Acceptances by other peers are ignored, so they stop no driver.
+    While `me` has not accepted yet, any counted acceptance by another peer wins.
+    """
+    stamps = [
+        stamp
+        for stamp, fact in record.facts.items()
+        if isinstance(fact.body, RequestAccepted) and (fact.author == me or may_drive(registry, record.model_id, fact.author))
+    ]
+    if not stamps:
+        return ""
+    winner = max(stamps)[1]
+    return "" if winner == me else winner
 
 
 def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tuple[list[int], str]:

@@ -55,7 +55,15 @@ from cortex.driver.executors import BlockExecutor, worker_compute
 from cortex.driver.remote import RemoteBlockExecutor
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY, FallbackError, open_fallback
 from cortex.driver.requests import DriverContext, RequestDriver, Takeover
-from cortex.driver.takeover import DRIVER_SILENCE_MS, TAKEOVER_REPAIR_WAIT_MS, fallback_order, readable_order, takeover_due
+from cortex.driver.takeover import (
+    DRIVER_SILENCE_MS,
+    TAKEOVER_REPAIR_WAIT_MS,
+    fallback_order,
+    may_drive,
+    readable_order,
+    superseding_driver,
+    takeover_due,
+)
 from cortex.driver.router import TokenRouter
 from cortex.node.claims import choose_fragments, fragment_sizes
 from cortex.node.config import ModelSettings, NodeConfig
@@ -525,23 +533,32 @@ class Node:
                 self._close_sessions(event.body.request_id)
 
     def _stop_taken_over(self, accepted: RequestAccepted, successor: str) -> None:
-        """Cancel this node's driver of a request that `successor` accepted in its place.
+        """Cancel this node's driver of a request once another peer's acceptance wins, checked as `successor`'s arrives.
 
-        A driver that was only stalled (a paused process) receives the successor's acceptance
-        once it runs again, and stops here, so only the successor streams on and ends the
-        request. An acceptance that names no previous driver stops this node's driver only
-        while that driver has not accepted the request itself.
+        Every peer derives the same winner (`superseding_driver`: the latest acceptance by a
+        peer that may drive the model). Of two peers that both accepted a request, the one
+        with the earlier acceptance stops here when the other's arrives. A driver that was
+        only stalled (a paused process) receives its successor's acceptance once it runs
+        again and stops, so only the successor streams on and ends the request.
         """
         task = self.drivers.get(accepted.request_id)
-        if task is None or task.done():
+        record = self.scheduler.view.record(accepted.request_id)
+        if task is None or task.done() or record is None:
             return
-        if accepted.takeover_of == self.peer_id:
-            happened = f"was taken over by {successor} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
+        if not may_drive(self.registry.view, record.model_id, successor):
+            logger.warning(
+                "request %s: ignoring the acceptance by %s, which announced neither the head of model %s nor a fallback model",
+                accepted.request_id[:12], successor, record.model_id[:12],
+            )
+        winner = superseding_driver(self.registry.view, record, self.peer_id)
+        if not winner:
+            return
+        if winner == successor and accepted.takeover_of == self.peer_id:
+            happened = f"was taken over by {winner} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
+        elif self.peer_id not in record.drivers:
+            happened = f"was accepted by {winner} before this node's driver accepted it"
         else:
-            record = self.scheduler.view.record(accepted.request_id)
-            if accepted.takeover_of or record is None or self.peer_id in record.drivers:
-                return
-            happened = f"was accepted by {successor} before this node's driver accepted it"
+            happened = f"was also accepted by {winner}, and that acceptance is the later one"
         logger.warning("request %s %s, so this node stops its driver of it", accepted.request_id[:12], happened)
         task.cancel()
 
