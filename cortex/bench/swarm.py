@@ -11,6 +11,12 @@ Measured in one run:
   routed experts of one layer over the data plane, minus the same dispatch run locally;
 - the raw ZeroMQ round trip (`cortex.comm.measure_raw_round_trip`) of one token's hidden
   state, the floor of any remote dispatch;
+- two more floors on the same payload: the raw round trip with a signed record per message,
+  checked on arrival (`cortex.comm.measure_signed_round_trip`), and a whole data-plane call
+  between two data planes in this process with their SQLite logs
+  (`cortex.comm.measure_local_call_round_trip`, two experts, no model compute). Against the
+  swarm's calls they split the gap into the records, the data plane's own work, and what
+  separate processes add;
 - where a data-plane call's time goes: the driver's mean call, from sending to a checked
   reply, and the expert nodes' mean time from receiving a call to handing its reply to
   ZeroMQ. The difference is the loopback and the driver's own work on the message.
@@ -78,7 +84,7 @@ def _model_folder(model: Path | None, root: Path) -> Path:
 async def _measure(model: Path, root: Path, tokens: int, nodes: int, bus: str) -> BenchReport:
     import torch
 
-    from cortex.comm import measure_raw_round_trip
+    from cortex.comm import measure_local_call_round_trip, measure_raw_round_trip, measure_signed_round_trip
 
     torch.set_num_threads(1)
     local = _measure_local(model, tokens)
@@ -87,6 +93,8 @@ async def _measure(model: Path, root: Path, tokens: int, nodes: int, bus: str) -
         raise SystemExit(f"error: swarm tokens {swarm['token_ids']} differ from local tokens {local['token_ids']}")
     payload = local["hidden_size"] * 4
     raw = await measure_raw_round_trip(payload_bytes=payload, rounds=200, warmup=20)
+    signed = await measure_signed_round_trip(payload_bytes=payload, rounds=200, warmup=20)
+    in_process = await measure_local_call_round_trip(root / "local-call", hidden_size=local["hidden_size"], rounds=200, warmup=20)
     overhead_ms = swarm["dispatch_ms"] - local["dispatch_ms"]
     report = BenchReport("swarm")
     report.results = {
@@ -103,6 +111,8 @@ async def _measure(model: Path, root: Path, tokens: int, nodes: int, bus: str) -
         "dispatch_overhead_per_moe_layer_ms": overhead_ms,
         "raw_zmq_round_trip_median_ms": raw.median_us / 1000,
         "raw_zmq_round_trip_payload_bytes": payload,
+        "signed_round_trip_median_ms": signed.median_us / 1000,
+        "local_call_median_ms": in_process.median_us / 1000,
         "swarm_calls_per_moe_layer": swarm["calls_per_layer"],
         "swarm_call_ms": swarm["call_ms"],
         "swarm_serve_ms": swarm["serve_ms"],

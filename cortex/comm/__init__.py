@@ -17,7 +17,13 @@ from cortex.comm.records import (
     StageInputSent,
     StageOutputProduced,
 )
-from cortex.comm.roundtrip import RoundTripStats, measure_call_round_trip, measure_raw_round_trip
+from cortex.comm.roundtrip import (
+    RoundTripStats,
+    measure_call_round_trip,
+    measure_local_call_round_trip,
+    measure_raw_round_trip,
+    measure_signed_round_trip,
+)
 from cortex.comm.validation import FrameLimits
 
 __all__ = [
@@ -52,5 +58,7 @@ __all__ = [
     "StageInputSent",
     "StageOutputProduced",
     "measure_call_round_trip",
+    "measure_local_call_round_trip",
     "measure_raw_round_trip",
+    "measure_signed_round_trip",
 ]

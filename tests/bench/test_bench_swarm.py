@@ -31,7 +31,10 @@ def test_bench_swarm_quick_json(bus: str) -> None:
     assert results["generated_tokens"] == 8
     assert results["tokens_identical"] is True
     assert results["moe_layers"] == 3
-    for key in ("local_tokens_per_s", "swarm_tokens_per_s", "swarm_dispatch_per_moe_layer_ms", "raw_zmq_round_trip_median_ms"):
+    for key in (
+        "local_tokens_per_s", "swarm_tokens_per_s", "swarm_dispatch_per_moe_layer_ms", "raw_zmq_round_trip_median_ms",
+        "signed_round_trip_median_ms", "local_call_median_ms",
+    ):  # fmt: skip
         assert results[key] > 0, key
     # The driver serves no expert, so every MoE layer makes at least one call, and a call lasts
     # longer than its serving on the expert node.
