@@ -15,13 +15,13 @@ first live peer of `driver_order` without the silent ones takes it over. It publ
 receives no duplicated or changed token. When no peer that can open the prompt is live, the
 first live head holder ends the request instead (`cortex.node.driving.takeover_of`).
 
-One driver per request. Views differ for a moment, so two peers may both accept a request:
-a stalled driver and its successor, two peers that took the same request over at once, or a
-peer whose view lagged. Every peer derives the same winner from the same acceptances: the
-latest one by stamp (lamport, author, seq), the view's `driver`, counting only authors that
-may drive the model (`may_drive`). The node checks `superseding_driver` on each acceptance by
-another peer and stops its driver when it lost. Once both acceptances reached both drivers,
-one driver goes on.
+One driver per request. Views differ for a moment, so two peers may both drive a request: a
+stalled driver and its successor, two peers that took the same request over at once, or a
+peer whose view lagged and accepted beside the driver. The node calls `superseded_by` on each
+acceptance by another peer and stops its driver when that acceptance replaces it: it names
+this node in `takeover_of`, or it competes for the same role (the same `takeover_of`) and
+is the later one by stamp (lamport, author, seq), or this node has not accepted yet. Both
+competitors reach the same decision from the two acceptances, so one driver goes on.
 
 Fallback drivers. When no live peer holds a model's head, the request is driven by a live
 peer that announced a fallback model: the submitter itself if it is such a peer, else the
@@ -41,7 +41,7 @@ from cortex.scheduler.content import StreamAssembler, open_token_batch
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.planning import HEAD, driver_order, rendezvous_score
 from cortex.scheduler.request_events import RequestAccepted, RequestSubmitted, TokenGenerated
-from events import Identity
+from events import Event, Identity
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ def intended_driver(registry: RegistryView, record: RequestRecord) -> str:
 def may_drive(registry: RegistryView, model_id: str, peer: str) -> bool:
     """Return whether `peer` announced what driving `model_id` takes: the model's head, loaded, or a fallback model.
 
-    Liveness is left out on purpose: a stalled driver's acceptance still counts.
+    Liveness is left out, because peers' clocks and heartbeats differ and all must agree.
+    NOTE: returns False while this node has not stored the peer's `ShardLoaded` or
+    `PeerJoined` yet. Both announce a peer long before it can accept a request.
     """
     shard = registry.shards.get((peer, model_id, HEAD))
     if shard is not None and shard.state == LOADED:
@@ -179,22 +181,32 @@ def may_drive(registry: RegistryView, model_id: str, peer: str) -> bool:
     return record is not None and record.announcement is not None and FALLBACK_HARDWARE_KEY in record.announcement.hardware
 
 
-def superseding_driver(registry: RegistryView, record: RequestRecord, me: str) -> str:
-    """Return the peer whose acceptance of `record` wins over `me`'s driving of it, or "" if `me` drives on.
+def superseded_by(registry: RegistryView, record: RequestRecord, me: str, role: str, accepted: Event) -> str:
+    """Return why `me` stops driving `record` now that `accepted`, another peer's acceptance of it, arrived; "" if it drives on.
 
-    The winner is the author of the latest acceptance by stamp among `me` and the peers that
-    `may_drive` the model. Acceptances by other peers are ignored, so they stop no driver.
-    While `me` has not accepted yet, any counted acceptance by another peer wins.
+    `role` is the driver that `me` took the request over from, "" for a first driver: the
+    `takeover_of` of `me`'s acceptance. `me` stops when `accepted` names it in `takeover_of`:
+    a successor replaced it while it was silent. It also stops when `accepted` has the same
+    `takeover_of` and its author `may_drive` the model, if `me` has not accepted in that role
+    yet or accepted earlier by stamp. Other acceptances stop nothing: a late or stale one of
+    the driver that `me` replaces, or one of a peer that cannot drive the model.
     """
-    stamps = [
+    body: RequestAccepted = accepted.body
+    successor = accepted.author
+    if body.takeover_of == me:
+        return f"was taken over by {successor} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
+    if body.takeover_of != role or not may_drive(registry, record.model_id, successor):
+        return ""
+    mine = [
         stamp
         for stamp, fact in record.facts.items()
-        if isinstance(fact.body, RequestAccepted) and (fact.author == me or may_drive(registry, record.model_id, fact.author))
+        if fact.author == me and isinstance(fact.body, RequestAccepted) and fact.body.takeover_of == role
     ]
-    if not stamps:
-        return ""
-    winner = max(stamps)[1]
-    return "" if winner == me else winner
+    if not mine:
+        return f"was accepted by {successor} before this node's driver accepted it"
+    if (accepted.lamport, accepted.author, accepted.seq) > max(mine):
+        return f"was also accepted by {successor} in place of the same previous driver, and that acceptance is the later one"
+    return ""
 
 
 def streamed_tokens(batches: Iterable[TokenGenerated], identity: Identity) -> tuple[list[int], str]:

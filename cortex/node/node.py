@@ -61,7 +61,7 @@ from cortex.driver.takeover import (
     fallback_order,
     may_drive,
     readable_order,
-    superseding_driver,
+    superseded_by,
     takeover_due,
 )
 from cortex.driver.router import TokenRouter
@@ -181,6 +181,7 @@ class Node:
         self.tokenizers: dict[str, Any] = {}
         self.stopping = asyncio.Event()
         self.drivers: dict[str, asyncio.Task[None]] = {}  # request id -> the task driving it here
+        self._roles: dict[str, str] = {}  # request id -> the driver its driver here took it over from, "" if none
         self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
         self._last_tick: float | None = None  # `_clock()` time of the heartbeat loop's last tick
@@ -528,39 +529,33 @@ class Node:
             if isinstance(event.body, RequestSubmitted):
                 self._consider(event)
             elif isinstance(event.body, RequestAccepted) and event.author != self.peer_id:
-                self._stop_taken_over(event.body, event.author)
+                self._stop_taken_over(event)
             elif isinstance(event.body, (RequestCompleted, RequestFailed, RequestCancelled)):
                 self._close_sessions(event.body.request_id)
 
-    def _stop_taken_over(self, accepted: RequestAccepted, successor: str) -> None:
-        """Cancel this node's driver of a request once another peer's acceptance wins, checked as `successor`'s arrives.
+    def _stop_taken_over(self, accepted: Event) -> None:
+        """Cancel this node's driver of a request when `accepted`, another peer's acceptance of it, replaces it (`superseded_by`).
 
-        Every peer derives the same winner (`superseding_driver`: the latest acceptance by a
-        peer that may drive the model). Of two peers that both accepted a request, the one
-        with the earlier acceptance stops here when the other's arrives. A driver that was
-        only stalled (a paused process) receives its successor's acceptance once it runs
-        again and stops, so only the successor streams on and ends the request.
+        A driver that was only stalled (a paused process) receives its successor's acceptance
+        once it runs again and stops, so only the successor streams on and ends the request.
+        Of two peers that accepted a request in place of the same previous driver (or both as
+        its first driver), the one with the earlier acceptance stops.
         """
-        task = self.drivers.get(accepted.request_id)
-        record = self.scheduler.view.record(accepted.request_id)
+        body: RequestAccepted = accepted.body
+        task = self.drivers.get(body.request_id)
+        record = self.scheduler.view.record(body.request_id)
         if task is None or task.done() or record is None:
             return
-        if not may_drive(self.registry.view, record.model_id, successor):
+        role = self._roles.get(body.request_id, "")
+        if body.takeover_of == role and not may_drive(self.registry.view, record.model_id, accepted.author):
             logger.warning(
-                "request %s: ignoring the acceptance by %s, which announced neither the head of model %s nor a fallback model",
-                accepted.request_id[:12], successor, record.model_id[:12],
+                "request %s: ignoring the acceptance by %s, which this node does not know to hold the head of model %s or a fallback model",
+                body.request_id[:12], accepted.author, record.model_id[:12],
             )
-        winner = superseding_driver(self.registry.view, record, self.peer_id)
-        if not winner:
-            return
-        if winner == successor and accepted.takeover_of == self.peer_id:
-            happened = f"was taken over by {winner} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
-        elif self.peer_id not in record.drivers:
-            happened = f"was accepted by {winner} before this node's driver accepted it"
-        else:
-            happened = f"was also accepted by {winner}, and that acceptance is the later one"
-        logger.warning("request %s %s, so this node stops its driver of it", accepted.request_id[:12], happened)
-        task.cancel()
+        happened = superseded_by(self.registry.view, record, self.peer_id, role, accepted)
+        if happened:
+            logger.warning("request %s %s, so this node stops its driver of it", body.request_id[:12], happened)
+            task.cancel()
 
     def _close_sessions(self, request_id: str) -> None:
         """Drop the KV caches of a finished request on every block this node holds."""
@@ -612,11 +607,13 @@ class Node:
         self.driving.add(driver.request_id)
         task = self._task_group.create_task(driver.run())
         self.drivers[driver.request_id] = task
+        self._roles[driver.request_id] = driver.takeover.previous_driver if driver.takeover else ""
         task.add_done_callback(lambda _: self._driver_done(driver.request_id, task))
 
     def _driver_done(self, request_id: str, task: asyncio.Task[None]) -> None:
         if self.drivers.get(request_id) is task:
             del self.drivers[request_id]
+            self._roles.pop(request_id, None)
             self.driving.discard(request_id)
 
     def _take_over_silent_drivers(self) -> None:

@@ -1,18 +1,18 @@
-"""One driver per request: which of two acceptances wins, derived alike by every peer from the same events."""
+"""One driver per request: which acceptance by another peer stops a driver, decided alike by both drivers."""
 
 from __future__ import annotations
 
 import secrets
 
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
-from cortex.driver.takeover import may_drive, superseding_driver
+from cortex.driver.takeover import may_drive, superseded_by
 from cortex.privacy import seal
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.scheduler import RequestAccepted, RequestSubmitted
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.request_events import plan_digest, request_id_for
 from cortex.scheduler.view import fold
-from events import Event, Identity, PeerHeartbeat, PeerJoined, ShardLoaded, sign_event
+from events import Event, Identity, PeerHeartbeat, PeerJoined, ShardClaimed, ShardLoaded, sign_event
 
 MODEL_ID = "ab" * 32
 SUBMITTER = Identity.generate()
@@ -20,6 +20,8 @@ FIRST = Identity.generate()
 SECOND = Identity.generate()
 BYSTANDER = Identity.generate()  # joined, but has no head and announced no fallback model
 FALLBACK = Identity.generate()
+CLAIMER = Identity.generate()  # claimed the head but has not loaded it
+SILENT = Identity.generate()  # the driver the others take the request over from
 
 
 def _joined(identity: Identity, *, head: bool, hardware: dict[str, object] | None = None) -> list[Event]:
@@ -53,11 +55,15 @@ def _accepted(identity: Identity, request_id: str, submitted: Event, lamport: in
 
 
 def _members() -> list[Event]:
+    claimed = sign_event(CLAIMER, ShardClaimed(MODEL_ID, "head", 10), seq=9, lamport=9, time_ms=1_000)
     return [
         *_joined(FIRST, head=True),
         *_joined(SECOND, head=True),
+        *_joined(SILENT, head=True),
         *_joined(BYSTANDER, head=False),
         *_joined(FALLBACK, head=False, hardware={"cpus": 2, FALLBACK_HARDWARE_KEY: "demo"}),
+        *_joined(CLAIMER, head=False),
+        claimed,
     ]
 
 
@@ -65,58 +71,88 @@ def _record(events: list[Event], request_id: str) -> RequestRecord:
     return fold(events).requests[request_id]
 
 
-def test_superseding_driver_later_acceptance_wins() -> None:
+REGISTRY = _registry(_members())
+
+
+def test_superseded_by_successor_naming_this_node() -> None:
     submitted, request_id = _submitted()
-    first = _accepted(FIRST, request_id, submitted, lamport=5, takeover_of=SUBMITTER.peer_id)
-    second = _accepted(SECOND, request_id, submitted, lamport=7, takeover_of=SUBMITTER.peer_id)
-    registry = _registry(_members())
+    mine = _accepted(FIRST, request_id, submitted, lamport=5)
+    successor = _accepted(SECOND, request_id, submitted, lamport=9, takeover_of=FIRST.peer_id)
+    record = _record([submitted, mine, successor], request_id)
+
+    assert superseded_by(REGISTRY, record, FIRST.peer_id, "", successor).startswith(f"was taken over by {SECOND.peer_id}")
+    # The successor's role is the stalled driver: that driver's acceptance does not stop it.
+    assert superseded_by(REGISTRY, record, SECOND.peer_id, FIRST.peer_id, mine) == ""
+
+
+def test_superseded_by_later_competitor_same_role() -> None:
+    submitted, request_id = _submitted()
+    first = _accepted(FIRST, request_id, submitted, lamport=5, takeover_of=SILENT.peer_id)
+    second = _accepted(SECOND, request_id, submitted, lamport=7, takeover_of=SILENT.peer_id)
 
     for order in ([submitted, first, second], [second, submitted, first]):
         record = _record(order, request_id)
-        assert superseding_driver(registry, record, FIRST.peer_id) == SECOND.peer_id
-        assert superseding_driver(registry, record, SECOND.peer_id) == ""
-        assert record.driver == SECOND.peer_id  # the view names the same driver
+        assert "the later one" in superseded_by(REGISTRY, record, FIRST.peer_id, SILENT.peer_id, second)
+        assert superseded_by(REGISTRY, record, SECOND.peer_id, SILENT.peer_id, first) == ""
+        assert record.driver == SECOND.peer_id  # the view names the driver that goes on
 
 
-def test_superseding_driver_lamport_tie_by_author() -> None:
+def test_superseded_by_lamport_tie_by_author() -> None:
     submitted, request_id = _submitted()
-    record = _record([submitted, _accepted(FIRST, request_id, submitted, 6), _accepted(SECOND, request_id, submitted, 6)], request_id)
-    registry = _registry(_members())
+    first = _accepted(FIRST, request_id, submitted, lamport=6)
+    second = _accepted(SECOND, request_id, submitted, lamport=6)
+    record = _record([submitted, first, second], request_id)
 
-    kept = [peer for peer in (FIRST.peer_id, SECOND.peer_id) if superseding_driver(registry, record, peer) == ""]
-    assert kept == [max(FIRST.peer_id, SECOND.peer_id)]
+    first_stops = bool(superseded_by(REGISTRY, record, FIRST.peer_id, "", second))
+    second_stops = bool(superseded_by(REGISTRY, record, SECOND.peer_id, "", first))
+    assert first_stops != second_stops
+    assert first_stops == (FIRST.peer_id < SECOND.peer_id)
 
 
-def test_superseding_driver_before_own_acceptance() -> None:
+def test_superseded_by_before_own_acceptance() -> None:
     submitted, request_id = _submitted()
-    record = _record([submitted, _accepted(SECOND, request_id, submitted, lamport=3)], request_id)
+    stale = _accepted(SILENT, request_id, submitted, lamport=3)
+    rival = _accepted(SECOND, request_id, submitted, lamport=8, takeover_of=SILENT.peer_id)
 
-    assert superseding_driver(_registry(_members()), record, FIRST.peer_id) == SECOND.peer_id
+    # FIRST runs a takeover of SILENT and has not accepted yet: a rival takeover wins.
+    record = _record([submitted, stale, rival], request_id)
+    assert "before this node's driver accepted it" in superseded_by(REGISTRY, record, FIRST.peer_id, SILENT.peer_id, rival)
+    # The stale acceptance of the driver it replaces, arriving late, does not stop it.
+    assert superseded_by(REGISTRY, record, FIRST.peer_id, SILENT.peer_id, stale) == ""
 
 
-def test_superseding_driver_ignores_non_drivers() -> None:
+def test_superseded_by_ignores_other_roles() -> None:
+    # A stalled driver that wakes up may accept again to degrade, naming no previous driver.
+    # Its successor took the request over from it, so that acceptance does not stop the successor.
+    submitted, request_id = _submitted()
+    successor = _accepted(SECOND, request_id, submitted, lamport=9, takeover_of=FIRST.peer_id)
+    degraded = _accepted(FIRST, request_id, submitted, lamport=40)
+    record = _record([submitted, successor, degraded], request_id)
+
+    assert superseded_by(REGISTRY, record, SECOND.peer_id, FIRST.peer_id, degraded) == ""
+
+
+def test_superseded_by_ignores_non_drivers() -> None:
     submitted, request_id = _submitted()
     mine = _accepted(FIRST, request_id, submitted, lamport=5)
-    later = _accepted(BYSTANDER, request_id, submitted, lamport=9, takeover_of=FIRST.peer_id)
-    unknown = _accepted(Identity.generate(), request_id, submitted, lamport=11, takeover_of=FIRST.peer_id)
-    registry = _registry(_members())
+    for author in (BYSTANDER, CLAIMER, Identity.generate()):
+        later = _accepted(author, request_id, submitted, lamport=9)
+        assert superseded_by(REGISTRY, _record([submitted, mine, later], request_id), FIRST.peer_id, "", later) == "", author
 
-    record = _record([submitted, mine, later, unknown], request_id)
-    assert not may_drive(registry, MODEL_ID, BYSTANDER.peer_id)
-    assert superseding_driver(registry, record, FIRST.peer_id) == ""
-    # The same acceptance by a peer with a fallback model counts: it may drive degraded.
-    by_fallback = _accepted(FALLBACK, request_id, submitted, lamport=9, takeover_of=FIRST.peer_id)
-    assert may_drive(registry, MODEL_ID, FALLBACK.peer_id)
-    assert superseding_driver(registry, _record([submitted, mine, by_fallback], request_id), FIRST.peer_id) == FALLBACK.peer_id
+    by_fallback = _accepted(FALLBACK, request_id, submitted, lamport=9)
+    record = _record([submitted, mine, by_fallback], request_id)
+    assert "the later one" in superseded_by(REGISTRY, record, FIRST.peer_id, "", by_fallback)
+
+
+def test_may_drive_needs_loaded_head_or_fallback() -> None:
+    assert may_drive(REGISTRY, MODEL_ID, FIRST.peer_id)
+    assert may_drive(REGISTRY, MODEL_ID, FALLBACK.peer_id)
+    assert not may_drive(REGISTRY, MODEL_ID, BYSTANDER.peer_id)
+    assert not may_drive(REGISTRY, MODEL_ID, CLAIMER.peer_id)
+    assert not may_drive(REGISTRY, "cd" * 32, FIRST.peer_id)
 
 
 def test_may_drive_ignores_liveness() -> None:
-    # An acceptance that arrives long after its author's last heartbeat still names a driver
-    # that streamed, so the other driver stops, as on every other peer.
-    submitted, request_id = _submitted()
-    registry = _registry(_members())
-    record = _record([submitted, _accepted(FIRST, request_id, submitted, 4), _accepted(SECOND, request_id, submitted, 8)], request_id)
-
-    assert not registry.is_live(SECOND.peer_id, 100_000)
-    assert may_drive(registry, MODEL_ID, SECOND.peer_id)
-    assert superseding_driver(registry, record, FIRST.peer_id) == SECOND.peer_id
+    # Both drivers must reach the same decision, whatever heartbeats each has seen.
+    assert not REGISTRY.is_live(SECOND.peer_id, 100_000)
+    assert may_drive(REGISTRY, MODEL_ID, SECOND.peer_id)
