@@ -186,10 +186,12 @@ def superseded_by(registry: RegistryView, record: RequestRecord, me: str, role: 
 
     `role` is the driver that `me` took the request over from, "" for a first driver: the
     `takeover_of` of `me`'s acceptance. `me` stops when `accepted` names it in `takeover_of`:
-    a successor replaced it while it was silent. It also stops when `accepted` has the same
-    `takeover_of` and its author `may_drive` the model, if `me` has not accepted in that role
-    yet or accepted earlier by stamp. Other acceptances stop nothing: a late or stale one of
-    the driver that `me` replaces, or one of a peer that cannot drive the model.
+    a successor replaced it while it was silent. That holds whoever the author is, because a
+    node woken after a stall may not have stored its successor's `ShardLoaded` yet. `me` also
+    stops when `accepted` has the same `takeover_of` and its author `may_drive` the model, if
+    `me` has not accepted in that role yet or accepted earlier by stamp. Other acceptances
+    stop nothing: a late or stale one of the driver that `me` replaces, or one in that role
+    by a peer that cannot drive the model.
     """
     body: RequestAccepted = accepted.body
     successor = accepted.author

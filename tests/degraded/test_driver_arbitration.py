@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
+from cortex.driver.requests import Takeover
 from cortex.driver.takeover import may_drive, superseded_by
 from cortex.privacy import seal
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.scheduler import RequestAccepted, RequestSubmitted
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.request_events import plan_digest, request_id_for
-from cortex.scheduler.view import fold
+from cortex.node.node import Node
+from cortex.scheduler.view import SchedulerReducer, fold
 from events import Event, Identity, PeerHeartbeat, PeerJoined, ShardClaimed, ShardLoaded, sign_event
+from events.views import Projection
 
 MODEL_ID = "ab" * 32
 SUBMITTER = Identity.generate()
@@ -24,7 +28,7 @@ CLAIMER = Identity.generate()  # claimed the head but has not loaded it
 SILENT = Identity.generate()  # the driver the others take the request over from
 
 
-def _joined(identity: Identity, *, head: bool, hardware: dict[str, object] | None = None) -> list[Event]:
+def _joined(identity: Identity, *, head: bool, hardware: dict[str, int | str | bool] | None = None) -> list[Event]:
     joined = PeerJoined(
         ("/ip4/127.0.0.1/tcp/4001",), "tcp://127.0.0.1:5555", identity.curve_public_key.decode(), hardware or {"cpus": 2}, "1.0", "0.1.0"
     )
@@ -156,3 +160,70 @@ def test_may_drive_ignores_liveness() -> None:
     # Both drivers must reach the same decision, whatever heartbeats each has seen.
     assert not REGISTRY.is_live(SECOND.peer_id, 100_000)
     assert may_drive(REGISTRY, MODEL_ID, SECOND.peer_id)
+
+
+class _Driver:
+    """What `Node._start_driver` reads of a `RequestDriver`: its request, takeover and run()."""
+
+    def __init__(self, request_id: str, previous_driver: str) -> None:
+        self.request_id = request_id
+        self.takeover = Takeover(previous_driver, [], "") if previous_driver else None
+
+    async def run(self) -> None:
+        await asyncio.sleep(3600)
+
+
+def _node(me: Identity, events: list[Event], group: asyncio.TaskGroup) -> Node:
+    """A Node with only what starting and stopping drivers reads: identity, views, task group."""
+    node = Node.__new__(Node)
+    node.peer_id = me.peer_id
+    node.registry = Projection(RegistryReducer())
+    node.scheduler = Projection(SchedulerReducer())
+    for event in [*_members(), *events]:
+        node.registry.apply(event)
+        node.scheduler.apply(event)
+    node.drivers, node._roles, node.driving = {}, {}, set()
+    node._task_group = group
+    return node
+
+
+async def test_node_stops_takeover_for_rival_takeover() -> None:
+    submitted, request_id = _submitted()
+    stale = _accepted(SILENT, request_id, submitted, lamport=3)
+    async with asyncio.TaskGroup() as group:
+        node = _node(FIRST, [submitted, stale], group)
+        node._start_driver(_Driver(request_id, SILENT.peer_id))  # type: ignore[arg-type]
+        task = node.drivers[request_id]
+        await asyncio.sleep(0)
+
+        # The driver it replaces accepting again (late) stops nothing.
+        late = _accepted(SILENT, request_id, submitted, lamport=4)
+        node.scheduler.apply(late)
+        node._stop_taken_over(late)
+        await asyncio.sleep(0)
+        assert not task.done()
+
+        rival = _accepted(SECOND, request_id, submitted, lamport=8, takeover_of=SILENT.peer_id)
+        node.scheduler.apply(rival)
+        node._stop_taken_over(rival)
+        await asyncio.wait({task})
+        await asyncio.sleep(0)  # the done callbacks run one iteration later
+        assert task.cancelled()
+        assert request_id not in node.drivers
+        assert request_id not in node._roles
+
+
+async def test_node_keeps_first_driver_for_takeover_elsewhere() -> None:
+    submitted, request_id = _submitted()
+    async with asyncio.TaskGroup() as group:
+        node = _node(FIRST, [submitted], group)
+        node._start_driver(_Driver(request_id, ""))  # type: ignore[arg-type]
+        task = node.drivers[request_id]
+        # Another peer took the request over from a third one: not this driver's role.
+        other = _accepted(SECOND, request_id, submitted, lamport=8, takeover_of=SILENT.peer_id)
+        node.scheduler.apply(other)
+        node._stop_taken_over(other)
+        await asyncio.sleep(0)
+
+        assert not task.done()
+        task.cancel()
