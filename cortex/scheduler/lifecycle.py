@@ -22,13 +22,7 @@ does not fold the Registry: `cortex.scheduler.planning.driver_order` gives that 
 State: the earliest terminal fact (lowest stamp) decides a terminal state, which wins over
 any non-terminal one; otherwise `running` once a token batch counts, `accepted` once a
 driver accepted, `submitted` once the submission is known, and `unknown` before that.
-The driver is the author of the latest current acceptance, and the route is the one in the
-latest current acceptance or re-plan by a driver. An acceptance is current unless a later
-one named its author in `takeover_of` after the author had accepted in that role (the same
-`takeover_of`): the successor replaced the author's driving in that role, so the author's
-acceptances in it, later ones included, no longer make it the driver. A woken driver that
-accepts again to degrade before its successor's acceptance reaches it therefore does not
-hide the successor from takeovers.
+The route is the one in the latest (highest stamp) acceptance or re-plan by a driver.
 """
 
 from __future__ import annotations
@@ -170,11 +164,11 @@ def derive(record: RequestRecord) -> None:
 
 
 def _derive_route(record: RequestRecord, acceptances: list[Fact], replans: list[Fact]) -> None:
-    current = _current_acceptances(acceptances)
-    record.driver = current[-1].author if current else ""
+    latest_acceptance = acceptances[-1] if acceptances else None
+    record.driver = latest_acceptance.author if latest_acceptance is not None else ""
     record.accepted_ms = min((fact.time_ms for fact in acceptances), default=-1)
     record.replans = len(replans)
-    plans = sorted([*current, *replans], key=lambda fact: fact.stamp)
+    plans = sorted([*acceptances, *replans], key=lambda fact: fact.stamp)
     if not plans:
         record.route, record.kv_reservations, record.plan_digest, record.prompt_tokens = {}, {}, "", 0
         return
@@ -183,17 +177,6 @@ def _derive_route(record: RequestRecord, acceptances: list[Fact], replans: list[
     record.kv_reservations = dict(plan.kv_reservations)
     record.plan_digest = plan.plan_digest
     record.prompt_tokens = plan.prompt_tokens
-
-
-def _current_acceptances(acceptances: list[Fact]) -> list[Fact]:
-    """Return the acceptances, in stamp order, whose author was not replaced in their role (see the module docs)."""
-    replaced: set[tuple[str, str]] = set()  # (author, takeover_of of its acceptance)
-    for naming in acceptances:
-        named = naming.body.takeover_of
-        if named:
-            replaced.update((named, fact.body.takeover_of) for fact in acceptances if fact.author == named and fact.stamp < naming.stamp)
-    # Never empty when `acceptances` is not: the latest acceptance that names a driver is current.
-    return [fact for fact in acceptances if (fact.author, fact.body.takeover_of) not in replaced]
 
 
 def _derive_tokens(record: RequestRecord, batches: list[Fact]) -> None:

@@ -207,33 +207,6 @@ def test_takeover_switches_driver() -> None:
     assert record.accepted_ms == 1_010
 
 
-def test_replaced_driver_degrading_stays_replaced() -> None:
-    # DRIVER stalled, TAKEOVER took over, and DRIVER, woken after its deadline, accepted again
-    # to degrade (empty route, no takeover_of) with a later stamp before it saw the takeover.
-    route = {"block[0:4]": HOLDER_C.peer_id}
-    takeover = signed(TAKEOVER, acceptance(REQUEST, route, takeover_of=DRIVER.peer_id), seq=1, lamport=6, time_ms=1_500)
-    degraded = signed(DRIVER, acceptance(REQUEST, {}), seq=5, lamport=9, time_ms=1_600)
-
-    for order in ([SUBMIT, ACCEPT, takeover, degraded], [degraded, takeover, SUBMIT, ACCEPT]):
-        record = fold(order).record(REQUEST)
-        assert record is not None
-        assert record.driver == TAKEOVER.peer_id
-        assert record.route == route
-        assert record.drivers == tuple(sorted([DRIVER.peer_id, TAKEOVER.peer_id]))
-
-
-def test_replaced_driver_taking_over_again_drives() -> None:
-    takeover = signed(TAKEOVER, acceptance(REQUEST, ROUTE, takeover_of=DRIVER.peer_id), seq=1, lamport=6, time_ms=1_500)
-    route = {"block[0:4]": HOLDER_C.peer_id}
-    back = signed(DRIVER, acceptance(REQUEST, route, takeover_of=TAKEOVER.peer_id), seq=5, lamport=12, time_ms=1_900)
-
-    record = fold([SUBMIT, ACCEPT, takeover, back]).record(REQUEST)
-
-    assert record is not None
-    assert record.driver == DRIVER.peer_id
-    assert record.route == route
-
-
 def test_equivocation_drops_facts_from_seq() -> None:
     reducer = SchedulerReducer()
     forward = fold([SUBMIT, ACCEPT, TOKENS_0_2, TOKENS_2_4], reducer)
