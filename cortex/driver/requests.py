@@ -97,6 +97,12 @@ class DriverContext:
     readers: Callable[[RequestSubmitted], list[str]] = field(default=lambda request: [])
     # (redundancy, stage, its holder) -> the stage, or one that runs each step on several holders (cortex.quorum.blocks)
     replicate: Callable[[int, Stage, str], Stage] = field(default=lambda redundancy, stage, holder: stage)
+    # Returns once the node caught up with its peers after a stall (`Node._settled`); awaited before each acceptance.
+    settled: Callable[[], Awaitable[None]] = field(default=lambda: _no_wait())
+
+
+async def _no_wait() -> None:
+    return None
 
 
 @dataclass
@@ -227,6 +233,7 @@ class RequestDriver:
                     raise Degrade(error.code, str(error)) from error
                 await self._wait_for_swarm(str(error))
         previous = self.takeover.previous_driver if self.takeover else ""
+        await self.context.settled()
         await self.context.emit(self.plan.accepted(self.request_id, takeover_of=previous), self.refs)
         logger.info("accepted request %s: route %s%s", self.request_id[:12], self.plan.route, f" (took over from {previous})" if previous else "")
         return [self._stage(spec) for spec in self.plan.fragments]
@@ -336,6 +343,9 @@ class RequestDriver:
         # Accept before the first load of the fallback, which can take seconds, so no other head
         # holder takes the request over meanwhile. The prompt's token count comes with RequestCompleted.
         previous = self.takeover.previous_driver if self.takeover else ""
+        # A driver woken after a stall waits until it caught up: if a successor took the request
+        # over meanwhile, its acceptance cancels this driver here, before a second acceptance.
+        await self.context.settled()
         await self.context.emit(RequestAccepted(self.request_id, {}, {}, 0, plan_digest({}, {}, 0), previous), self.refs)
         loaded = await fallback.load()
         prompt_ids = self._prompt_ids(loaded.tokenizer)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cortex.driver.executors import BlockExecutor, Compute
 from cortex.driver.fallback import FallbackModel
@@ -136,6 +136,7 @@ def fallback_context(
     fallback: FallbackModel,
     records_of: Callable[[str], list[str]],
     readers: Callable[[RequestSubmitted], list[str]],
+    settled: Callable[[], Awaitable[None]],
 ) -> DriverContext:
     """Return a DriverContext that can only generate with the fallback model, since this node lacks the head of `model_id`."""
 
@@ -157,4 +158,5 @@ def fallback_context(
         records_of=records_of,
         fallback=fallback,
         readers=readers,
+        settled=settled,
     )

@@ -127,6 +127,9 @@ STALL_GAP_S = DRIVER_SILENCE_MS / 1000 - 2 * HEARTBEAT_S
 # at a time.
 CATCH_UP_MIN_S = 2.5
 CATCH_UP_POLL_S = 0.25
+# The maximum wait of a driver for the catch-up before it accepts: the catch-up's own limit,
+# plus the heartbeats it takes the loop to notice the stall (a heartbeat delayed by a full bus).
+SETTLE_MAX_S = TAKEOVER_REPAIR_WAIT_MS / 1000 + 2 * HEARTBEAT_S
 MIB = 1024 * 1024
 
 
@@ -334,6 +337,13 @@ class Node:
             logger.info("caught up with peers %.1f s after the stall", elapsed)
         self._catch_up_since = None
         return False
+
+    async def _settled(self) -> None:
+        """Return once this node is not catching up after a stall (`_catching_up`), or after SETTLE_MAX_S."""
+        waited = 0.0
+        while self._catching_up() and waited < SETTLE_MAX_S:
+            await asyncio.sleep(CATCH_UP_POLL_S)
+            waited += CATCH_UP_POLL_S
 
     async def _drain(self) -> None:
         logger.info("draining %d running request(s)", len(self.drivers))
@@ -598,7 +608,7 @@ class Node:
             assert self.fallback is not None
             context = fallback_context(
                 self.identity, self.emit, request.model_id, self.compute, self.fallback, self.records_of,
-                lambda submitted: prompt_readers_of(self.registry.view, submitted),
+                lambda submitted: prompt_readers_of(self.registry.view, submitted), self._settled,
             )
         self._start_driver(RequestDriver(context, event))
 
@@ -703,6 +713,7 @@ class Node:
             fallback=self.fallback,
             missing_fragments=lambda: missing_fragments(self.registry.view, service, wall_clock_ms()),
             readers=lambda submitted: prompt_readers_of(self.registry.view, submitted),
+            settled=self._settled,
             replicate=block_replicator(
                 directory.holders, executor_for, router.quorum or self._quorum_settings(service.model_id), router.stats.quorum
             ),

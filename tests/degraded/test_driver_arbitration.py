@@ -1,19 +1,22 @@
-"""One driver per request: which acceptance by another peer stops a driver, decided alike by both drivers."""
+"""One driver per request: which acceptance by another peer stops a driver, and a woken driver waiting before it accepts."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 
+import pytest
+
+import cortex.node.node as node_module
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
 from cortex.driver.requests import Takeover
 from cortex.driver.takeover import may_drive, superseded_by
+from cortex.node.node import Node
 from cortex.privacy import seal
 from cortex.registry import RegistryReducer, RegistryView
 from cortex.scheduler import RequestAccepted, RequestSubmitted
 from cortex.scheduler.lifecycle import RequestRecord
 from cortex.scheduler.request_events import plan_digest, request_id_for
-from cortex.node.node import Node
 from cortex.scheduler.view import SchedulerReducer, fold
 from events import Event, Identity, PeerHeartbeat, PeerJoined, ShardClaimed, ShardLoaded, sign_event
 from events.views import Projection
@@ -227,3 +230,21 @@ async def test_node_keeps_first_driver_for_takeover_elsewhere() -> None:
 
         assert not task.done()
         task.cancel()
+
+
+async def test_node_settled_waits_out_catch_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = Node.__new__(Node)
+    node._catch_up_since = None
+    node._last_tick = node_module._clock() - 10.0  # stopped, and the heartbeat loop has not run since
+
+    settled = asyncio.ensure_future(node._settled())
+    await asyncio.sleep(2 * node_module.CATCH_UP_POLL_S)
+    assert not settled.done()
+    node._last_tick = node_module._clock()  # the heartbeat loop ran: caught up (no stall recorded)
+    await asyncio.wait_for(settled, 5.0)
+
+    # A heartbeat loop held up forever does not hold a driver back past SETTLE_MAX_S.
+    monkeypatch.setattr(node_module, "SETTLE_MAX_S", 2 * node_module.CATCH_UP_POLL_S)
+    node._last_tick = node_module._clock() - 10.0
+    await asyncio.wait_for(node._settled(), 5.0)
+    assert node._catching_up()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,20 @@ def _submitted(max_tokens: int) -> Event:
     return sign_event(SUBMITTER, body, seq=1, lamport=1, time_ms=1_000)
 
 
-def _context(fallback: FallbackModel | None, emitted: list[Any]) -> DriverContext:
+def _context(fallback: FallbackModel | None, emitted: list[Any], settled: Callable[[], Awaitable[None]] | None = None) -> DriverContext:
     async def emit(body: Any, refs: tuple[str, ...]) -> Event:
         emitted.append(body)
         return sign_event(NODE, body, seq=len(emitted), lamport=len(emitted), time_ms=2_000)
 
-    return DriverContext(
+    context = DriverContext(
         identity=NODE, emit=emit, model_id="ab" * 32, head=None, tokenizer=None, eos_token_ids=[], geometry=None,
         compute=_inline, planning=lambda own: None,  # type: ignore[arg-type,return-value]
         record=lambda request_id: None, executor_for=lambda spec, holder: None,  # type: ignore[arg-type,return-value]
         records_of=lambda request_id: [], fallback=fallback,
     )
+    if settled is not None:
+        context.settled = settled
+    return context
 
 
 async def _inline(function: Any, *args: Any) -> Any:
@@ -62,6 +66,39 @@ async def _inline(function: Any, *args: Any) -> Any:
 
     with torch.inference_mode():
         return function(*args)
+
+
+async def test_fallback_driver_accepts_after_catch_up() -> None:
+    # A driver woken after a stall waits until its node caught up before it accepts. A
+    # successor's acceptance arriving meanwhile cancels it, so it never accepts a second time.
+    emitted: list[Any] = []
+    gate = asyncio.Event()
+    waiting = asyncio.Event()
+
+    async def settled() -> None:
+        waiting.set()
+        await gate.wait()
+
+    context = _context(FallbackModel(DEMO_MODEL_DIR, "cpu", "float32", _inline), emitted, settled)
+    cancelled = asyncio.ensure_future(RequestDriver(context, _submitted(4)).run())
+    await asyncio.wait_for(waiting.wait(), 10.0)
+    assert emitted == []
+    cancelled.cancel()
+    await asyncio.wait({cancelled})
+    assert emitted == []
+
+    # Once caught up, it accepts before it loads the fallback model.
+    waiting.clear()
+    gate.set()
+    going = asyncio.ensure_future(RequestDriver(context, _submitted(4)).run())
+    await asyncio.wait_for(waiting.wait(), 10.0)
+    for _ in range(100):
+        if emitted:
+            break
+        await asyncio.sleep(0.01)
+    going.cancel()
+    await asyncio.wait({going})
+    assert [type(body) for body in emitted[:1]] == [RequestAccepted]
 
 
 @pytest.mark.slow
