@@ -233,10 +233,19 @@ class RequestDriver:
                     raise Degrade(error.code, str(error)) from error
                 await self._wait_for_swarm(str(error))
         previous = self.takeover.previous_driver if self.takeover else ""
-        await self.context.settled()
-        await self.context.emit(self.plan.accepted(self.request_id, takeover_of=previous), self.refs)
+        await self._accept(self.plan.accepted(self.request_id, takeover_of=previous))
         logger.info("accepted request %s: route %s%s", self.request_id[:12], self.plan.route, f" (took over from {previous})" if previous else "")
         return [self._stage(spec) for spec in self.plan.fragments]
+
+    async def _accept(self, accepted: RequestAccepted) -> None:
+        """Publish this driver's acceptance once its node caught up after any stall (`DriverContext.settled`).
+
+        If a successor took the request over while this node was stopped, its acceptance
+        cancels this driver during the wait, so a woken driver does not accept again (to
+        degrade, say) after it was replaced.
+        """
+        await self.context.settled()
+        await self.context.emit(accepted, self.refs)
 
     def _stage(self, spec: str) -> Stage:
         async def replace(failed: set[str]) -> BlockExecutor | None:
@@ -343,10 +352,7 @@ class RequestDriver:
         # Accept before the first load of the fallback, which can take seconds, so no other head
         # holder takes the request over meanwhile. The prompt's token count comes with RequestCompleted.
         previous = self.takeover.previous_driver if self.takeover else ""
-        # A driver woken after a stall waits until it caught up: if a successor took the request
-        # over meanwhile, its acceptance cancels this driver here, before a second acceptance.
-        await self.context.settled()
-        await self.context.emit(RequestAccepted(self.request_id, {}, {}, 0, plan_digest({}, {}, 0), previous), self.refs)
+        await self._accept(RequestAccepted(self.request_id, {}, {}, 0, plan_digest({}, {}, 0), previous))
         loaded = await fallback.load()
         prompt_ids = self._prompt_ids(loaded.tokenizer)
         max_tokens = self.request.max_tokens

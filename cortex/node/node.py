@@ -116,7 +116,7 @@ DRAIN_TIMEOUT_S = 30.0
 IDENTITY_PROBE_S = 1.5
 # A submission older than this when it arrives came from history (a join sync), not a live client.
 STALE_REQUEST_MS = 60_000
-# A gap longer than this between two heartbeat ticks means the node's event loop was stopped (a
+# A gap longer than this between two ticks of the stall watch means the event loop was stopped (a
 # paused process, a stalled machine). Peers count a node silent after DRIVER_SILENCE_MS without a
 # heartbeat, so with a heartbeat interval of slack on each side they may already have taken its
 # requests over, or accepted requests it should drive.
@@ -128,7 +128,7 @@ STALL_GAP_S = DRIVER_SILENCE_MS / 1000 - 2 * HEARTBEAT_S
 CATCH_UP_MIN_S = 2.5
 CATCH_UP_POLL_S = 0.25
 # The maximum wait of a driver for the catch-up before it accepts: the catch-up's own limit,
-# plus the heartbeats it takes the loop to notice the stall (a heartbeat delayed by a full bus).
+# plus two ticks of the stall watch, which notices the stall on its first tick after it.
 SETTLE_MAX_S = TAKEOVER_REPAIR_WAIT_MS / 1000 + 2 * HEARTBEAT_S
 MIB = 1024 * 1024
 
@@ -187,8 +187,8 @@ class Node:
         self._roles: dict[str, str] = {}  # request id -> the driver its driver here took it over from, "" if none
         self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
-        self._last_tick: float | None = None  # `_clock()` time of the heartbeat loop's last tick
-        self._catch_up_since: float | None = None  # `_clock()` time the heartbeat loop found a stall
+        self._last_tick: float | None = None  # `_clock()` time of the stall watch's last tick
+        self._catch_up_since: float | None = None  # `_clock()` time the stall watch found a stall
         self._task_group: asyncio.TaskGroup | None = None
         self.joined = False
         self.endpoint = ""
@@ -242,11 +242,13 @@ class Node:
                 async with asyncio.TaskGroup() as group:
                     self._task_group = group
                     heartbeat = group.create_task(self._heartbeat_loop())
+                    stall_watch = group.create_task(self._stall_watch())
                     await self._load_models()
                     self._write_status("serving")
                     await self.stopping.wait()
                     await self._drain()
                     heartbeat.cancel()
+                    stall_watch.cancel()
             finally:
                 self._task_group = None  # events and deferred requests after this find no group to drive in
         finally:
@@ -296,6 +298,17 @@ class Node:
         return event
 
     async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self.emit(PeerHeartbeat(latest_seq=self.writer.last_seq))
+            if not self._catching_up():
+                self._take_over_silent_drivers()
+
+    async def _stall_watch(self) -> None:
+        """Find stalls of the event loop: a tick more than STALL_GAP_S after the previous one starts a catch-up.
+
+        It runs apart from the heartbeat loop, so a slow publish of a heartbeat does not count as a stall.
+        """
         self._last_tick = _clock()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
@@ -303,14 +316,11 @@ class Node:
             if now - self._last_tick > STALL_GAP_S:
                 logger.warning(
                     "this node's event loop was stopped for %.1f s, so peers may have taken its requests over. It drives "
-                    "no new request and takes none over until it has caught up with them (%.1f to %.1f s)",
+                    "no new request, accepts none and takes none over until it has caught up with them (%.1f to %.1f s)",
                     now - self._last_tick - HEARTBEAT_S, CATCH_UP_MIN_S, TAKEOVER_REPAIR_WAIT_MS / 1000,
                 )
                 self._catch_up_since = now
             self._last_tick = now
-            await self.emit(PeerHeartbeat(latest_seq=self.writer.last_seq))
-            if not self._catching_up():
-                self._take_over_silent_drivers()
 
     def _catching_up(self) -> bool:
         """Return whether this node is still catching up with its peers after its event loop was stopped.
@@ -319,7 +329,7 @@ class Node:
         """
         now = _clock()
         if self._last_tick is not None and now - self._last_tick > STALL_GAP_S:
-            return True  # stopped, and the heartbeat loop has not run since
+            return True  # stopped, and the stall watch has not run since
         if self._catch_up_since is None:
             return False
         elapsed = now - self._catch_up_since
@@ -339,11 +349,10 @@ class Node:
         return False
 
     async def _settled(self) -> None:
-        """Return once this node is not catching up after a stall (`_catching_up`), or after SETTLE_MAX_S."""
-        waited = 0.0
-        while self._catching_up() and waited < SETTLE_MAX_S:
+        """Return once this node is not catching up after a stall (`_catching_up`), is stopping, or after SETTLE_MAX_S."""
+        deadline = _clock() + SETTLE_MAX_S
+        while not self.stopping.is_set() and self._catching_up() and _clock() < deadline:
             await asyncio.sleep(CATCH_UP_POLL_S)
-            waited += CATCH_UP_POLL_S
 
     async def _drain(self) -> None:
         logger.info("draining %d running request(s)", len(self.drivers))

@@ -11,6 +11,7 @@ import cortex.node.node as node_module
 from cortex.driver.fallback import FALLBACK_HARDWARE_KEY
 from cortex.driver.requests import Takeover
 from cortex.driver.takeover import may_drive, superseded_by
+from cortex.node.driving import fallback_context
 from cortex.node.node import Node
 from cortex.privacy import seal
 from cortex.registry import RegistryReducer, RegistryView
@@ -234,13 +235,14 @@ async def test_node_keeps_first_driver_for_takeover_elsewhere() -> None:
 
 async def test_node_settled_waits_out_catch_up(monkeypatch: pytest.MonkeyPatch) -> None:
     node = Node.__new__(Node)
+    node.stopping = asyncio.Event()
     node._catch_up_since = None
-    node._last_tick = node_module._clock() - 10.0  # stopped, and the heartbeat loop has not run since
+    node._last_tick = node_module._clock() - 10.0  # stopped, and the stall watch has not run since
 
     settled = asyncio.ensure_future(node._settled())
     await asyncio.sleep(2 * node_module.CATCH_UP_POLL_S)
     assert not settled.done()
-    node._last_tick = node_module._clock()  # the heartbeat loop ran: caught up (no stall recorded)
+    node._last_tick = node_module._clock()  # the stall watch ran: caught up (no stall recorded)
     await asyncio.wait_for(settled, 5.0)
 
     # A heartbeat loop held up forever does not hold a driver back past SETTLE_MAX_S.
@@ -248,3 +250,19 @@ async def test_node_settled_waits_out_catch_up(monkeypatch: pytest.MonkeyPatch) 
     node._last_tick = node_module._clock() - 10.0
     await asyncio.wait_for(node._settled(), 5.0)
     assert node._catching_up()
+
+    # A stopping node does not wait: its drivers finish within the drain.
+    monkeypatch.setattr(node_module, "SETTLE_MAX_S", 3600.0)
+    node.stopping.set()
+    await asyncio.wait_for(node._settled(), 5.0)
+
+
+def test_fallback_context_waits_for_catch_up() -> None:
+    async def settled() -> None:
+        return None
+
+    context = fallback_context(
+        FIRST, lambda body, refs: None, MODEL_ID, lambda function, *args: None, None, lambda request_id: [],  # type: ignore[arg-type,return-value]
+        lambda submitted: [], settled,
+    )  # fmt: skip
+    assert context.settled is settled
