@@ -15,7 +15,7 @@ process, each with its own identity and SQLite log (`EventWriter`, `Acceptor`), 
 that returns its inputs. It is a swarm's expert call without the other processes: the records
 signed, checked and logged, and the data plane's own work, with no model compute.
 
-The functions only measure and return numbers; judging them is up to the caller.
+The functions only measure and return numbers. Judging them is up to the caller.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cortex.comm.records import ExpertBatchProduced, ExpertBatchSent, ExpertInpu
 from cortex.comm.sockets import ZapHandler, cancel_and_wait, configure_client, configure_server
 from events import Acceptor, Event, EventWriter, Identity, LogStore, parse_event, sign_event, verify_event, wall_clock_ms
 
-# The request id of the signed exchanges' records: no request exists, nothing checks it.
+# The request id in the signed exchanges' records. No such request exists, and no check reads it.
 _ROUND_TRIP_REQUEST = "00" * 32
 
 
@@ -213,12 +213,19 @@ def _sign_record(identity: Identity, record: type, index: int, data: memoryview,
 
 
 def _check_record(wire: bytes, author: str, chunks: list[zmq.Frame]) -> Event:
-    """Decode and verify a received record, and check that `chunks` hash to its digest; raise ValueError otherwise."""
+    """Decode and verify a received record by `author`, and check that `chunks` hash to its digest.
+
+    Raises EventRejected for a malformed or badly signed record, and ValueError for another
+    author or other bytes.
+    """
     event = parse_event(wire)
     verify_event(event)
     digest = digest_of([chunk.buffer for chunk in chunks])
     if event.author != author or digest != event.body.digest:
-        raise ValueError(f"round-trip record {event.id} by {event.author} does not match the exchange (digest {digest})")
+        raise ValueError(
+            f"round-trip record {event.id} does not match the exchange: signed by {event.author}, expected {author}; "
+            f"the bytes hash to {digest}, the record says {event.body.digest}"
+        )
     return event
 
 

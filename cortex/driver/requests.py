@@ -72,6 +72,10 @@ RETRY_PAUSE_S = 1.0
 LISTED_FRAGMENTS = 4  # unserved fragments named in a fragment_unserved reason; the rest are counted
 
 
+async def _no_wait() -> None:
+    return None
+
+
 @dataclass
 class DriverContext:
     """The node services a driver uses: identity, publishing, the head, planning, executors, fallback.
@@ -97,12 +101,8 @@ class DriverContext:
     readers: Callable[[RequestSubmitted], list[str]] = field(default=lambda request: [])
     # (redundancy, stage, its holder) -> the stage, or one that runs each step on several holders (cortex.quorum.blocks)
     replicate: Callable[[int, Stage, str], Stage] = field(default=lambda redundancy, stage, holder: stage)
-    # Returns once the node caught up with its peers after a stall (`Node._settled`); awaited before each acceptance.
-    settled: Callable[[], Awaitable[None]] = field(default=lambda: _no_wait())
-
-
-async def _no_wait() -> None:
-    return None
+    # Awaited before each acceptance: returns once the node caught up with its peers after a stall (`Node._settled`).
+    settled: Callable[[], Awaitable[None]] = field(default=_no_wait)
 
 
 @dataclass

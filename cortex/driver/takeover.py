@@ -186,18 +186,24 @@ def superseded_by(registry: RegistryView, record: RequestRecord, me: str, role: 
 
     `role` is the driver that `me` took the request over from, "" for a first driver: the
     `takeover_of` of `me`'s acceptance. `me` stops when `accepted` names it in `takeover_of`:
-    a successor replaced it while it was silent. That holds whoever the author is, because a
-    node woken after a stall may not have stored its successor's `ShardLoaded` yet. `me` also
+    a successor replaced it while it was silent. Any author counts here, because a node woken
+    after a stall may not have stored its successor's `ShardLoaded` yet. `me` also
     stops when `accepted` has the same `takeover_of` and its author `may_drive` the model, if
     `me` has not accepted in that role yet or accepted earlier by stamp. Other acceptances
     stop nothing: a late or stale one of the driver that `me` replaces, or one in that role
-    by a peer that cannot drive the model.
+    by a peer that cannot drive the model (logged as a warning).
     """
     body: RequestAccepted = accepted.body
     successor = accepted.author
     if body.takeover_of == me:
         return f"was taken over by {successor} while this node was silent for more than {DRIVER_SILENCE_MS // 1000} s"
-    if body.takeover_of != role or not may_drive(registry, record.model_id, successor):
+    if body.takeover_of != role:
+        return ""
+    if not may_drive(registry, record.model_id, successor):
+        logger.warning(
+            "request %s: ignoring the acceptance by %s, which this node does not know to hold the head of model %s or a fallback model",
+            body.request_id[:12], successor, record.model_id[:12],
+        )
         return ""
     mine = [
         stamp

@@ -59,7 +59,6 @@ from cortex.driver.takeover import (
     DRIVER_SILENCE_MS,
     TAKEOVER_REPAIR_WAIT_MS,
     fallback_order,
-    may_drive,
     readable_order,
     superseded_by,
     takeover_due,
@@ -184,7 +183,7 @@ class Node:
         self.tokenizers: dict[str, Any] = {}
         self.stopping = asyncio.Event()
         self.drivers: dict[str, asyncio.Task[None]] = {}  # request id -> the task driving it here
-        self._roles: dict[str, str] = {}  # request id -> the driver its driver here took it over from, "" if none
+        self._roles: dict[str, str] = {}  # request id -> the previous driver this node's driver replaces, "" for a first driver
         self.driving: set[str] = set()  # ids of the requests this node drives, or ends after a takeover
         self._takeover_due_since: dict[str, int] = {}  # request id -> when its takeover waited first, in ms
         self._last_tick: float | None = None  # `_clock()` time of the stall watch's last tick
@@ -565,13 +564,7 @@ class Node:
         record = self.scheduler.view.record(body.request_id)
         if task is None or task.done() or record is None:
             return
-        role = self._roles.get(body.request_id, "")
-        if body.takeover_of == role and not may_drive(self.registry.view, record.model_id, accepted.author):
-            logger.warning(
-                "request %s: ignoring the acceptance by %s, which this node does not know to hold the head of model %s or a fallback model",
-                body.request_id[:12], accepted.author, record.model_id[:12],
-            )
-        happened = superseded_by(self.registry.view, record, self.peer_id, role, accepted)
+        happened = superseded_by(self.registry.view, record, self.peer_id, self._roles.get(body.request_id, ""), accepted)
         if happened:
             logger.warning("request %s %s, so this node stops its driver of it", body.request_id[:12], happened)
             task.cancel()

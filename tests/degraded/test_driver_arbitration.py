@@ -140,12 +140,14 @@ def test_superseded_by_ignores_other_roles() -> None:
     assert superseded_by(REGISTRY, record, SECOND.peer_id, FIRST.peer_id, degraded) == ""
 
 
-def test_superseded_by_ignores_non_drivers() -> None:
+def test_superseded_by_ignores_non_drivers(caplog: pytest.LogCaptureFixture) -> None:
     submitted, request_id = _submitted()
     mine = _accepted(FIRST, request_id, submitted, lamport=5)
     for author in (BYSTANDER, CLAIMER, Identity.generate()):
         later = _accepted(author, request_id, submitted, lamport=9)
+        caplog.clear()
         assert superseded_by(REGISTRY, _record([submitted, mine, later], request_id), FIRST.peer_id, "", later) == "", author
+        assert f"ignoring the acceptance by {author.peer_id}" in caplog.text
 
     by_fallback = _accepted(FALLBACK, request_id, submitted, lamport=9)
     record = _record([submitted, mine, by_fallback], request_id)
